@@ -1,0 +1,32 @@
+# The two commands of the README: `make run` (all notebooks, headless, embedded model) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.so2lib-installed
+RUN_DIR ?= outputs/runs/embedded
+MODEL ?=
+
+.PHONY: run test env model clean-run
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch 2.13.0 first: a CPU build on these machines; an unpinned torch would pull a CUDA build
+	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q "torch>=2.3"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+env: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m so2lib.runner --run-dir $(RUN_DIR) $(if $(MODEL),--model $(MODEL),)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Train the embedded model again from scratch (about 10 minutes on 2 CPU cores).
+model: $(STAMP)
+	$(BIN)/python -m so2lib.embedded --out data/models/so2lib-tiny-math
+
+clean-run:
+	rm -rf $(RUN_DIR)

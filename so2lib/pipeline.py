@@ -1,0 +1,108 @@
+"""One function per phase: what the notebooks call, with artifacts cached in a :class:`Run`.
+
+Each function is resumable: a finished step's artifact is loaded instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+
+from .labels import Encoded, accuracy_table, check_classes, encode, label
+from .models import ModelInfo, load_model
+from .runs import Run
+from .selection import critical_layers, layer_ablation, mlp_out_means, neuron_scores, select_neurons
+from .tasks import TASKS, ProblemSet, Template, make_problem_set, stable_hash, template_for
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every phase needs: the run, the model, the problems, encodings and labels."""
+
+    run: Run
+    model: Any
+    problems: ProblemSet
+    template: Template
+    enc: dict[str, Encoded]
+    labels: dict[str, pd.DataFrame]
+    batch_size: int
+
+
+def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n_val: int = 500,
+             seed: int = 0, tasks: Sequence[str] = TASKS, device: str | None = None,
+             dtype: str | None = None, batch_size: int = 64, template: str | None = None,
+             n_shots: int = 3, progress: bool = True) -> Setup:
+    """Open (or resume) a run: load the model, build or reload the problems, label both splits.
+
+    A run directory belongs to one model and one problem set: reopening it with other
+    settings raises instead of mixing results.
+    """
+    torch.manual_seed(seed)
+    run = Run(run_dir)
+    cfg = {"model": model_name or "embedded", "n_train": n_train, "n_val": n_val, "seed": seed,
+           "tasks": list(tasks), "template": template, "n_shots": n_shots}
+    old = {k: run.config.get(k) for k in cfg}
+    if run.has("problems") and old != cfg:
+        raise ValueError(f"run {run_dir} was made with {old}, not {cfg}; use another run directory")
+    run.manifest["config"].update(cfg | {"device": device, "dtype": dtype, "batch_size": batch_size})
+    model = load_model(model_name, device=device, dtype=dtype)
+    run.record("model", {"name": cfg["model"], **dataclasses.asdict(ModelInfo.of(model))})
+    problems = ProblemSet.from_json(run.step(
+        "problems", lambda: make_problem_set(n_train, n_val, seed, tasks, heldout=True).to_json(), "01"))
+    run.record("data", {"n_train": len(problems.train), "n_val": len(problems.val), "seed": seed,
+                        "tasks": list(problems.tasks), "heldout_partition": problems.heldout,
+                        "hash": stable_hash(str([p.compact for p in problems.train + problems.val]))})
+    tmpl = dataclasses.replace(template_for(model_name), n_shots=n_shots)
+    if template:
+        tmpl = dataclasses.replace(tmpl, style=template)
+    enc = {s: encode(model, problems.split(s), tmpl) for s in ("train", "val")}
+    labels = {s: run.step(f"labels_{s}", lambda s=s: label(model, enc[s], batch_size, progress), "01")
+              for s in ("train", "val")}
+    return Setup(run, model, problems, tmpl, enc, labels, batch_size)
+
+
+def accuracy(setup: Setup) -> pd.DataFrame:
+    """Accuracy table per task on both splits (refuses an empty class on the training split)."""
+    check_classes(setup.labels["train"].correct.values, "the training split")
+    tabs = [accuracy_table(setup.labels[s], setup.problems.split(s)).assign(split=s) for s in ("train", "val")]
+    return pd.concat(tabs)
+
+
+def error_breakdown(setup: Setup, split: str = "val") -> pd.DataFrame:
+    """Accuracy per task and difficulty: largest operand's digit count (arithmetic, comparison,
+    algebra) or formula depth (logic)."""
+    probs = setup.problems.split(split)
+    df = setup.labels[split][["correct"]].assign(
+        task=[p.task for p in probs],
+        difficulty=[p.meta.get("max_digits", p.meta.get("depth")) for p in probs])
+    return df.groupby(["task", "difficulty"]).agg(n=("correct", "size"), accuracy=("correct", "mean"))
+
+
+def setup_and_selection(setup: Setup, top_k_layers: int = 2, top_n_neurons: int = 100,
+                        select_by: str = "combined", progress: bool = True) -> dict[str, Any]:
+    """Phase 1 analysis: layer ablation study, critical layers, neuron scores and selection."""
+    run, model, bs = setup.run, setup.model, setup.batch_size
+    acc = accuracy(setup)
+    run.step("accuracy", lambda: acc, "01")
+    means = run.step("mlp_out_means", lambda: mlp_out_means(model, setup.enc["train"], bs, progress), "01")
+    ablation = run.step("layer_ablation", lambda: layer_ablation(
+        model, setup.enc["val"], means, setup.labels["val"], bs, progress), "01")
+    crit = critical_layers(ablation, top_k_layers, n_layers=model.cfg.n_layers)
+    scores = run.step("neuron_scores", lambda: neuron_scores(
+        model, setup.enc["train"], setup.labels["train"], None, bs, progress), "01")
+    selected = select_neurons(scores, crit, top_n_neurons, select_by)
+    run.save("selection", {"critical_layers": crit, "neurons": {str(k): v for k, v in selected.items()},
+                           "top_n": top_n_neurons, "by": select_by}, "01")
+    return {"accuracy": acc, "ablation": ablation, "critical_layers": crit, "scores": scores,
+            "selected": selected}
+
+
+def load_selection(run: Run) -> tuple[list[int], dict[int, list[int]]]:
+    s = run.load("selection")
+    return s["critical_layers"], {int(k): v for k, v in s["neurons"].items()}
+
+
+__all__ = ["Setup", "open_run", "accuracy", "setup_and_selection", "load_selection", "load_model"]

@@ -1,0 +1,131 @@
+"""Phase 1 analysis: which MLP layers matter (mean-ablation) and which neurons to study.
+
+Layer study: in a real forward pass, replace a layer's MLP output at every position by its
+mean over all real (non-pad) positions of the training problems (or by zero), and measure
+validation accuracy and mean logit difference. Neuron scores at the answer position T:
+mean |activation|, variance across problems, and mean |direct effect| on the answer logit
+difference (``p_T * w_n . (W_U[:, answer] - W_U[:, alternative]) / s_final``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+
+from . import models as M
+from .capture import answer_activations
+from .labels import Encoded, label
+
+
+@torch.no_grad()
+def mlp_out_means(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    """``[L, d_model]``: each layer's MLP output averaged over every real position <= T."""
+    L, dm = model.cfg.n_layers, model.cfg.d_model
+    dev = next(model.parameters()).device
+    total = torch.zeros(L, dm, dtype=torch.float64, device=dev)
+    count = 0
+    for _, x, T in enc.batches(batch_size, device=dev, desc="MLP means" if progress else None):
+        mask = (torch.arange(x.shape[1], device=dev)[None] <= T[:, None]).double()  # [b, S]
+        store: dict[int, torch.Tensor] = {}
+
+        def summer(l: int):
+            def hook(t: torch.Tensor, hook: Any) -> None:
+                store[l] = torch.einsum("bs,bsd->d", mask, t.double())
+            return hook
+        hooks = [(M.mlp_out(l), summer(l)) for l in range(L)]
+        with model.hooks(fwd_hooks=hooks):
+            model(x)
+        total += torch.stack([store[l] for l in range(L)])
+        count += int(mask.sum())
+    return (total / count).float()
+
+
+def ablation_hook(value: torch.Tensor | None):
+    """A hook that replaces an MLP output by ``value [d_model]`` (broadcast) or by zero."""
+    def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        return torch.zeros_like(x) if value is None else value.to(x.dtype).expand_as(x).clone()
+    return hook
+
+
+def layer_ablation(model: Any, enc_val: Encoded, means: torch.Tensor, clean: pd.DataFrame,
+                   batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+    """Accuracy and mean logit difference on ``enc_val`` with each MLP layer mean- or zero-ablated.
+
+    Returns one row per (layer, kind) with ``accuracy``, ``mean_logit_diff`` and the drops from
+    the clean run ``clean`` (the labels of the same problems).
+    """
+    rows = []
+    for l in range(model.cfg.n_layers):
+        for kind, value in (("mean", means[l]), ("zero", None)):
+            lab = label(model, enc_val, batch_size, progress=False,
+                        hooks=[(M.mlp_out(l), ablation_hook(value))])
+            rows.append({"layer": l, "kind": kind, "accuracy": lab.correct.mean(),
+                         "mean_logit_diff": lab.logit_diff.mean(),
+                         "accuracy_drop": clean.correct.mean() - lab.correct.mean(),
+                         "logit_diff_drop": clean.logit_diff.mean() - lab.logit_diff.mean()})
+    return pd.DataFrame(rows)
+
+
+def critical_layers(ablation: pd.DataFrame, k: int = 2, exclude_last: bool = True,
+                    n_layers: int | None = None) -> list[int]:
+    """The ``k`` layers whose mean-ablation drops accuracy most (ties: larger logit-diff drop).
+
+    ``exclude_last``: the last MLP layer has no later attention heads, hence no second-order
+    effect, so it is left out by default.
+    """
+    df = ablation[ablation.kind == "mean"]
+    if exclude_last:
+        df = df[df.layer < (n_layers if n_layers is not None else df.layer.max() + 1) - 1]
+    df = df.sort_values(["accuracy_drop", "logit_diff_drop"], ascending=False)
+    return sorted(int(l) for l in df.layer.head(k))
+
+
+@torch.no_grad()
+def neuron_scores(model: Any, enc: Encoded, labels: pd.DataFrame, layers: Sequence[int] | None = None,
+                  batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+    """Scores of every neuron of ``layers`` over the problems of ``enc`` (at T).
+
+    Columns: ``layer``, ``neuron``, ``mean_abs_act``, ``variance`` and ``direct_effect``
+    (mean |direct effect| on the logit difference, logit units).
+    """
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    acts = answer_activations(model, enc, layers, batch_size, progress)
+    p = acts["mlp_post_T"]  # [n, len(layers), d_mlp]
+    W_U = model.W_U.float().cpu()
+    u = (W_U[:, torch.as_tensor(labels.gold_token.values)] - W_U[:, torch.as_tensor(labels.alt_token.values)]).T
+    if M.ModelInfo.of(model).norm == "LN":
+        u = u - u.mean(-1, keepdim=True)
+    u = u / acts["final_scale"][:, None]  # [n, dm]
+    W_out = model.W_out.float().cpu()[layers]  # [len(layers), d_mlp, dm]
+    direct = p * torch.einsum("lnd,bd->bln", W_out, u)  # [n, len(layers), d_mlp]
+    frames = []
+    for j, l in enumerate(layers):
+        frames.append(pd.DataFrame({
+            "layer": l, "neuron": range(p.shape[-1]),
+            "mean_abs_act": p[:, j].abs().mean(0).numpy(),
+            "variance": p[:, j].var(0).numpy(),
+            "direct_effect": direct[:, j].abs().mean(0).numpy(),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+SCORES = ("mean_abs_act", "variance", "direct_effect")
+
+
+def select_neurons(scores: pd.DataFrame, layers: Sequence[int], top_n: int = 100,
+                   by: str = "combined") -> dict[int, list[int]]:
+    """Top ``top_n`` neurons per layer by one score, or by ``"combined"``: the mean of the
+    three scores' within-layer ranks (each score equally weighted). Returns ``{layer: [neurons]}``."""
+    if by not in SCORES + ("combined",):
+        raise ValueError(f"unknown score {by!r}; use one of {SCORES + ('combined',)}")
+    out = {}
+    for l in layers:
+        df = scores[scores.layer == l]
+        if df.empty:
+            raise ValueError(f"no scores for layer {l}; score that layer first")
+        key = (sum(df[s].rank(ascending=False) for s in SCORES) / len(SCORES)) if by == "combined" \
+            else df[by].rank(ascending=False)
+        out[int(l)] = sorted(int(n) for n in df.neuron.values[key.values.argsort(kind="stable")[:top_n]])
+    return out

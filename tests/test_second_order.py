@@ -1,0 +1,126 @@
+"""The engine against the brute-force frozen-path ablation of shared/docs/second_order.md."""
+
+import pytest
+import torch
+
+from so2lib.bruteforce import brute_force_second_order
+from so2lib.capture import capture_batch
+from so2lib.second_order import SecondOrderEngine, second_order_effects
+
+from conftest import ARCHS
+
+
+def padded_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(2, 500, (4, 10), generator=g)
+    tokens[:, 0] = 0
+    T = torch.tensor([9, 6, 3, 7])
+    for r, t in enumerate(T):
+        tokens[r, t + 1:] = 0  # right padding
+    return tokens, T
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_engine_matches_brute_force(arch, layer, tiny_models):
+    model = tiny_models[arch]
+    tokens, T = padded_batch(layer)
+    neurons = [1, 17, 40]
+    eff = second_order_effects(model, tokens, T, layer, neurons)
+    assert eff.shape == (4, 3, model.cfg.d_model) and eff.dtype == torch.float32
+    for j, n in enumerate(neurons):
+        bf = brute_force_second_order(model, tokens, T, layer, n)
+        assert bf.norm() > 1e-4
+        assert rel_err(eff[:, j], bf) < 2e-5, (arch, layer, n)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_brute_force_without_step_4_disagrees(arch, tiny_models):
+    """Leaving the other later attention layers live lets head-to-head composition leak in:
+    with three attention layers after layer 0 the two differ by far more than rounding, so the
+    exactness test above can fail."""
+    model = tiny_models[arch]
+    tokens, T = padded_batch(1)
+    eff = second_order_effects(model, tokens, T, 0, [17])[:, 0]
+    naive = brute_force_second_order(model, tokens, T, 0, 17, freeze_other_attention=False)
+    assert rel_err(eff, naive) > 0.05
+
+
+def test_last_layer_has_no_second_order_effect(tiny_models):
+    model = tiny_models["gpt2"]
+    tokens, T = padded_batch()
+    eff = second_order_effects(model, tokens, T, model.cfg.n_layers - 1, [0, 1])
+    assert eff.abs().max() == 0
+
+
+def test_padding_is_exact(tiny_models):
+    model = tiny_models["neox"]
+    tokens, T = padded_batch(3)
+    both = second_order_effects(model, tokens, T, 1)
+    for r in range(4):
+        alone = second_order_effects(model, tokens[r:r + 1, : T[r] + 1], T[r:r + 1], 1)
+        torch.testing.assert_close(both[r:r + 1], alone, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_projections_equal_projected_vectors(arch, tiny_models):
+    model = tiny_models[arch]
+    tokens, T = padded_batch(2)
+    d = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    eng = SecondOrderEngine(model, correctness_dir=d)
+    rows = capture_batch(model, tokens, T, range(model.cfg.n_layers))
+    ans, alt = torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12])
+    proj = eng.projected(rows, T, ans, alt)
+    U = eng.directions(ans, alt) / rows.final_scale[:, None, None]  # [b, D, dm]
+    ar = torch.arange(4)
+    for l in range(model.cfg.n_layers):
+        vec = eng.vectors(rows, l)  # [b, n, dm]
+        expect = torch.einsum("bnm,bDm->bDn", vec, U)
+        torch.testing.assert_close(proj["second"][:, :, l], expect, atol=1e-5, rtol=1e-4)
+        direct = rows.mlp_post[l][ar, T][:, :, None] * model.W_out[l][None]  # [b, n, dm]
+        torch.testing.assert_close(proj["direct"][:, :, l], torch.einsum("bnm,bDm->bDn", direct, U),
+                                   atol=1e-5, rtol=1e-4)
+        # the logit-difference projection is what the logits see: check with W_U directly
+        if l == 0:
+            from so2lib.capture import final_normed
+            normed = final_normed(vec[:, 0], rows.final_scale, model)
+            ld = normed @ (model.W_U[:, ans] - model.W_U[:, alt])
+            torch.testing.assert_close(proj["second"][:, 0, 0, 0], ld.diagonal(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_head_breakdown_sums_to_projection(arch, tiny_models):
+    model = tiny_models[arch]
+    tokens, T = padded_batch(4)
+    eng = SecondOrderEngine(model, correctness_dir=torch.ones(model.cfg.d_model))
+    rows = capture_batch(model, tokens, T, range(model.cfg.n_layers))
+    ans, alt = torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12])
+    neurons = torch.tensor([3, 9])
+    ph = eng.per_head(rows, T, ans, alt, 1, neurons)  # [b, D, n, L, H]
+    assert ph[..., :2, :].abs().max() == 0
+    proj = eng.projected(rows, T, ans, alt, layers=[1])["second"][:, :, 0][:, :, neurons]
+    torch.testing.assert_close(ph.sum((-1, -2)), proj, atol=1e-6, rtol=1e-5)
+
+
+def test_input_validation(tiny_models):
+    model = tiny_models["gpt2"]
+    tokens, T = padded_batch()
+    with pytest.raises(ValueError, match="out of range"):
+        second_order_effects(model, tokens, T, 9)
+    with pytest.raises(ValueError, match="answer_pos"):
+        second_order_effects(model, tokens, torch.tensor([1, 2]), 0)
+
+
+def test_low_precision_activations_close_to_float32(tiny_dirs):
+    from so2lib.models import load_model
+    m32 = load_model(tiny_dirs["gpt2"], device="cpu")
+    m16 = load_model(tiny_dirs["gpt2"], device="cpu", dtype="bfloat16")
+    tokens, T = padded_batch()
+    a = second_order_effects(m32, tokens, T, 0)
+    b = second_order_effects(m16, tokens, T, 0)
+    assert b.dtype == torch.float32
+    assert rel_err(b, a) < 0.05
