@@ -82,11 +82,12 @@ def answer_activations(model: Any, enc: Encoded, layers: Sequence[int], batch_si
     acts, resid, scale = [], [], []
     for _, x, T in enc.batches(batch_size, device=device, desc="capture" if progress else None):
         r = capture_batch(model, x, T, layers)
-        acts.append(torch.stack([_rows(r.mlp_post[l], T) for l in layers], 1).cpu())
+        if layers:
+            acts.append(torch.stack([_rows(r.mlp_post[l], T) for l in layers], 1).cpu())
         resid.append(r.final_resid.cpu())
         scale.append(r.final_scale.cpu())
     resid_t, scale_t = torch.cat(resid), torch.cat(scale)
-    return {"mlp_post_T": torch.cat(acts), "final_resid": resid_t, "final_scale": scale_t,
+    return {"mlp_post_T": torch.cat(acts) if acts else None, "final_resid": resid_t, "final_scale": scale_t,
             "final_normed": final_normed(resid_t, scale_t, model)}
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from .embedded import EMBEDDED_DIR
 
 
 def default_device() -> str:
@@ -37,6 +36,8 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def resolve_model_path(name: str | os.PathLike | None) -> str:
     """``None``/``"embedded"`` -> the embedded model's folder; a local folder -> itself; else the hub name."""
+    from .embedded import EMBEDDED_DIR
+
     if name is None or str(name) == "embedded":
         if not (EMBEDDED_DIR / "config.json").exists():
             raise FileNotFoundError(
@@ -145,7 +146,7 @@ def value_output_weights(model: Any) -> torch.Tensor:
 
     Grouped-query attention: query head ``h`` uses key/value head ``h // (n_heads // n_kv)``.
     """
-    W_V, W_O = model.W_V.float(), model.W_O.float()  # [L, kv, dm, dh], [L, H, dh, dm]
+    W_V, W_O = model.W_V.detach().float(), model.W_O.detach().float()  # [L, kv, dm, dh], [L, H, dh, dm]
     H = W_O.shape[1]
     if W_V.shape[1] != H:
         W_V = W_V.repeat_interleave(H // W_V.shape[1], dim=1)
@@ -155,7 +156,7 @@ def value_output_weights(model: Any) -> torch.Tensor:
 @torch.no_grad()
 def value_weights_per_query_head(model: Any) -> torch.Tensor:
     """``W_V`` expanded to one entry per query head: ``[layers, n_heads, d_model, d_head]`` float32."""
-    W_V = model.W_V.float()
+    W_V = model.W_V.detach().float()
     H = model.cfg.n_heads
     return W_V.repeat_interleave(H // W_V.shape[1], dim=1) if W_V.shape[1] != H else W_V
 

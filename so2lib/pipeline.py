@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
-from .labels import Encoded, accuracy_table, check_classes, encode, label
+from .labels import Encoded, accuracy_table, check_classes, encode, label, single_token_subset
 from .models import ModelInfo, load_model
 from .runs import Run
 from .selection import critical_layers, layer_ablation, mlp_out_means, neuron_scores, select_neurons
@@ -34,11 +35,13 @@ class Setup:
 def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n_val: int = 500,
              seed: int = 0, tasks: Sequence[str] = TASKS, device: str | None = None,
              dtype: str | None = None, batch_size: int = 64, template: str | None = None,
-             n_shots: int = 3, progress: bool = True) -> Setup:
+             n_shots: int = 3, single_token_only: bool = True, progress: bool = True) -> Setup:
     """Open (or resume) a run: load the model, build or reload the problems, label both splits.
 
     A run directory belongs to one model and one problem set: reopening it with other
-    settings raises instead of mixing results.
+    settings raises instead of mixing results. ``single_token_only`` keeps only problems whose
+    gold answer is one token for this model (the second-order analysis needs single-token
+    answers); the number dropped is recorded in the manifest.
     """
     torch.manual_seed(seed)
     run = Run(run_dir)
@@ -50,14 +53,23 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
     run.manifest["config"].update(cfg | {"device": device, "dtype": dtype, "batch_size": batch_size})
     model = load_model(model_name, device=device, dtype=dtype)
     run.record("model", {"name": cfg["model"], **dataclasses.asdict(ModelInfo.of(model))})
-    problems = ProblemSet.from_json(run.step(
-        "problems", lambda: make_problem_set(n_train, n_val, seed, tasks, heldout=True).to_json(), "01"))
-    run.record("data", {"n_train": len(problems.train), "n_val": len(problems.val), "seed": seed,
-                        "tasks": list(problems.tasks), "heldout_partition": problems.heldout,
-                        "hash": stable_hash(str([p.compact for p in problems.train + problems.val]))})
     tmpl = dataclasses.replace(template_for(model_name), n_shots=n_shots)
     if template:
         tmpl = dataclasses.replace(tmpl, style=template)
+
+    def make_problems() -> dict[str, Any]:
+        ps = make_problem_set(n_train, n_val, seed, tasks, heldout=True)
+        if single_token_only:  # drop problems whose gold answer is several tokens for this model
+            for split in ("train", "val"):
+                keep = single_token_subset(encode(model, ps.split(split), tmpl))
+                setattr(ps, split, [ps.split(split)[i] for i in keep])
+        return ps.to_json()
+    problems = ProblemSet.from_json(run.step("problems", make_problems, "01"))
+    run.record("data", {"n_train": len(problems.train), "n_val": len(problems.val), "seed": seed,
+                        "tasks": list(problems.tasks), "heldout_partition": problems.heldout,
+                        "single_token_only": single_token_only, "template": dataclasses.asdict(tmpl),
+                        "dropped_multi_token": n_train + n_val - len(problems.train) - len(problems.val),
+                        "hash": stable_hash(str([p.compact for p in problems.train + problems.val]))})
     enc = {s: encode(model, problems.split(s), tmpl) for s in ("train", "val")}
     labels = {s: run.step(f"labels_{s}", lambda s=s: label(model, enc[s], batch_size, progress), "01")
               for s in ("train", "val")}
@@ -106,3 +118,76 @@ def load_selection(run: Run) -> tuple[list[int], dict[int, list[int]]]:
 
 
 __all__ = ["Setup", "open_run", "accuracy", "setup_and_selection", "load_selection", "load_model"]
+
+
+# ----------------------------------------------------------------------------- Phase 2
+
+
+def second_order_phase(setup: Setup, ov_rank: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Phase 2: correctness direction (training split), then projected effects of every neuron
+    and full vectors of the selected neurons for both splits, streamed into the run."""
+    from .capture import answer_activations
+    from .effects import compute_effects, correctness_direction
+    from .second_order import SecondOrderEngine
+
+    run, model, bs = setup.run, setup.model, setup.batch_size
+    crit, selected = load_selection(run)
+
+    def direction() -> dict[str, Any]:
+        acts = answer_activations(model, setup.enc["train"], [], bs, progress)
+        return {"d": correctness_direction(acts["final_normed"], setup.labels["train"].correct.values),
+                "final_normed_train": acts["final_normed"]}
+    cd = run.step("correctness_direction", direction, "02")
+    engine = SecondOrderEngine(model, correctness_dir=cd["d"], ov_rank=ov_rank)
+    for split in ("train", "val"):
+        compute_effects(model, setup.enc[split], setup.labels[split], run, split, cd["d"], selected, bs,
+                        engine, progress)
+    run.record("phase2", {"ov_rank": ov_rank, "critical_layers": crit,
+                          "n_selected": {str(l): len(n) for l, n in selected.items()}})
+    return {"critical_layers": crit, "selected": selected, "correctness_direction": cd["d"]}
+
+
+def layer_magnitudes(run: Run, split: str = "val") -> pd.DataFrame:
+    """Per layer: mean |effect| per neuron-problem, first vs second order, on both projections."""
+    from .effects import load_effects
+
+    rows = []
+    for proj in ("ld", "cd"):
+        first = np.abs(load_effects(run, split, f"direct_{proj}")).mean((0, 2))
+        second = np.abs(load_effects(run, split, f"second_{proj}")).mean((0, 2))
+        for l, (f, s) in enumerate(zip(first, second)):
+            rows.append({"layer": l, "projection": proj, "first_order": float(f), "second_order": float(s),
+                         "second_over_first": float(s / f) if f > 0 else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def neuron_effect_table(run: Run, labels: pd.DataFrame, split: str = "val", proj: str = "ld") -> pd.DataFrame:
+    """Per neuron: mean |second-order effect| overall and on correct / incorrect problems, and
+    mean signed effect, with the direct effect alongside."""
+    from .effects import load_effects
+
+    so = np.asarray(load_effects(run, split, f"second_{proj}"))  # [N, L, n]
+    fo = np.asarray(load_effects(run, split, f"direct_{proj}"))
+    ok = labels.correct.values.astype(bool)
+    L, n = so.shape[1:]
+    df = pd.DataFrame({
+        "layer": np.repeat(np.arange(L), n), "neuron": np.tile(np.arange(n), L),
+        "mean_abs": np.abs(so).mean(0).ravel(),
+        "mean_abs_correct": np.abs(so[ok]).mean(0).ravel() if ok.any() else np.nan,
+        "mean_abs_incorrect": np.abs(so[~ok]).mean(0).ravel() if (~ok).any() else np.nan,
+        "mean_signed": so.mean(0).ravel(),
+        "direct_mean_abs": np.abs(fo).mean(0).ravel(),
+    })
+    return df
+
+
+def effect_distribution(run: Run, split: str = "val", proj: str = "ld") -> pd.DataFrame:
+    """Long table of per-neuron mean |effect| per layer (first and second order) for plotting."""
+    from .effects import load_effects
+
+    frames = []
+    for order, kind in (("first", "direct"), ("second", "second")):
+        m = np.abs(load_effects(run, split, f"{kind}_{proj}")).mean(0)  # [L, n]
+        L, n = m.shape
+        frames.append(pd.DataFrame({"layer": np.repeat(np.arange(L), n), "order": order, "value": m.ravel()}))
+    return pd.concat(frames, ignore_index=True)

@@ -62,21 +62,22 @@ class SecondOrderEngine:
         self.device = dev
         with torch.no_grad():
             W_V = M.value_weights_per_query_head(model).to(dev)  # [L, H, dm, dh]
-            W_O = model.W_O.float().to(dev)  # [L, H, dh, dm]
+            W_O = model.W_O.detach().float().to(dev)  # [L, H, dh, dm]
             if ov_rank is not None:
                 W_V, W_O = _low_rank_ov(W_V, W_O, ov_rank)
             self.W_O = W_O
             self.W_V = W_V
-            self.W_out = model.W_out.float().to(dev)  # [L, n, dm]
-            self.W_U = model.W_U.float().to(dev)  # [dm, V]
+            self.W_out = model.W_out.detach().float().to(dev)  # [L, n, dm]
+            self.W_U = model.W_U.detach().float().to(dev)  # [dm, V]
             self.final_center = self.info.norm == "LN"
             # wv[l] = w_n @ W_V[l', h] for every later head: [K_l, n, dh]
             self.wv = {l: torch.einsum("nm,khmd->khnd", self.W_out[l], W_V[l + 1:]).flatten(0, 1)
                        for l in self.layers}
-        self.correctness_dir = None if correctness_dir is None else correctness_dir.float().to(dev)
+        self.correctness_dir = None if correctness_dir is None else correctness_dir.detach().float().to(dev)
 
     # ------------------------------------------------------------------ directions
 
+    @torch.no_grad()
     def directions(self, answer: torch.Tensor, alternative: torch.Tensor) -> torch.Tensor:
         """``[b, D, d_model]`` per-problem directions before the final-norm division:
         D=0 the logit difference, D=1 the correctness direction (when set)."""
@@ -91,6 +92,7 @@ class SecondOrderEngine:
 
     # ------------------------------------------------------------------ projected effects
 
+    @torch.no_grad()
     def projected(self, rows: AnswerRows, T: torch.Tensor, answer: torch.Tensor,
                   alternative: torch.Tensor, layers: Sequence[int] | None = None,
                   skip_percentile: float | None = None) -> dict[str, torch.Tensor]:
@@ -107,9 +109,8 @@ class SecondOrderEngine:
         ar = torch.arange(len(T), device=self.device)
         second, direct = [], []
         for l in layers:
-            if skip_percentile is not None:
-                rows = _sparsified(rows, l, skip_percentile)
-            c = coefficients(rows, l)  # [b, K, n]
+            src = rows if skip_percentile is None else _sparsified(rows, l, skip_percentile)
+            c = coefficients(src, l)  # [b, K, n]
             o = ou[:, l + 1:].flatten(1, 2)  # [b, K, D, dh]
             # MU[b, K, D, n] = o . wv ; then sum over heads weighted by c
             MU = torch.einsum("bkDe,kne->bkDn", o, self.wv[l])
@@ -120,6 +121,7 @@ class SecondOrderEngine:
 
     # ------------------------------------------------------------------ full vectors
 
+    @torch.no_grad()
     def vectors(self, rows: AnswerRows, layer: int, neurons: torch.Tensor | None = None) -> torch.Tensor:
         """Full second-order effect vectors ``[b, n, d_model]`` (residual at T, before the final norm)."""
         c = coefficients(rows, layer, neurons)  # [b, K, n]
@@ -133,6 +135,7 @@ class SecondOrderEngine:
             out += torch.einsum("bknd,kdm->bnm", z, WO[s:s + H])
         return out
 
+    @torch.no_grad()
     def per_head(self, rows: AnswerRows, T: torch.Tensor, answer: torch.Tensor, alternative: torch.Tensor,
                  layer: int, neurons: torch.Tensor) -> torch.Tensor:
         """Per-head breakdown ``[b, D, n, L, H]`` of the projected second-order effect of

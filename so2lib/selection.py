@@ -93,12 +93,12 @@ def neuron_scores(model: Any, enc: Encoded, labels: pd.DataFrame, layers: Sequen
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     acts = answer_activations(model, enc, layers, batch_size, progress)
     p = acts["mlp_post_T"]  # [n, len(layers), d_mlp]
-    W_U = model.W_U.float().cpu()
+    W_U = model.W_U.detach().float().cpu()
     u = (W_U[:, torch.as_tensor(labels.gold_token.values)] - W_U[:, torch.as_tensor(labels.alt_token.values)]).T
     if M.ModelInfo.of(model).norm == "LN":
         u = u - u.mean(-1, keepdim=True)
     u = u / acts["final_scale"][:, None]  # [n, dm]
-    W_out = model.W_out.float().cpu()[layers]  # [len(layers), d_mlp, dm]
+    W_out = model.W_out.detach().float().cpu()[layers]  # [len(layers), d_mlp, dm]
     direct = p * torch.einsum("lnd,bd->bln", W_out, u)  # [n, len(layers), d_mlp]
     frames = []
     for j, l in enumerate(layers):
