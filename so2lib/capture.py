@@ -96,3 +96,27 @@ def final_normed(resid: torch.Tensor, scale: torch.Tensor, model: Any) -> torch.
     if M.ModelInfo.of(model).norm == "LN":
         resid = resid - resid.mean(-1, keepdim=True)
     return resid / scale[:, None]
+
+
+@torch.no_grad()
+def position_means(model: Any, enc: Encoded, hook_names: Sequence[str], batch_size: int = 64,
+                   progress: bool = True) -> torch.Tensor:
+    """``[len(hook_names), width]``: each hook's activation averaged over every real position
+    (``<= T``, pads excluded) of every problem of ``enc``; accumulated in float64."""
+    dev = next(model.parameters()).device
+    total: torch.Tensor | None = None
+    count = 0
+    for _, x, T in enc.batches(batch_size, device=dev, desc="position means" if progress else None):
+        mask = (torch.arange(x.shape[1], device=dev)[None] <= T[:, None]).double()  # [b, S]
+        store: dict[str, torch.Tensor] = {}
+
+        def summer(name: str) -> Callable:
+            def hook(t: torch.Tensor, hook: Any) -> None:
+                store[name] = torch.einsum("bs,bsd->d", mask, t.double())
+            return hook
+        with model.hooks(fwd_hooks=[(n, summer(n)) for n in hook_names]):
+            model(x)
+        batch = torch.stack([store[n] for n in hook_names])
+        total = batch if total is None else total + batch
+        count += int(mask.sum())
+    return (total / count).float()

@@ -38,7 +38,7 @@ def correctness_direction(final_normed: torch.Tensor, correct: torch.Tensor | np
 
     Pass training-split values only. Raises when either class is empty.
     """
-    c = torch.as_tensor(np.asarray(correct), dtype=torch.bool)
+    c = torch.tensor(np.asarray(correct), dtype=torch.bool)
     check_classes(c, "the training split (correctness direction)")
     return final_normed[c].mean(0) - final_normed[~c].mean(0)
 
@@ -71,8 +71,8 @@ def compute_effects(model: Any, enc: Encoded, labels: Any, run: Run, split: str,
                for l, ns in selected.items()}
     prog_path = run.file(f"{split}_effects_progress.json")
     done = set(json.loads(prog_path.read_text())["done"]) if prog_path.exists() else set()
-    gold = torch.as_tensor(labels.gold_token.values)
-    alt = torch.as_tensor(labels.alt_token.values)
+    gold = torch.tensor(labels.gold_token.values)
+    alt = torch.tensor(labels.alt_token.values)
     sel_idx = {l: torch.tensor(ns, device=dev) for l, ns in selected.items()}
     starts = list(range(0, N, batch_size))
     t0 = time.perf_counter()

@@ -136,6 +136,12 @@ class SecondOrderEngine:
         return out
 
     @torch.no_grad()
+    def layer_sum(self, rows: AnswerRows, layer: int) -> torch.Tensor:
+        """``[b, d_model]``: the sum of the second-order vectors of all neurons of ``layer``."""
+        z = torch.einsum("bkn,knd->bkd", coefficients(rows, layer), self.wv[layer])  # [b, K, dh]
+        return torch.einsum("bkd,kdm->bm", z, self.W_O[layer + 1:].flatten(0, 1))
+
+    @torch.no_grad()
     def per_head(self, rows: AnswerRows, T: torch.Tensor, answer: torch.Tensor, alternative: torch.Tensor,
                  layer: int, neurons: torch.Tensor) -> torch.Tensor:
         """Per-head breakdown ``[b, D, n, L, H]`` of the projected second-order effect of

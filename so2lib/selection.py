@@ -15,31 +15,13 @@ import pandas as pd
 import torch
 
 from . import models as M
-from .capture import answer_activations
+from .capture import answer_activations, position_means
 from .labels import Encoded, label
 
 
-@torch.no_grad()
 def mlp_out_means(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """``[L, d_model]``: each layer's MLP output averaged over every real position <= T."""
-    L, dm = model.cfg.n_layers, model.cfg.d_model
-    dev = next(model.parameters()).device
-    total = torch.zeros(L, dm, dtype=torch.float64, device=dev)
-    count = 0
-    for _, x, T in enc.batches(batch_size, device=dev, desc="MLP means" if progress else None):
-        mask = (torch.arange(x.shape[1], device=dev)[None] <= T[:, None]).double()  # [b, S]
-        store: dict[int, torch.Tensor] = {}
-
-        def summer(l: int):
-            def hook(t: torch.Tensor, hook: Any) -> None:
-                store[l] = torch.einsum("bs,bsd->d", mask, t.double())
-            return hook
-        hooks = [(M.mlp_out(l), summer(l)) for l in range(L)]
-        with model.hooks(fwd_hooks=hooks):
-            model(x)
-        total += torch.stack([store[l] for l in range(L)])
-        count += int(mask.sum())
-    return (total / count).float()
+    return position_means(model, enc, [M.mlp_out(l) for l in range(model.cfg.n_layers)], batch_size, progress)
 
 
 def ablation_hook(value: torch.Tensor | None):
@@ -94,7 +76,7 @@ def neuron_scores(model: Any, enc: Encoded, labels: pd.DataFrame, layers: Sequen
     acts = answer_activations(model, enc, layers, batch_size, progress)
     p = acts["mlp_post_T"]  # [n, len(layers), d_mlp]
     W_U = model.W_U.detach().float().cpu()
-    u = (W_U[:, torch.as_tensor(labels.gold_token.values)] - W_U[:, torch.as_tensor(labels.alt_token.values)]).T
+    u = (W_U[:, torch.tensor(labels.gold_token.values)] - W_U[:, torch.tensor(labels.alt_token.values)]).T
     if M.ModelInfo.of(model).norm == "LN":
         u = u - u.mean(-1, keepdim=True)
     u = u / acts["final_scale"][:, None]  # [n, dm]

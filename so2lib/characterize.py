@@ -1,0 +1,238 @@
+"""Phase 3: characterization of second-order effects, measured on held-out problems.
+
+Every replacement is an edit of the residual stream at the answer position ``T`` before the
+final norm; the model's own final norm (recomputed on the edited residual) and unembedding
+then produce the answer, exactly as a forward pass with that edit would
+(:func:`final_logits`, tested against a hooked forward pass).
+
+Means, significance thresholds and principal components come from the training split;
+accuracies are measured on the validation split.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.decomposition import PCA
+from tqdm.auto import tqdm
+
+from . import models as M
+from .capture import AnswerRows, capture_batch
+from .labels import Encoded
+from .second_order import SecondOrderEngine
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def final_logits(model: Any, resid: torch.Tensor) -> torch.Tensor:
+    """Logits ``[b, V]`` from residuals ``[b, d_model]`` at T: the model's final norm (centering
+    for LayerNorm, scale recomputed with its epsilon; folded weights) then ``W_U`` and ``b_U``."""
+    x = resid.float()
+    if M.ModelInfo.of(model).norm == "LN":
+        x = x - x.mean(-1, keepdim=True)
+    x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + model.cfg.eps)
+    W_U = model.W_U.detach().float().to(x.device)
+    return x @ W_U + M.unembed_bias(model).detach().float().to(x.device)
+
+
+def answer_metrics(logits: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``correct [b]`` (argmax is the gold token) and ``logit_diff [b]`` (gold minus best other)."""
+    ar = torch.arange(len(gold))
+    g = logits[ar, gold]
+    other = logits.clone()
+    other[ar, gold] = -float("inf")
+    return logits.argmax(-1) == gold, g - other.max(-1).values
+
+
+def significance(train_norms: np.ndarray, share: float = 0.02) -> np.ndarray:
+    """Per-neuron threshold ``[n]``: the k-th largest training norm of the centred effect,
+    ``k = max(1, round(share * n_train))`` (as in the CLIP code)."""
+    k = max(1, int(round(share * train_norms.shape[0])))
+    return -np.sort(-train_norms, axis=0)[k - 1]
+
+
+def pc1(centred: np.ndarray) -> tuple[np.ndarray, float]:
+    """First principal direction ``[d]`` of centred vectors ``[m, d]`` and its share of variance
+    (scikit-learn PCA; the data are already centred on the training mean)."""
+    p = PCA(n_components=1, svd_solver="full").fit(centred)
+    return p.components_[0], float(p.explained_variance_ratio_[0])
+
+
+# ----------------------------------------------------------------------------- collection
+
+
+@torch.no_grad()
+def collect(model: Any, enc: Encoded, engine: SecondOrderEngine, batch_size: int = 64,
+            progress: bool = True) -> dict[str, torch.Tensor]:
+    """Per problem, on CPU: residual at T before the final norm ``resid [N, dm]``, and per MLP
+    layer the sum over all its neurons of the second-order vectors ``second [N, L, dm]`` and of
+    the direct writes ``p_T @ W_out`` (MLP output at T without bias) ``direct [N, L, dm]``."""
+    L = model.cfg.n_layers
+    dev = engine.device
+    out: dict[str, list[torch.Tensor]] = {"resid": [], "second": [], "direct": []}
+    for _, x, T in enc.batches(batch_size, device=dev, desc="layer sums" if progress else None):
+        rows = capture_batch(model, x, T, range(L))
+        ar = torch.arange(len(T), device=dev)
+        out["resid"].append(rows.final_resid.cpu())
+        out["second"].append(torch.stack([engine.layer_sum(rows, l) for l in range(L)], 1).cpu())
+        out["direct"].append(torch.stack([rows.mlp_post[l][ar, T] @ engine.W_out[l] for l in range(L)], 1).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _eval(model: Any, resid: torch.Tensor, gold: torch.Tensor) -> tuple[float, float]:
+    ok, ld = answer_metrics(final_logits(model, resid), gold)
+    return float(ok.float().mean()), float(ld.mean())
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def output_space_ablation(model: Any, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor],
+                          gold_val: torch.Tensor, total: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per layer: validation accuracy and mean logit difference when the layer's summed
+    second-order effects (or its direct effects) are replaced by their training means, as an
+    edit of the residual at T. ``total``: Phase 1's forward-pass mean-ablation, joined in."""
+    acc0, ld0 = _eval(model, val["resid"], gold_val)
+    rows = []
+    for l in range(model.cfg.n_layers):
+        for what in ("second", "direct"):
+            edited = val["resid"] - val[what][:, l] + train[what][:, l].mean(0)
+            acc, ld = _eval(model, edited, gold_val)
+            rows.append({"layer": l, "ablation": f"{what}_order" if what == "second" else "direct",
+                         "accuracy": acc, "mean_logit_diff": ld, "accuracy_drop": acc0 - acc,
+                         "logit_diff_drop": ld0 - ld})
+        if total is not None:
+            t = total[(total.layer == l) & (total.kind == "mean")].iloc[0]
+            rows.append({"layer": l, "ablation": "total (forward pass)", "accuracy": t.accuracy,
+                         "mean_logit_diff": t.mean_logit_diff, "accuracy_drop": t.accuracy_drop,
+                         "logit_diff_drop": t.logit_diff_drop})
+    df = pd.DataFrame(rows)
+    df.attrs["clean_accuracy"], df.attrs["clean_logit_diff"] = acc0, ld0
+    return df
+
+
+def layer_concentration(second_abs_by_layer: np.ndarray, ablation: pd.DataFrame,
+                        critical: Sequence[int]) -> pd.DataFrame:
+    """Share of the total second-order magnitude (``[L]``: summed |projected effect|) and of
+    the second-order ablation accuracy drop (negative drops count as zero) per layer."""
+    mag = second_abs_by_layer / second_abs_by_layer.sum()
+    drops = ablation[ablation.ablation == "second_order"].sort_values("layer").accuracy_drop.clip(lower=0).values
+    drop_share = drops / drops.sum() if drops.sum() > 0 else np.full_like(drops, np.nan)
+    df = pd.DataFrame({"layer": range(len(mag)), "magnitude_share": mag, "ablation_drop_share": drop_share})
+    df["critical"] = df.layer.isin(list(critical))
+    return df
+
+
+def neuron_structure(vec_train: dict[int, np.ndarray], vec_val: dict[int, np.ndarray],
+                     share: float = 0.02) -> dict[str, Any]:
+    """Significance, sparsity and rank-1 structure of selected neurons' full effect vectors.
+
+    ``vec_*[l]``: ``[problems, n_selected, d_model]``. Returns per-neuron stats (DataFrame)
+    and, per layer, the validation-set edits (``[N_val, d_model]`` summed over the layer's
+    selected neurons) for: mean replacement, rank-1 replacement, ablating only significant
+    and only insignificant effects.
+    """
+    stats, edits = [], {}
+    for l in vec_train:
+        tr = np.asarray(vec_train[l], dtype=np.float32)
+        va = np.asarray(vec_val[l], dtype=np.float32)
+        mean = tr.mean(0)  # [n, d]
+        ctr, cva = tr - mean, va - mean
+        ntr, nva = np.linalg.norm(ctr, axis=-1), np.linalg.norm(cva, axis=-1)  # [N, n]
+        thr = significance(ntr, share)
+        sig = nva > thr  # [N_val, n]
+        k = max(2, int(round(share * tr.shape[0])))
+        rank1 = np.zeros_like(cva)
+        for j in range(tr.shape[1]):
+            v, var_all = pc1(ctr[:, j])
+            top = np.argsort(-ntr[:, j])[:k]
+            _, var_top = pc1(ctr[top, j])
+            rank1[:, j] = np.outer(cva[:, j] @ v, v)
+            stats.append({"layer": l, "slot": j, "significant_share_val": float(sig[:, j].mean()),
+                          "threshold": float(thr[j]), "pc1_var_all": var_all, "pc1_var_topk": var_top,
+                          "mean_norm_val": float(nva[:, j].mean())})
+        # deltas to add to the residual (effect -> replacement)
+        edits[l] = {"mean": -cva.sum(1), "rank1": (rank1 - cva).sum(1),
+                    "ablate_significant": -(cva * sig[..., None]).sum(1),
+                    "ablate_insignificant": -(cva * ~sig[..., None]).sum(1)}
+    return {"stats": pd.DataFrame(stats), "edits": edits}
+
+
+def replacement_accuracy(model: Any, resid_val: torch.Tensor, gold_val: torch.Tensor,
+                         edits: dict[int, dict[str, np.ndarray]]) -> pd.DataFrame:
+    """Validation accuracy with each kind of edit applied to all selected neurons at once
+    (all critical layers together) and per layer."""
+    acc0, ld0 = _eval(model, resid_val, gold_val)
+    rows = [{"scope": "none", "replacement": "clean", "accuracy": acc0, "mean_logit_diff": ld0}]
+    kinds = next(iter(edits.values())).keys() if edits else []
+    for kind in kinds:
+        for scope, ls in [("all selected", list(edits))] + [(f"layer {l}", [l]) for l in edits]:
+            delta = sum(torch.as_tensor(edits[l][kind]) for l in ls)
+            acc, ld = _eval(model, resid_val + delta, gold_val)
+            rows.append({"scope": scope, "replacement": kind, "accuracy": acc, "mean_logit_diff": ld})
+    df = pd.DataFrame(rows)
+    df["accuracy_drop_points"] = 100 * (acc0 - df.accuracy)
+    return df
+
+
+@torch.no_grad()
+def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine: SecondOrderEngine,
+                  neurons: dict[int, list[int]], mean_act: torch.Tensor, batch_size: int = 256,
+                  progress: bool = True) -> pd.DataFrame:
+    """Per selected neuron: the total effect of a real forward-pass mean-ablation (activation
+    replaced by its training mean ``mean_act [L, d_mlp]`` at every position) on the logit
+    difference (gold minus the clean run's alternative token), against the change predicted by
+    its direct + second-order effects (both linear in the activation, so the predicted change is
+    effect(p) - effect(mean)).
+
+    Returns per neuron ``total`` and ``predicted`` (mean |change|, logit units), ``r2`` (share of
+    the total change explained around zero: ``1 - sum (total - pred)^2 / sum total^2``) and the
+    same for the direct effect alone.
+    """
+    dev = engine.device
+    gold = torch.tensor(labels_val.gold_token.values)
+    alt = torch.tensor(labels_val.alt_token.values)
+    L = model.cfg.n_layers
+    pairs = [(l, n) for l, ns in neurons.items() for n in ns]
+    total: dict[tuple[int, int], list[torch.Tensor]] = {p: [] for p in pairs}
+    pred: dict[tuple[int, int], list[torch.Tensor]] = {p: [] for p in pairs}
+    pred_direct: dict[tuple[int, int], list[torch.Tensor]] = {p: [] for p in pairs}
+    for rows_idx, x, T in enc_val.batches(batch_size, device=dev, desc="effect budget" if progress else None):
+        g, a = gold[rows_idx.start:rows_idx.stop].to(dev), alt[rows_idx.start:rows_idx.stop].to(dev)
+        ar = torch.arange(len(T), device=dev)
+        rows = capture_batch(model, x, T, range(L), want_logits=True)
+        clean = rows.logits[ar, g] - rows.logits[ar, a]
+        for l, ns in neurons.items():
+            idx = torch.tensor(ns, device=dev)
+            const = AnswerRows({**rows.mlp_post, l: mean_act[l].to(dev).expand_as(rows.mlp_post[l]).clone()},
+                               rows.pattern, rows.scale, rows.final_scale, rows.final_resid, None)
+            real = engine.projected(rows, T, g, a, layers=[l])
+            base = engine.projected(const, T, g, a, layers=[l])
+            d = (real["direct"] - base["direct"])[:, 0, 0, idx].cpu()
+            s2 = (real["second"] - base["second"])[:, 0, 0, idx].cpu()
+            for j, n in enumerate(ns):
+                pred[(l, n)].append(d[:, j] + s2[:, j])
+                pred_direct[(l, n)].append(d[:, j])
+        for l, n in tqdm(pairs, desc="neuron ablations", leave=False, disable=not progress):
+            def hook(t: torch.Tensor, hook: Any, n: int = n, l: int = l) -> torch.Tensor:
+                t = t.clone()
+                t[..., n] = mean_act[l, n]
+                return t
+            with model.hooks(fwd_hooks=[(M.mlp_post(l), hook)]):
+                lg = model(x)[ar, T].float()
+            total[(l, n)].append((clean - (lg[ar, g] - lg[ar, a])).cpu())
+    out = []
+    for l, n in pairs:
+        t, p, pd_ = (torch.cat(v[(l, n)]).numpy() for v in (total, pred, pred_direct))
+        out.append({"layer": l, "neuron": n, "total": float(np.abs(t).mean()), "predicted": float(np.abs(p).mean()),
+                    "direct_only": float(np.abs(pd_).mean()), "r2": _r2(t, p), "r2_direct_only": _r2(t, pd_)})
+    return pd.DataFrame(out)
+
+
+def _r2(y: np.ndarray, yhat: np.ndarray) -> float:
+    den = float((y ** 2).sum())
+    return float("nan") if den == 0 else 1.0 - float(((y - yhat) ** 2).sum()) / den
