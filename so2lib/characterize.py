@@ -127,16 +127,25 @@ def layer_concentration(second_abs_by_layer: np.ndarray, ablation: pd.DataFrame,
     return df
 
 
+def projection_edit(centred: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+    """``[N, d]``: the residual edit that replaces each neuron's centred effect ``[N, n, d]`` by
+    its projection on the neuron's direction ``dirs [n, d]`` (normalised here), summed over neurons."""
+    u = dirs / np.maximum(np.linalg.norm(dirs, axis=-1, keepdims=True), 1e-12)
+    proj = np.einsum("Nn,nd->Nnd", np.einsum("Nnd,nd->Nn", centred, u), u)
+    return (proj - centred).sum(1)
+
+
 def neuron_structure(vec_train: dict[int, np.ndarray], vec_val: dict[int, np.ndarray],
                      share: float = 0.02) -> dict[str, Any]:
     """Significance, sparsity and rank-1 structure of selected neurons' full effect vectors.
 
-    ``vec_*[l]``: ``[problems, n_selected, d_model]``. Returns per-neuron stats (DataFrame)
-    and, per layer, the validation-set edits (``[N_val, d_model]`` summed over the layer's
-    selected neurons) for: mean replacement, rank-1 replacement, ablating only significant
-    and only insignificant effects.
+    ``vec_*[l]``: ``[problems, n_selected, d_model]``. Returns per-neuron ``stats``
+    (DataFrame); per layer ``pc1 [n, d]``, ``significant [N_val, n]``, ``centred_val
+    [N_val, n, d]`` (validation effects minus the training mean); and ``edits``: residual edits
+    ``[N_val, d_model]`` summed over the layer's selected neurons, for mean replacement, rank-1
+    replacement (mean + PC1 projection), ablating only significant and only insignificant effects.
     """
-    stats, edits = [], {}
+    stats, edits, pcs, sigs, cvals = [], {}, {}, {}, {}
     for l in vec_train:
         tr = np.asarray(vec_train[l], dtype=np.float32)
         va = np.asarray(vec_val[l], dtype=np.float32)
@@ -146,20 +155,18 @@ def neuron_structure(vec_train: dict[int, np.ndarray], vec_val: dict[int, np.nda
         thr = significance(ntr, share)
         sig = nva > thr  # [N_val, n]
         k = max(2, int(round(share * tr.shape[0])))
-        rank1 = np.zeros_like(cva)
+        pc = np.zeros(mean.shape, dtype=np.float32)
         for j in range(tr.shape[1]):
-            v, var_all = pc1(ctr[:, j])
-            top = np.argsort(-ntr[:, j])[:k]
-            _, var_top = pc1(ctr[top, j])
-            rank1[:, j] = np.outer(cva[:, j] @ v, v)
+            pc[j], var_all = pc1(ctr[:, j])
+            _, var_top = pc1(ctr[np.argsort(-ntr[:, j])[:k], j])
             stats.append({"layer": l, "slot": j, "significant_share_val": float(sig[:, j].mean()),
                           "threshold": float(thr[j]), "pc1_var_all": var_all, "pc1_var_topk": var_top,
                           "mean_norm_val": float(nva[:, j].mean())})
-        # deltas to add to the residual (effect -> replacement)
-        edits[l] = {"mean": -cva.sum(1), "rank1": (rank1 - cva).sum(1),
+        pcs[l], sigs[l], cvals[l] = pc, sig, cva
+        edits[l] = {"mean": -cva.sum(1), "rank1": projection_edit(cva, pc),
                     "ablate_significant": -(cva * sig[..., None]).sum(1),
                     "ablate_insignificant": -(cva * ~sig[..., None]).sum(1)}
-    return {"stats": pd.DataFrame(stats), "edits": edits}
+    return {"stats": pd.DataFrame(stats), "edits": edits, "pc1": pcs, "significant": sigs, "centred_val": cvals}
 
 
 def replacement_accuracy(model: Any, resid_val: torch.Tensor, gold_val: torch.Tensor,

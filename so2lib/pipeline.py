@@ -265,3 +265,72 @@ def _mean_activations(setup: Setup, progress: bool = True) -> torch.Tensor:
 
     names = [M.mlp_post(l) for l in range(setup.model.cfg.n_layers)]
     return position_means(setup.model, setup.enc["train"], names, setup.batch_size, progress).cpu()
+
+
+# ----------------------------------------------------------------------------- Phase 4
+
+
+def decomposition_phase(setup: Setup, m: int = 16, share: float = 0.02, progress: bool = True) -> dict[str, Any]:
+    """Phase 4: each selected neuron's principal direction (PC1 of its centred effects, training
+    split) decomposed by OMP over math/logic concept directions, compared with the model's
+    vocabulary as a generic pool and with random dictionaries; replacement accuracy against
+    rank-1; and whether the top data concept predicts where the neuron is significant."""
+    from . import characterize as C
+    from . import concepts as K
+    from .capture import answer_activations
+    from .effects import load_effects
+
+    run, model = setup.run, setup.model
+    crit, selected = load_selection(run)
+    ln = ModelInfo.of(model).norm == "LN"
+    vt = {l: load_effects(run, "train", f"vectors_L{l}") for l in crit}
+    vv = {l: load_effects(run, "val", f"vectors_L{l}") for l in crit}
+    struct = C.neuron_structure(vt, vv, share)
+    dirs = np.concatenate([struct["pc1"][l] for l in crit]).astype(np.float64)  # [n_sel_total, d]
+    owners = [(l, n) for l in crit for n in selected[l]]
+    resid_train = run.step("final_resid_train", lambda: answer_activations(
+        model, setup.enc["train"], [], setup.batch_size, progress)["final_resid"], "04")
+    flags = {s: K.metadata_flags(setup.problems.split(s)) for s in ("train", "val")}
+    lex_c, lex_d = K.readout_directions(model, K.lexicon_entries())
+    dat_c, dat_d = K.data_directions(resid_train, flags["train"], ln)
+    dictionaries = {
+        "read-out (lexicon)": (lex_c, lex_d),
+        "data (metadata)": (dat_c, dat_d),
+        "read-out + data": (lex_c + dat_c, torch.cat([lex_d, dat_d])),
+    }
+    voc = K.vocabulary_directions(model)
+    toks = model.tokenizer.convert_ids_to_tokens(list(range(voc.shape[0])))
+    dictionaries["vocabulary (generic pool)"] = ([K.Concept(str(t), "vocabulary", "read-out") for t in toks], voc)
+    quality, decs = [], {}
+    for name, (cs, D) in dictionaries.items():
+        if len(cs) < m:
+            continue
+        dec = K.decompose(dirs, K.prepare_dictionary(D), cs, m)
+        decs[name] = dec
+        for (l, n), c, cr in zip(owners, dec["cosine"], dec["cosine_random"]):
+            quality.append({"dictionary": name, "atoms": len(cs), "layer": l, "neuron": n,
+                            "cosine": float(c), "cosine_random": float(cr)})
+    quality = pd.DataFrame(quality)
+    run.save("decomposition_quality", quality, "04")
+    main = decs["read-out + data"]
+    # replacement accuracy: mean + projection on the sparse reconstruction vs on PC1
+    offs = np.cumsum([0] + [len(selected[l]) for l in crit])
+    edits = {l: {"rank1": struct["edits"][l]["rank1"],
+                 "sparse": C.projection_edit(struct["centred_val"][l], main["recon"][offs[i]:offs[i + 1]])}
+             for i, l in enumerate(crit)}
+    resid_val = run.load("layer_sums_val")["resid"] if run.has("layer_sums_val") else answer_activations(
+        model, setup.enc["val"], [], setup.batch_size, progress)["final_resid"]
+    gold_val = torch.tensor(setup.labels["val"].gold_token.values)
+    repl = C.replacement_accuracy(model, resid_val, gold_val, edits)
+    run.save("decomposition_replacement", repl, "04")
+    sig = np.concatenate([struct["significant"][l] for l in crit], axis=1)
+    pred = K.predictive_auroc(sig, flags["val"], main["codes"], main["concepts"])
+    if len(pred):
+        pred["layer"] = [owners[j][0] for j in pred.neuron_slot]
+        pred["neuron"] = [owners[j][1] for j in pred.neuron_slot]
+    run.save("predictive_check", pred, "04")
+    cards = {owners[j]: K.concept_card(main["codes"][j], main["concepts"]) for j in range(len(owners))}
+    run.save("concept_cards", {f"{l}:{n}": c.to_dict("records") for (l, n), c in cards.items()}, "04")
+    run.record("phase4", {"m": m, "dictionary_sizes": {k: len(v[0]) for k, v in dictionaries.items()}})
+    return {"quality": quality, "replacement": repl, "predictive": pred, "cards": cards,
+            "decompositions": decs, "owners": owners, "structure": struct, "critical_layers": crit}

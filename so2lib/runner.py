@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
     if model:
         parameters["model_name"] = model
     times = {}
+    os.environ["SO2LIB_HEADLESS"] = "1"  # the kernels inherit it: widgets degrade to static output
     for nb in notebooks(only):
         print(f"== {nb.name}", flush=True)
         t0 = time.perf_counter()

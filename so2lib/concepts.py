@@ -1,0 +1,246 @@
+"""Phase 4: math/logic concept directions in effect space and sparse decomposition (OMP).
+
+Two kinds of concept directions, both in the space the effects live in (the residual stream
+at the answer position, before the final norm):
+
+- **read-out directions**: for a concept's tokens, the unembedding columns ``W_U[:, t]``,
+  centred over ``d_model`` for LayerNorm models (the final norm removes the mean, so this is
+  what a direction contributes to the logits up to the frozen scale), averaged over tokens;
+- **data directions**: for a metadata flag of the problems (carry, operator, truth value, ...),
+  ``mean(final residual | flag) - mean(final residual | not flag)`` at the answer position over
+  the training split (centred likewise).
+
+As in the CLIP code, a dictionary is **centred** (its mean entry subtracted from every entry) and
+**normalised** (each entry scaled to unit L2 norm) before orthogonal matching pursuit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import orthogonal_mp
+from sklearn.metrics import roc_auc_score
+
+from .tasks import Problem
+
+_NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                 "fifteen sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy "
+                 "eighty ninety hundred thousand million").split()
+
+LEXICON: dict[str, list[str]] = {
+    "operations": "plus minus times divided add adding added addition subtract subtracting subtraction "
+                  "multiply multiplied multiplication divide division sum difference product quotient "
+                  "total altogether combined remainder increase decrease double twice half triple "
+                  "square root power percent".split(),
+    "number properties": "odd even prime composite positive negative integer whole fraction decimal "
+                         "multiple factor divisible round exact large small big tiny many few".split(),
+    "digits and number words": [str(i) for i in range(0, 100)] + [str(i) for i in (100, 200, 500, 999, 1000)]
+                               + list(_NUMBER_WORDS),
+    "comparison": "greater less larger smaller bigger biggest largest smallest max min maximum minimum "
+                  "equal equals same different more fewer most least than compare above below".split(),
+    "algebra": "x y n variable unknown solve solving solution equation expression value isolate "
+               "substitute coefficient term both sides".split(),
+    "logic connectives and quantifiers": "and or not if then true false all some none every each any "
+                                         "either neither nor implies therefore only always never".split(),
+    "procedure": "carry carrying borrow borrowing regroup step steps digit digits column ones tens "
+                 "hundreds place first second next last intermediate answer result".split(),
+    "errors": "wrong mistake error incorrect oops approximately about nearly almost guess off "
+              "unsure wait".split(),
+    "symbols": list("+-*/=()<>?%"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    name: str
+    category: str
+    kind: str  # "read-out" or "data"
+
+
+def lexicon_entries() -> list[Concept]:
+    seen, out = set(), []
+    for cat, words in LEXICON.items():
+        for w in words:
+            if w not in seen:
+                seen.add(w)
+                out.append(Concept(w, cat, "read-out"))
+    return out
+
+
+def _centre_d(x: torch.Tensor, layer_norm: bool) -> torch.Tensor:
+    return x - x.mean(-1, keepdim=True) if layer_norm else x
+
+
+def concept_token_ids(tokenizer: Any, word: str) -> list[int]:
+    """Token ids of ``" word"`` and ``"word"``, without unknown tokens."""
+    unk = tokenizer.unk_token_id
+    ids: list[int] = []
+    for text in (" " + word, word):
+        for t in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            if t != unk and t not in ids:
+                ids.append(t)
+    return ids
+
+
+@torch.no_grad()
+def readout_directions(model: Any, concepts: Sequence[Concept]) -> tuple[list[Concept], torch.Tensor]:
+    """``[n, d_model]`` read-out directions of the concepts the tokenizer knows (others dropped)."""
+    from .models import ModelInfo
+
+    W_U = model.W_U.detach().float().cpu()
+    ln = ModelInfo.of(model).norm == "LN"
+    kept, dirs = [], []
+    for c in concepts:
+        ids = concept_token_ids(model.tokenizer, c.name)
+        if ids:
+            kept.append(c)
+            dirs.append(_centre_d(W_U[:, ids].T, ln).mean(0))
+    return kept, torch.stack(dirs) if dirs else torch.zeros(0, W_U.shape[0])
+
+
+@torch.no_grad()
+def vocabulary_directions(model: Any) -> torch.Tensor:
+    """``[d_vocab, d_model]``: every token's read-out direction (the generic pool)."""
+    from .models import ModelInfo
+
+    return _centre_d(model.W_U.detach().float().cpu().T, ModelInfo.of(model).norm == "LN")
+
+
+def metadata_flags(problems: Sequence[Problem]) -> pd.DataFrame:
+    """Boolean concept flags per problem from metadata (``NaN`` where a flag does not apply)."""
+    rows = []
+    for p in problems:
+        m = p.meta
+        r: dict[str, Any] = {f"task={t}": p.task == t for t in
+                             ("addition", "subtraction", "multiplication", "comparison", "algebra", "logic")}
+        for key in ("carry", "borrow"):
+            r[key] = m.get(key, np.nan)
+        v = m.get("answer_value")
+        if v is not None:
+            r["answer even"] = m.get("answer_parity") == "even"
+            r["answer < 10"] = v < 10
+            r["answer >= 100"] = v >= 100
+        md = m.get("max_digits")
+        if md is not None:
+            r["operands 1 digit"] = md == 1
+            r["operands 3 digits"] = md == 3
+        if p.task == "comparison":
+            r["larger first"] = m["larger_first"]
+            r["same digit count"] = m["same_digits"]
+        if p.task == "algebra":
+            r["algebra x + a"] = m["op"] == "+"
+        if p.task == "logic":
+            r["truth true"] = m["truth"]
+            for c in ("and", "or", "if", "not"):
+                r[f"has {c}"] = m[f"has_{c}"]
+            r["logic depth 3"] = m["depth"] == 3
+        rows.append(r)
+    return pd.DataFrame(rows).astype(float)
+
+
+DATA_CATEGORY = {"carry": "procedure", "borrow": "procedure", "answer even": "number properties",
+                 "answer < 10": "number properties", "answer >= 100": "number properties",
+                 "operands 1 digit": "digits and number words", "operands 3 digits": "digits and number words",
+                 "larger first": "comparison", "same digit count": "comparison", "algebra x + a": "algebra",
+                 "truth true": "logic connectives and quantifiers", "logic depth 3": "logic connectives and quantifiers"}
+
+
+def data_directions(final_resid: torch.Tensor, flags: pd.DataFrame, layer_norm: bool = True,
+                    min_count: int = 5) -> tuple[list[Concept], torch.Tensor]:
+    """``[n, d_model]``: ``mean(resid | flag) - mean(resid | not flag)`` for every flag with at
+    least ``min_count`` problems on each side, among the problems where the flag applies."""
+    kept, dirs = [], []
+    R = _centre_d(final_resid.float(), layer_norm)
+    for col in flags.columns:
+        f = flags[col].values
+        has = ~np.isnan(f)
+        pos, neg = has & (f == 1), has & (f == 0)
+        if pos.sum() >= min_count and neg.sum() >= min_count:
+            cat = DATA_CATEGORY.get(col, "operations" if col.startswith("task=") else
+                                    "logic connectives and quantifiers" if col.startswith("has ") else "other")
+            kept.append(Concept(col, cat, "data"))
+            dirs.append(R[torch.as_tensor(pos)].mean(0) - R[torch.as_tensor(neg)].mean(0))
+    return kept, torch.stack(dirs) if dirs else torch.zeros(0, final_resid.shape[1])
+
+
+def prepare_dictionary(D: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Centre (subtract the mean entry) and normalise (unit L2 norm per entry), as the CLIP code does."""
+    D = np.asarray(D, dtype=np.float64)
+    D = D - D.mean(0, keepdims=True)
+    return D / np.maximum(np.linalg.norm(D, axis=1, keepdims=True), 1e-12)
+
+
+def sparse_codes(directions: np.ndarray, dictionary: np.ndarray, m: int = 16) -> np.ndarray:
+    """OMP codes ``[n_directions, n_atoms]`` with ``m`` non-zeros each, batched over directions
+    (scikit-learn's ``orthogonal_mp``). ``dictionary`` rows are atoms (already prepared)."""
+    if not 1 <= m <= min(dictionary.shape):
+        raise ValueError(f"sparsity m={m} must be between 1 and min(atoms, d_model) = {min(dictionary.shape)}")
+    coef = orthogonal_mp(dictionary.T, np.asarray(directions, dtype=np.float64).T, n_nonzero_coefs=m)
+    return np.atleast_2d(coef.T) if coef.ndim == 2 else coef[None]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity."""
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
+def random_dictionary(n_atoms: int, d: int, seed: int = 0) -> np.ndarray:
+    return prepare_dictionary(np.random.default_rng(seed).normal(size=(n_atoms, d)))
+
+
+def decompose(directions: np.ndarray, dictionary: np.ndarray, concepts: Sequence[Concept], m: int = 16,
+              baseline_seed: int = 0) -> dict[str, Any]:
+    """OMP-decompose neuron directions ``[n, d]``: codes, reconstructions, cosines, and the
+    cosine of a random dictionary of the same size with the same ``m`` (the baseline)."""
+    codes = sparse_codes(directions, dictionary, m)
+    recon = codes @ dictionary
+    rand = random_dictionary(*dictionary.shape, seed=baseline_seed)
+    rand_recon = sparse_codes(directions, rand, m) @ rand
+    return {"codes": codes, "recon": recon, "cosine": cosine(directions, recon),
+            "cosine_random": cosine(directions, rand_recon), "concepts": list(concepts)}
+
+
+def concept_card(codes_row: np.ndarray, concepts: Sequence[Concept], top: int = 8) -> pd.DataFrame:
+    """The non-zero concepts of one neuron, largest |coefficient| first."""
+    nz = np.flatnonzero(codes_row)
+    nz = nz[np.argsort(-np.abs(codes_row[nz]))][:top]
+    return pd.DataFrame({"concept": [concepts[i].name for i in nz], "category": [concepts[i].category for i in nz],
+                         "kind": [concepts[i].kind for i in nz], "coefficient": codes_row[nz]})
+
+
+def predictive_auroc(significant: np.ndarray, flags: pd.DataFrame, codes: np.ndarray,
+                     concepts: Sequence[Concept], n_random: int = 20, seed: int = 0) -> pd.DataFrame:
+    """Do a neuron's top data concepts predict where it is significant?
+
+    For each neuron (column of ``significant [N_val, n]``), its data concept with the largest
+    |coefficient| is used as a score for the neuron's significance on validation problems
+    (AUROC, where the flag applies); the baseline is the mean AUROC of ``n_random`` random data
+    concepts for the same neuron. Both are reported as ``|AUROC - 0.5|`` too (direction-free).
+    """
+    rng = np.random.default_rng(seed)
+    data_idx = [i for i, c in enumerate(concepts) if c.kind == "data" and c.name in flags.columns]
+    rows = []
+    for j in range(significant.shape[1]):
+        y = significant[:, j].astype(bool)
+        chosen = [i for i in data_idx if codes[j, i] != 0]
+        if not chosen or y.all() or not y.any():
+            continue
+        top = max(chosen, key=lambda i: abs(codes[j, i]))
+
+        def auc(i: int) -> float:
+            f = flags[concepts[i].name].values
+            ok = ~np.isnan(f)
+            if len(set(y[ok])) < 2 or len(set(f[ok])) < 2:
+                return np.nan
+            return float(roc_auc_score(y[ok], f[ok]))
+        a = auc(top)
+        rand = [auc(int(i)) for i in rng.choice(data_idx, size=min(n_random, len(data_idx)), replace=False)]
+        rows.append({"neuron_slot": j, "concept": concepts[top].name, "auroc": a,
+                     "auroc_random": float(np.nanmean(rand)) if rand else np.nan,
+                     "strength": abs(a - 0.5) if a == a else np.nan,
+                     "strength_random": float(np.nanmean([abs(r - 0.5) for r in rand])) if rand else np.nan})
+    return pd.DataFrame(rows)
