@@ -98,3 +98,32 @@ def test_reopening_a_run_with_other_settings_is_refused(phase2):
     setup, _, _ = phase2
     with pytest.raises(ValueError, match="another run directory"):
         pipeline.open_run(str(setup.run.path), None, n_train=999, n_val=60, device="cpu", progress=False)
+
+
+def test_phases_3_and_4_run_and_report(phase2):
+    setup, _, _ = phase2
+    res3 = pipeline.characterization_phase(setup, share=0.05, progress=False)
+    table = res3["validation"]
+    assert len(table) == 4 and set(table.columns) >= {"measure", "measured", "target", "pass"}
+    assert res3["concentration"].magnitude_share.sum() == pytest.approx(1.0)
+    res4 = pipeline.decomposition_phase(setup, m=8, progress=False)
+    q = res4["quality"]
+    assert set(q.dictionary) >= {"read-out (lexicon)", "data (metadata)", "read-out + data",
+                                 "vocabulary (generic pool)"}
+    assert q.cosine.between(-1, 1.000001).all()
+    assert len(res4["cards"]) == 10
+    assert set(res4["replacement"].replacement) >= {"clean", "rank1", "sparse"}
+
+
+def test_explorer_static_and_interactive(phase2, monkeypatch):
+    from so2lib import explorer
+
+    setup, res1, _ = phase2
+    l = res1["critical_layers"][0]
+    n = res1["selected"][l][0]
+    v = explorer.neuron_view(setup, l, n)
+    assert "span" in v["top_html"] and v["magnitudes"]["mean |second-order|"] >= 0
+    monkeypatch.setenv("SO2LIB_HEADLESS", "1")
+    assert explorer.explorer(setup, None, default=(l, n)) is None  # static output, no widgets
+    box = explorer.explorer(setup, None, default=(l, n), interactive=True)
+    assert box is not None and len(box.children) == 2
