@@ -334,3 +334,119 @@ def decomposition_phase(setup: Setup, m: int = 16, share: float = 0.02, progress
     run.record("phase4", {"m": m, "dictionary_sizes": {k: len(v[0]) for k, v in dictionaries.items()}})
     return {"quality": quality, "replacement": repl, "predictive": pred, "cards": cards,
             "decompositions": decs, "owners": owners, "structure": struct, "critical_layers": crit}
+
+
+# ----------------------------------------------------------------------------- Phase 5
+
+
+def difficulty(p: Any) -> Any:
+    """Largest operand's digit count (arithmetic, comparison, algebra) or formula depth (logic)."""
+    return p.meta.get("max_digits", p.meta.get("depth"))
+
+
+def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.15, k_edit: int = 10,
+                       factors: Sequence[float] = (0.0, 0.5, 1.5, 2.0, 3.0), n_random_sets: int = 10,
+                       seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Phase 5: error analysis, polysemanticity, adversarial problems and neuron editing, each
+    measured on validation problems against its baseline."""
+    import random as _random
+
+    from . import applications as A
+    from .effects import load_effects
+
+    run, model = setup.run, setup.model
+    crit, selected = load_selection(run)
+    lab_tr, lab_va = setup.labels["train"], setup.labels["val"]
+    ok_tr, ok_va = lab_tr.correct.values.astype(bool), lab_va.correct.values.astype(bool)
+    tasks_tr = [p.task for p in setup.problems.train]
+    tasks_va = [p.task for p in setup.problems.val]
+    so_tr = np.asarray(load_effects(run, "train", "second_ld"))
+    so_va = np.asarray(load_effects(run, "val", "second_ld"))
+    fo_va = np.asarray(load_effects(run, "val", "direct_ld"))
+    last = model.cfg.n_layers - 1  # no second-order effect: leave it out of the tests
+    ea = A.error_analysis(so_tr[:, :last], ok_tr, so_va[:, :last], ok_va, tasks_tr, tasks_va, q)
+    run.save("error_analysis", ea["summary"], "05")
+    failures = A.failure_report(so_va, fo_va, ok_va, setup.problems.val, k=5)
+    run.save("failure_report", failures, "05")
+    # polysemanticity
+    cards = {tuple(map(int, k.split(":"))): pd.DataFrame(v) for k, v in run.load("concept_cards").items()}
+    poly = A.polysemanticity(cards, poly_threshold)
+    run.save("polysemanticity", poly.assign(categories=poly.categories.map(", ".join)), "05")
+    # adversarial problems from polysemantic neurons' number concepts
+    rng = _random.Random(seed)
+    poly_keys = [(int(l), int(n)) for l, n in poly[poly.polysemantic][["layer", "neuron"]].values]
+    keys = poly_keys or list(cards)
+
+    def numbers(ks: list) -> list[int]:
+        return sorted({int(c) for k in ks for c, w in zip(cards[k].concept, cards[k].coefficient)
+                       if str(c).isdigit() and abs(w) >= poly_threshold})
+    nums = numbers(keys) or numbers(list(cards))
+    sources = [p for p, ok in zip(setup.problems.val, ok_va) if ok]
+    keep, targeted, randoms = A.adversarial_variants(sources, nums, rng)
+    ft, nt = A.flip_rate(model, targeted, setup.template, setup.batch_size)
+    fr, nr = A.flip_rate(model, randoms, setup.template, setup.batch_size)
+    adv = pd.DataFrame([{"edit": "targeted (neuron number concepts)", "flips": ft, "n": nt,
+                         "rate": ft / nt if nt else np.nan, **dict(zip(("ci_low", "ci_high"), A.wilson_interval(ft, nt)))},
+                        {"edit": "random (same budget and class)", "flips": fr, "n": nr,
+                         "rate": fr / nr if nr else np.nan, **dict(zip(("ci_low", "ci_high"), A.wilson_interval(fr, nr)))}])
+    adv.attrs["numbers"] = nums
+    run.save("adversarial", adv, "05")
+    examples = pd.DataFrame([{"source": sources[i].compact, "targeted": t.compact, "random": r.compact}
+                             for i, t, r in zip(keep[:10], targeted[:10], randoms[:10])])
+    # neuron editing on the systematic error class with the lowest training accuracy
+    cls_tr = [(p.task, difficulty(p)) for p in setup.problems.train]
+    cls_va = [(p.task, difficulty(p)) for p in setup.problems.val]
+    cells = pd.DataFrame({"cls": cls_tr, "ok": ok_tr}).groupby("cls").ok.agg(["mean", "size"])
+    cells = cells[(cells["size"] >= 30) & cells.index.map(lambda c: sum(x == c for x in cls_va) >= 10)]
+    target = cells["mean"].idxmin()
+    in_tr = np.array([c == target for c in cls_tr])
+    in_va = np.array([c == target for c in cls_va])
+    eff = so_tr[in_tr][:, :last]  # [n_class, L-1, n]
+    diff = eff[ok_tr[in_tr]].mean(0) - eff[~ok_tr[in_tr]].mean(0) if ok_tr[in_tr].any() else eff.mean(0)
+    order = np.argsort(-diff.ravel())[:k_edit]
+    n_mlp = model.cfg.d_mlp
+    chosen: dict[int, list[int]] = {}
+    for j in order:
+        chosen.setdefault(int(j // n_mlp), []).append(int(j % n_mlp))
+    enc_tr_cls = setup.enc["train"].subset(np.flatnonzero(in_tr))
+    train_curve = {f: A.edited_accuracy(model, enc_tr_cls, np.ones(in_tr.sum(), bool), chosen, f, setup.batch_size)[0]
+                   for f in factors}
+    best = max(train_curve, key=train_curve.get)
+    g = np.random.default_rng(seed)
+    rand_sets = []
+    for _ in range(n_random_sets):
+        flat = g.choice(last * n_mlp, size=k_edit, replace=False)
+        s: dict[int, list[int]] = {}
+        for j in flat:
+            s.setdefault(int(j // n_mlp), []).append(int(j % n_mlp))
+        rand_sets.append(s)
+    curve = []
+    base_cls, base_rest = float(ok_va[in_va].mean()), float(ok_va[~in_va].mean())
+    for f in factors:
+        c_cls, c_rest = A.edited_accuracy(model, setup.enc["val"], in_va, chosen, f, setup.batch_size)
+        rs = [A.edited_accuracy(model, setup.enc["val"], in_va, s, f, setup.batch_size) for s in rand_sets]
+        curve.append({"factor": f, "chosen_class": c_cls, "chosen_rest": c_rest,
+                      "random_class_mean": float(np.mean([r[0] for r in rs])),
+                      "random_class_max": float(np.max([r[0] for r in rs])),
+                      "random_rest_mean": float(np.mean([r[1] for r in rs]))})
+    curve = pd.DataFrame(curve)
+    run.save("editing_curve", curve, "05")
+    row = curve[curve.factor == best].iloc[0]
+    editing = {"error_class": f"{target[0]}, difficulty {target[1]}", "n_val_class": int(in_va.sum()),
+               "neurons": {str(k): v for k, v in chosen.items()}, "factor_chosen_on_train": best,
+               "val_class_accuracy_before": base_cls, "val_class_accuracy_after": float(row.chosen_class),
+               "val_rest_accuracy_before": base_rest, "val_rest_accuracy_after": float(row.chosen_rest),
+               "random_sets_class_accuracy_mean": float(row.random_class_mean),
+               "random_sets_class_accuracy_max": float(row.random_class_max),
+               "random_sets_rest_accuracy_mean": float(row.random_rest_mean)}
+    summary = {
+        "error_analysis": ea["summary"].to_dict("records"),
+        "polysemantic_share": float(poly.polysemantic.mean()) if len(poly) else float("nan"),
+        "polysemantic_share_by_layer": {str(k): float(v) for k, v in poly.groupby("layer").polysemantic.mean().items()},
+        "adversarial": adv.to_dict("records"),
+        "adversarial_ratio": float(adv.rate[0] / adv.rate[1]) if adv.rate[1] else float("nan"),
+        "editing": editing,
+    }
+    run.save("applications_summary", summary, "05")
+    return {"error_analysis": ea, "failures": failures, "polysemanticity": poly, "adversarial": adv,
+            "adversarial_examples": examples, "editing_curve": curve, "editing": editing, "summary": summary}

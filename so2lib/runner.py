@@ -56,6 +56,10 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
         print(f"   {times[nb.name]} s", flush=True)
     run = Run(run_dir_p)
     run.record("notebook_seconds", {**run.manifest.get("notebook_seconds", {}), **times})
+    if run.has("accuracy"):
+        from .report import write_report
+
+        print(f"report: {write_report(run)}", flush=True)
     return times
 
 

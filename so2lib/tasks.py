@@ -101,21 +101,36 @@ def _arith_meta(a: int, b: int, op: str, answer: int) -> dict[str, Any]:
     }
 
 
+def arithmetic_problem(task: str, a: int, b: int) -> Problem:
+    """The addition, subtraction, multiplication or comparison problem on operands ``a, b``."""
+    if task == "addition":
+        c, n = a + b, _n_carries_add(a, b)
+        return Problem(task, f"{a} + {b} =", f"What is {a} + {b}?", str(c),
+                       _arith_meta(a, b, "+", c) | {"n_carries": n, "carry": n > 0})
+    if task == "subtraction":
+        c, n = a - b, _n_borrows_sub(a, b)
+        return Problem(task, f"{a} - {b} =", f"What is {a} - {b}?", str(c),
+                       _arith_meta(a, b, "-", c) | {"n_borrows": n, "borrow": n > 0})
+    if task == "multiplication":
+        c, n = a * b, _n_carries_mul(a, b)
+        return Problem(task, f"{a} * {b} =", f"What is {a} * {b}?", str(c),
+                       _arith_meta(a, b, "*", c) | {"n_carries": n, "carry": n > 0})
+    if task == "comparison":
+        c = max(a, b)
+        meta = _arith_meta(a, b, "max", c) | {
+            "larger_first": a > b, "same_digits": len(str(a)) == len(str(b)), "gap": abs(a - b),
+            "alternative": str(min(a, b))}
+        return Problem(task, f"max ( {a} , {b} ) =", f"Which is larger, {a} or {b}?", str(c), meta)
+    raise ValueError(f"{task!r} is not an arithmetic task")
+
+
 def gen_addition(rng: random.Random) -> Problem:
-    a, b = _rand_int(rng, rng.randint(1, 3)), _rand_int(rng, rng.randint(1, 3))
-    c = a + b
-    n = _n_carries_add(a, b)
-    meta = _arith_meta(a, b, "+", c) | {"n_carries": n, "carry": n > 0}
-    return Problem("addition", f"{a} + {b} =", f"What is {a} + {b}?", str(c), meta)
+    return arithmetic_problem("addition", _rand_int(rng, rng.randint(1, 3)), _rand_int(rng, rng.randint(1, 3)))
 
 
 def gen_subtraction(rng: random.Random) -> Problem:
     a, b = _rand_int(rng, rng.randint(1, 3)), _rand_int(rng, rng.randint(1, 3))
-    a, b = max(a, b), min(a, b)
-    c = a - b
-    n = _n_borrows_sub(a, b)
-    meta = _arith_meta(a, b, "-", c) | {"n_borrows": n, "borrow": n > 0}
-    return Problem("subtraction", f"{a} - {b} =", f"What is {a} - {b}?", str(c), meta)
+    return arithmetic_problem("subtraction", max(a, b), min(a, b))
 
 
 def gen_multiplication(rng: random.Random) -> Problem:
@@ -123,10 +138,7 @@ def gen_multiplication(rng: random.Random) -> Problem:
     a = _rand_int(rng, rng.randint(1, 3))
     while a * b > 1999:  # keep the product a single token of the embedded vocabulary
         a = _rand_int(rng, rng.randint(1, 3))
-    c = a * b
-    n = _n_carries_mul(a, b)
-    meta = _arith_meta(a, b, "*", c) | {"n_carries": n, "carry": n > 0}
-    return Problem("multiplication", f"{a} * {b} =", f"What is {a} * {b}?", str(c), meta)
+    return arithmetic_problem("multiplication", a, b)
 
 
 def gen_comparison(rng: random.Random) -> Problem:
@@ -136,12 +148,7 @@ def gen_comparison(rng: random.Random) -> Problem:
     b = _rand_int(rng, nd) if rng.random() < 0.5 else _rand_int(rng, rng.randint(1, 3))
     while b == a:
         b = _rand_int(rng, nd)
-    c = max(a, b)
-    meta = _arith_meta(a, b, "max", c) | {
-        "larger_first": a > b, "same_digits": len(str(a)) == len(str(b)), "gap": abs(a - b),
-        "alternative": str(min(a, b)),
-    }
-    return Problem("comparison", f"max ( {a} , {b} ) =", f"Which is larger, {a} or {b}?", str(c), meta)
+    return arithmetic_problem("comparison", a, b)
 
 
 def gen_algebra(rng: random.Random) -> Problem:
