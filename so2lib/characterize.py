@@ -11,7 +11,6 @@ accuracies are measured on the validation split.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np

@@ -93,7 +93,6 @@ def test_scaling_hook_changes_exactly_the_intended_activations(tiny_models):
     model = tiny_models["gpt2"]
     x = torch.randint(2, 300, (2, 7))
     _, clean = model.run_with_cache(x)
-    store = {}
     hooks = A.scaling_hooks({1: [3, 10]}, 2.5)
     name = "blocks.1.mlp.hook_post"
     captured = []

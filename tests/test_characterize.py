@@ -1,7 +1,6 @@
 """Phase 3 measurements against independent computations."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 

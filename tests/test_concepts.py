@@ -63,13 +63,10 @@ def test_readout_directions_are_centred_unembedding_columns(tiny_models):
         t = tok(" " + c.name, add_special_tokens=False)["input_ids"][0]
         col = model.W_U[:, t].detach()
         torch.testing.assert_close(row, col - col.mean())
-    llama_kept, llama_D = K.readout_directions(tiny_models_llama(tiny_models), cs)
+    llama = tiny_models["llama"]
+    _, llama_D = K.readout_directions(llama, cs)
     t = tok(" carry", add_special_tokens=False)["input_ids"][0]
-    torch.testing.assert_close(llama_D[0], tiny_models_llama(tiny_models).W_U[:, t].detach())  # RMSNorm: no centring
-
-
-def tiny_models_llama(tiny_models):
-    return tiny_models["llama"]
+    torch.testing.assert_close(llama_D[0], llama.W_U[:, t].detach())  # RMSNorm: no centring
 
 
 def test_data_directions_are_mean_differences_of_final_residuals(tiny_models):
