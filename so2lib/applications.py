@@ -193,6 +193,44 @@ def adversarial_variants(sources: Sequence[Problem], numbers: Sequence[int], rng
     return keep, targeted, randoms
 
 
+def random_variants(p: Problem, rng: random.Random, k: int, tries: int = 400) -> list[Problem]:
+    """Up to ``k`` distinct variants of ``p`` with one operand replaced by a random number of the
+    same digit count, keeping the difficulty class (the random edit of :func:`adversarial_variants`)."""
+    if p.task not in ("addition", "subtraction", "multiplication", "comparison"):
+        return []
+    out: dict[str, Problem] = {}
+    a, b = p.meta["a"], p.meta["b"]
+    for _ in range(tries):
+        if len(out) == k:
+            break
+        first = rng.random() < 0.5
+        nd = len(str(a if first else b))
+        c = rng.randint(0 if nd == 1 else 10 ** (nd - 1), 10 ** nd - 1)
+        v = rebuild(p, c, b) if first else rebuild(p, a, c)
+        if v is not None and v.compact != p.compact:
+            out.setdefault(v.compact, v)
+    return list(out.values())
+
+
+@torch.no_grad()
+def neuron_push(model: Any, engine: Any, problems: Sequence[Problem], template: Template,
+                neurons: dict[int, Sequence[int]], batch_size: int = 128) -> np.ndarray:
+    """``[n]``: the summed second-order effect of ``neurons`` on the correctness direction for
+    each problem (negative = pushing toward the incorrect side). Uses no answer information."""
+    from .capture import capture_batch
+
+    enc = encode(model, problems, template)
+    layers = sorted(neurons)
+    idx = {l: torch.tensor(list(neurons[l]), device=engine.device) for l in layers}
+    out = []
+    for _, x, T in enc.batches(batch_size, device=engine.device):
+        rows = capture_batch(model, x, T, layers)
+        g = torch.zeros(len(T), dtype=torch.long)  # the logit-difference row is unused here
+        proj = engine.projected(rows, T, g, g, layers=layers)["second"][:, 1]  # [b, len(layers), n]
+        out.append(sum(proj[:, j, idx[l]].sum(-1) for j, l in enumerate(layers)).cpu())
+    return torch.cat(out).numpy()
+
+
 def flip_rate(model: Any, problems: Sequence[Problem], template: Template, batch_size: int = 128) -> tuple[int, int]:
     """(number of problems the model gets wrong, number of problems)."""
     if not problems:

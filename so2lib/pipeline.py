@@ -136,7 +136,7 @@ def second_order_phase(setup: Setup, ov_rank: int | None = None, progress: bool 
     def direction() -> dict[str, Any]:
         acts = answer_activations(model, setup.enc["train"], [], bs, progress)
         return {"d": correctness_direction(acts["final_normed"], setup.labels["train"].correct.values),
-                "final_normed_train": acts["final_normed"]}
+                "final_normed_train": acts["final_normed"], "final_resid_train": acts["final_resid"]}
     cd = run.step("correctness_direction", direction, "02")
     engine = SecondOrderEngine(model, correctness_dir=cd["d"], ov_rank=ov_rank)
     for split in ("train", "val"):
@@ -277,7 +277,6 @@ def decomposition_phase(setup: Setup, m: int = 16, share: float = 0.02, progress
     rank-1; and whether the top data concept predicts where the neuron is significant."""
     from . import characterize as C
     from . import concepts as K
-    from .capture import answer_activations
     from .effects import load_effects
 
     run, model = setup.run, setup.model
@@ -288,8 +287,7 @@ def decomposition_phase(setup: Setup, m: int = 16, share: float = 0.02, progress
     struct = C.neuron_structure(vt, vv, share)
     dirs = np.concatenate([struct["pc1"][l] for l in crit]).astype(np.float64)  # [n_sel_total, d]
     owners = [(l, n) for l in crit for n in selected[l]]
-    resid_train = run.step("final_resid_train", lambda: answer_activations(
-        model, setup.enc["train"], [], setup.batch_size, progress)["final_resid"], "04")
+    resid_train = run.load("correctness_direction")["final_resid_train"]  # written by Phase 2
     flags = {s: K.metadata_flags(setup.problems.split(s)) for s in ("train", "val")}
     lex_c, lex_d = K.readout_directions(model, K.lexicon_entries())
     dat_c, dat_d = K.data_directions(resid_train, flags["train"], ln)
@@ -318,8 +316,7 @@ def decomposition_phase(setup: Setup, m: int = 16, share: float = 0.02, progress
     edits = {l: {"rank1": struct["edits"][l]["rank1"],
                  "sparse": C.projection_edit(struct["centred_val"][l], main["recon"][offs[i]:offs[i + 1]])}
              for i, l in enumerate(crit)}
-    resid_val = run.load("layer_sums_val")["resid"] if run.has("layer_sums_val") else answer_activations(
-        model, setup.enc["val"], [], setup.batch_size, progress)["final_resid"]
+    resid_val = run.load("layer_sums_val")["resid"]  # written by Phase 3
     gold_val = torch.tensor(setup.labels["val"].gold_token.values)
     repl = C.replacement_accuracy(model, resid_val, gold_val, edits)
     run.save("decomposition_replacement", repl, "04")
@@ -346,7 +343,7 @@ def difficulty(p: Any) -> Any:
 
 def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.15, k_edit: int = 10,
                        factors: Sequence[float] = (0.0, 0.5, 1.5, 2.0, 3.0), n_random_sets: int = 10,
-                       seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                       k_candidates: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Phase 5: error analysis, polysemanticity, adversarial problems and neuron editing, each
     measured on validation problems against its baseline."""
     import random as _random
@@ -385,10 +382,30 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
     keep, targeted, randoms = A.adversarial_variants(sources, nums, rng)
     ft, nt = A.flip_rate(model, targeted, setup.template, setup.batch_size)
     fr, nr = A.flip_rate(model, randoms, setup.template, setup.batch_size)
-    adv = pd.DataFrame([{"edit": "targeted (neuron number concepts)", "flips": ft, "n": nt,
-                         "rate": ft / nt if nt else np.nan, **dict(zip(("ci_low", "ci_high"), A.wilson_interval(ft, nt)))},
-                        {"edit": "random (same budget and class)", "flips": fr, "n": nr,
-                         "rate": fr / nr if nr else np.nan, **dict(zip(("ci_low", "ci_high"), A.wilson_interval(fr, nr)))}])
+    # neuron-guided: among random candidates of the same budget and class, the one on which the
+    # polysemantic neurons push hardest toward the incorrect side of the correctness direction
+    from .second_order import SecondOrderEngine
+
+    engine = SecondOrderEngine(model, layers=crit, correctness_dir=run.load("correctness_direction")["d"])
+    poly_neurons: dict[int, list[int]] = {}
+    for l, n in keys:
+        poly_neurons.setdefault(l, []).append(n)
+    cand_lists = [c for c in (A.random_variants(p, rng, k_candidates) for p in sources) if len(c) >= 2]
+    push = A.neuron_push(model, engine, [c for cs in cand_lists for c in cs], setup.template, poly_neurons,
+                         setup.batch_size)
+    starts = np.cumsum([0] + [len(cs) for cs in cand_lists])
+    guided = [cs[int(np.argmin(push[s:s + len(cs)]))] for cs, s in zip(cand_lists, starts)]
+    guided_random = [cs[0] for cs in cand_lists]  # candidates come in random order: the first is a random edit
+    fg, ng = A.flip_rate(model, guided, setup.template, setup.batch_size)
+    fgr, ngr = A.flip_rate(model, guided_random, setup.template, setup.batch_size)
+
+    def arow(edit: str, k: int, n: int) -> dict[str, Any]:
+        lo, hi = A.wilson_interval(k, n)
+        return {"edit": edit, "flips": k, "n": n, "rate": k / n if n else np.nan, "ci_low": lo, "ci_high": hi}
+    adv = pd.DataFrame([arow("targeted (neuron number concepts)", ft, nt),
+                        arow("random (same budget and class)", fr, nr),
+                        arow(f"neuron-guided (best of {k_candidates} by polysemantic push)", fg, ng),
+                        arow(f"random (one of the same {k_candidates} candidates)", fgr, ngr)])
     adv.attrs["numbers"] = nums
     run.save("adversarial", adv, "05")
     examples = pd.DataFrame([{"source": sources[i].compact, "targeted": t.compact, "random": r.compact}
@@ -445,6 +462,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
         "polysemantic_share_by_layer": {str(k): float(v) for k, v in poly.groupby("layer").polysemantic.mean().items()},
         "adversarial": adv.to_dict("records"),
         "adversarial_ratio": float(adv.rate[0] / adv.rate[1]) if adv.rate[1] else float("nan"),
+        "adversarial_ratio_guided": float(adv.rate[2] / adv.rate[3]) if adv.rate[3] else float("nan"),
         "editing": editing,
     }
     run.save("applications_summary", summary, "05")

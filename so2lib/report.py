@@ -41,7 +41,8 @@ def summary_tables(run: Run) -> dict[str, pd.DataFrame | dict | str]:
         out["polysemanticity"] = pd.DataFrame([{"polysemantic share": app["polysemantic_share"],
                                                 **{f"layer {k}": v for k, v in app["polysemantic_share_by_layer"].items()}}]).round(3)
         adv = pd.DataFrame(app["adversarial"]).round(3)
-        adv.loc[len(adv)] = {"edit": f"ratio targeted / random = {app['adversarial_ratio']:.2f}"}
+        adv.loc[len(adv)] = {"edit": f"ratios: number concepts / random = {app['adversarial_ratio']:.2f}; "
+                                     f"neuron-guided / random = {app.get('adversarial_ratio_guided', float('nan')):.2f}"}
         out["adversarial problems (flip rate, 95% CI)"] = adv
         out["neuron editing"] = pd.DataFrame({"item": list(app["editing"]),
                                               "value": [json.dumps(v) if isinstance(v, dict) else v

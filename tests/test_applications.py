@@ -111,3 +111,26 @@ def test_scaling_hook_changes_exactly_the_intended_activations(tiny_models):
     with model.hooks(fwd_hooks=hooks):
         _, edited = model.run_with_cache(x)
     torch.testing.assert_close(edited["blocks.0.mlp.hook_post"], clean["blocks.0.mlp.hook_post"])
+
+
+def test_random_variants_and_neuron_push(tiny_models):
+    from so2lib.capture import capture_batch
+    from so2lib.labels import encode
+    from so2lib.second_order import SecondOrderEngine
+    from so2lib.tasks import Template
+
+    model = tiny_models["gpt2"]
+    p = gen_addition(random.Random(5))
+    vs = A.random_variants(p, random.Random(0), 6)
+    assert 2 <= len(vs) <= 6 and len({v.compact for v in vs}) == len(vs)
+    assert all(v.meta["carry"] == p.meta["carry"] for v in vs)
+    d = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    eng = SecondOrderEngine(model, correctness_dir=d)
+    push = A.neuron_push(model, eng, vs, Template(), {0: [1, 4], 2: [7]}, batch_size=4)
+    # independent: full vectors projected on the centred direction, divided by the final scale
+    enc = encode(model, vs)
+    x, T = enc.batch(range(len(vs)))
+    rows = capture_batch(model, x, T, [0, 2])
+    u = d - d.mean()
+    want = (eng.vectors(rows, 0, torch.tensor([1, 4])).sum(1) + eng.vectors(rows, 2, torch.tensor([7])).sum(1)) @ u
+    np.testing.assert_allclose(push, (want / rows.final_scale).numpy(), rtol=1e-4, atol=1e-6)
