@@ -232,14 +232,18 @@ class ProblemSet:
 def _draw(task: str, n: int, rng: random.Random, seen: set[str],
           keep: Callable[[Problem], bool]) -> list[Problem]:
     out: list[Problem] = []
-    for _ in range(200 * n + 1000):
-        if len(out) == n:
-            return out
+    misses = 0
+    while len(out) < n:
         p = GENERATORS[task](rng)
         if p.compact not in seen and keep(p):
             seen.add(p.compact)
             out.append(p)
-    raise ValueError(f"could not draw {n} distinct {task!r} problems; ask for fewer")
+            misses = 0
+        else:
+            misses += 1
+            if misses > 20_000:  # the task's space of distinct problems is exhausted
+                raise ValueError(f"could not draw {n} distinct {task!r} problems (found {len(out)}); ask for fewer")
+    return out
 
 
 def make_problem_set(n_train: int = 5000, n_val: int = 500, seed: int = 0,
