@@ -156,6 +156,26 @@ def rebuild(p: Problem, a: int, b: int) -> Problem | None:
     return q
 
 
+ARITHMETIC = ("addition", "subtraction", "multiplication", "comparison")
+
+
+def _edit(p: Problem, propose: Callable[[], tuple[bool, int]], tries: int) -> tuple[Problem | None, bool]:
+    """Try ``propose() -> (replace_first_operand, value)`` until :func:`rebuild` accepts a new
+    problem; returns it (or ``None``) and the side of the last proposal."""
+    first = False
+    for _ in range(tries):
+        first, c = propose()
+        v = rebuild(p, c, p.meta["b"]) if first else rebuild(p, p.meta["a"], c)
+        if v is not None and v.compact != p.compact:
+            return v, first
+    return None, first
+
+
+def _random_operand(p: Problem, first: bool, rng: random.Random) -> int:
+    nd = len(str(p.meta["a"] if first else p.meta["b"]))
+    return rng.randint(0 if nd == 1 else 10 ** (nd - 1), 10 ** nd - 1)
+
+
 def adversarial_variants(sources: Sequence[Problem], numbers: Sequence[int], rng: random.Random,
                          tries: int = 50) -> tuple[list[int], list[Problem], list[Problem]]:
     """For each source problem, a **targeted** variant with one operand replaced by one of the
@@ -164,27 +184,18 @@ def adversarial_variants(sources: Sequence[Problem], numbers: Sequence[int], rng
     and the carry/borrow class (edit budget: one operand). Returns the indices of the sources
     for which both exist, and the two variant lists."""
     keep, targeted, randoms = [], [], []
+    numbers = list(numbers)
     for i, p in enumerate(sources):
-        if p.task not in ("addition", "subtraction", "multiplication", "comparison"):
+        if p.task not in ARITHMETIC:
             continue
-        a, b = p.meta["a"], p.meta["b"]
-        t = r = None
-        for _ in range(tries):
-            c = rng.choice(list(numbers))
-            which = rng.random() < 0.5
-            t = rebuild(p, c, b) if which else rebuild(p, a, c)
-            if t is not None and t.compact != p.compact:
-                break
-            t = None
+
+        def concept() -> tuple[bool, int]:
+            c = rng.choice(numbers)
+            return rng.random() < 0.5, c
+        t, first = _edit(p, concept, tries)
         if t is None:
             continue
-        for _ in range(tries):
-            nd = len(str(a if which else b))
-            c = rng.randint(0 if nd == 1 else 10 ** (nd - 1), 10 ** nd - 1)
-            r = rebuild(p, c, b) if which else rebuild(p, a, c)
-            if r is not None and r.compact != p.compact:
-                break
-            r = None
+        r, _ = _edit(p, lambda: (first, _random_operand(p, first, rng)), tries)
         if r is None:
             continue
         keep.append(i)
@@ -196,18 +207,18 @@ def adversarial_variants(sources: Sequence[Problem], numbers: Sequence[int], rng
 def random_variants(p: Problem, rng: random.Random, k: int, tries: int = 400) -> list[Problem]:
     """Up to ``k`` distinct variants of ``p`` with one operand replaced by a random number of the
     same digit count, keeping the difficulty class (the random edit of :func:`adversarial_variants`)."""
-    if p.task not in ("addition", "subtraction", "multiplication", "comparison"):
+    if p.task not in ARITHMETIC:
         return []
+
+    def propose() -> tuple[bool, int]:
+        first = rng.random() < 0.5
+        return first, _random_operand(p, first, rng)
     out: dict[str, Problem] = {}
-    a, b = p.meta["a"], p.meta["b"]
     for _ in range(tries):
         if len(out) == k:
             break
-        first = rng.random() < 0.5
-        nd = len(str(a if first else b))
-        c = rng.randint(0 if nd == 1 else 10 ** (nd - 1), 10 ** nd - 1)
-        v = rebuild(p, c, b) if first else rebuild(p, a, c)
-        if v is not None and v.compact != p.compact:
+        v, _ = _edit(p, propose, 1)
+        if v is not None:
             out.setdefault(v.compact, v)
     return list(out.values())
 
