@@ -239,6 +239,9 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
     struct = C.neuron_structure(vt, vv, share)
     stats = struct["stats"].assign(neuron=[selected[l][j] for l, j in zip(struct["stats"].layer, struct["stats"].slot)])
     run.save("neuron_structure", stats, "03")
+    run.save("neuron_directions", {"pc1": {str(l): torch.from_numpy(v) for l, v in struct["pc1"].items()},
+                                   "significant": {str(l): torch.from_numpy(v) for l, v in struct["significant"].items()}},
+             "03")
     repl = C.replacement_accuracy(model, sums["val"]["resid"], gold_val, struct["edits"])
     run.save("replacement_accuracy", repl, "03")
     mean_act = run.step("mean_activations", lambda: _mean_activations(setup, progress), "03")
@@ -270,7 +273,7 @@ def _mean_activations(setup: Setup, progress: bool = True) -> torch.Tensor:
 # ----------------------------------------------------------------------------- Phase 4
 
 
-def decomposition_phase(setup: Setup, m: int = 16, share: float = 0.02, progress: bool = True) -> dict[str, Any]:
+def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True) -> dict[str, Any]:
     """Phase 4: each selected neuron's principal direction (PC1 of its centred effects, training
     split) decomposed by OMP over math/logic concept directions, compared with the model's
     vocabulary as a generic pool and with random dictionaries; replacement accuracy against
@@ -282,10 +285,11 @@ def decomposition_phase(setup: Setup, m: int = 16, share: float = 0.02, progress
     run, model = setup.run, setup.model
     crit, selected = load_selection(run)
     ln = ModelInfo.of(model).norm == "LN"
-    vt = {l: load_effects(run, "train", f"vectors_L{l}") for l in crit}
-    vv = {l: load_effects(run, "val", f"vectors_L{l}") for l in crit}
-    struct = C.neuron_structure(vt, vv, share)
-    dirs = np.concatenate([struct["pc1"][l] for l in crit]).astype(np.float64)  # [n_sel_total, d]
+    nd = run.load("neuron_directions")  # PC1 and significance from Phase 3
+    pc1 = {l: nd["pc1"][str(l)].numpy() for l in crit}
+    centred_val = {l: np.asarray(load_effects(run, "val", f"vectors_L{l}"), dtype=np.float32)
+                   - np.asarray(load_effects(run, "train", f"vectors_L{l}"), dtype=np.float32).mean(0) for l in crit}
+    dirs = np.concatenate([pc1[l] for l in crit]).astype(np.float64)  # [n_sel_total, d]
     owners = [(l, n) for l in crit for n in selected[l]]
     resid_train = run.load("correctness_direction")["final_resid_train"]  # written by Phase 2
     flags = {s: K.metadata_flags(setup.problems.split(s)) for s in ("train", "val")}
@@ -313,14 +317,14 @@ def decomposition_phase(setup: Setup, m: int = 16, share: float = 0.02, progress
     main = decs["read-out + data"]
     # replacement accuracy: mean + projection on the sparse reconstruction vs on PC1
     offs = np.cumsum([0] + [len(selected[l]) for l in crit])
-    edits = {l: {"rank1": struct["edits"][l]["rank1"],
-                 "sparse": C.projection_edit(struct["centred_val"][l], main["recon"][offs[i]:offs[i + 1]])}
+    edits = {l: {"rank1": C.projection_edit(centred_val[l], pc1[l]),
+                 "sparse": C.projection_edit(centred_val[l], main["recon"][offs[i]:offs[i + 1]])}
              for i, l in enumerate(crit)}
     resid_val = run.load("layer_sums_val")["resid"]  # written by Phase 3
     gold_val = torch.tensor(setup.labels["val"].gold_token.values)
     repl = C.replacement_accuracy(model, resid_val, gold_val, edits)
     run.save("decomposition_replacement", repl, "04")
-    sig = np.concatenate([struct["significant"][l] for l in crit], axis=1)
+    sig = np.concatenate([nd["significant"][str(l)].numpy() for l in crit], axis=1)
     pred = K.predictive_auroc(sig, flags["val"], main["codes"], main["concepts"])
     if len(pred):
         pred["layer"] = [owners[j][0] for j in pred.neuron_slot]
@@ -330,7 +334,7 @@ def decomposition_phase(setup: Setup, m: int = 16, share: float = 0.02, progress
     run.save("concept_cards", {f"{l}:{n}": c.to_dict("records") for (l, n), c in cards.items()}, "04")
     run.record("phase4", {"m": m, "dictionary_sizes": {k: len(v[0]) for k, v in dictionaries.items()}})
     return {"quality": quality, "replacement": repl, "predictive": pred, "cards": cards,
-            "decompositions": decs, "owners": owners, "structure": struct, "critical_layers": crit}
+            "decompositions": decs, "owners": owners, "critical_layers": crit}
 
 
 # ----------------------------------------------------------------------------- Phase 5
