@@ -18,6 +18,7 @@ import plotly.express as px
 import torch
 
 from . import models as M
+from . import plots  # noqa: F401  (plotly renderers for JupyterLab, Colab and HTML)
 from .effects import load_effects
 
 

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import sys
+
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+import plotly.io as pio
+
+
+def use_notebook_renderers() -> str:
+    """Pick plotly renderers that work in JupyterLab, Colab and exported HTML.
+
+    Colab gets its own renderer; elsewhere the JupyterLab mimetype plus an HTML copy with
+    plotly.js embedded once per notebook, so executed notebooks exported to HTML (and viewed
+    offline) still show the figures. Called on import of this module.
+    """
+    pio.renderers.default = "colab" if "google.colab" in sys.modules else "plotly_mimetype+notebook"
+    return pio.renderers.default
+
+
+use_notebook_renderers()
 
 
 def accuracy_by_task(table: pd.DataFrame, title: str = "Accuracy per task") -> go.Figure:
