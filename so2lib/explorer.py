@@ -18,7 +18,7 @@ import plotly.express as px
 import torch
 
 from . import models as M
-from . import plots  # noqa: F401  (plotly renderers for JupyterLab, Colab and HTML)
+from .plots import use_notebook_renderers
 from .effects import load_effects
 
 
@@ -72,6 +72,7 @@ def show_neuron(setup: Any, layer: int, neuron: int, cards: dict | None = None) 
     """Display one neuron's view (works headless: plain HTML, plotly and tables)."""
     from IPython.display import HTML, display
 
+    use_notebook_renderers()
     v = neuron_view(setup, layer, neuron, cards)
     display(HTML(f"<h4>Layer {layer}, neuron {neuron}</h4>"))
     display(pd.DataFrame([v["magnitudes"]]).round(5))
