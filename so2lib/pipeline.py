@@ -89,7 +89,7 @@ def error_breakdown(setup: Setup, split: str = "val") -> pd.DataFrame:
     probs = setup.problems.split(split)
     df = setup.labels[split][["correct"]].assign(
         task=[p.task for p in probs],
-        difficulty=[p.meta.get("max_digits", p.meta.get("depth")) for p in probs])
+        difficulty=[difficulty(p) for p in probs])
     return df.groupby(["task", "difficulty"]).agg(n=("correct", "size"), accuracy=("correct", "mean"))
 
 
@@ -345,6 +345,14 @@ def difficulty(p: Any) -> Any:
     return p.meta.get("max_digits", p.meta.get("depth"))
 
 
+def _by_layer(flat: Sequence[int], n_mlp: int) -> dict[int, list[int]]:
+    """Flat ``layer * d_mlp + neuron`` indices grouped as ``{layer: [neurons]}`` (order kept)."""
+    out: dict[int, list[int]] = {}
+    for j in flat:
+        out.setdefault(int(j // n_mlp), []).append(int(j % n_mlp))
+    return out
+
+
 def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.15, k_edit: int = 10,
                        factors: Sequence[float] = (0.0, 0.5, 1.5, 2.0, 3.0), n_random_sets: int = 10,
                        k_candidates: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -426,9 +434,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
     diff = eff[ok_tr[in_tr]].mean(0) - eff[~ok_tr[in_tr]].mean(0) if ok_tr[in_tr].any() else eff.mean(0)
     order = np.argsort(-diff.ravel())[:k_edit]
     n_mlp = model.cfg.d_mlp
-    chosen: dict[int, list[int]] = {}
-    for j in order:
-        chosen.setdefault(int(j // n_mlp), []).append(int(j % n_mlp))
+    chosen = _by_layer(order, n_mlp)
     enc_tr_cls = setup.enc["train"].subset(np.flatnonzero(in_tr))
     train_curve = {f: A.edited_accuracy(model, enc_tr_cls, np.ones(in_tr.sum(), bool), chosen, f, setup.batch_size)[0]
                    for f in factors}
@@ -436,11 +442,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
     g = np.random.default_rng(seed)
     rand_sets = []
     for _ in range(n_random_sets):
-        flat = g.choice(last * n_mlp, size=k_edit, replace=False)
-        s: dict[int, list[int]] = {}
-        for j in flat:
-            s.setdefault(int(j // n_mlp), []).append(int(j % n_mlp))
-        rand_sets.append(s)
+        rand_sets.append(_by_layer(g.choice(last * n_mlp, size=k_edit, replace=False), n_mlp))
     curve = []
     base_cls, base_rest = float(ok_va[in_va].mean()), float(ok_va[~in_va].mean())
     for f in factors:
