@@ -23,7 +23,11 @@ import torch
 from scipy import stats
 
 from . import models as M
+from .effects import load_effects
 from .labels import encode, label
+from .second_order import SecondOrderEngine
+from .selection import load_selection
+from .study import Setup, difficulty
 from .tasks import Problem, Template, arithmetic_problem
 
 # ----------------------------------------------------------------------------- statistics
@@ -273,3 +277,132 @@ def edited_accuracy(model: Any, enc: Any, in_class: np.ndarray, neurons: dict[in
     lab = label(model, enc, batch_size, progress=False, hooks=scaling_hooks(neurons, factor))
     ok = lab.correct.values
     return float(ok[in_class].mean()), float(ok[~in_class].mean()) if (~in_class).any() else float("nan")
+
+
+# ----------------------------------------------------------------------------- the phase, for notebooks
+
+
+def _by_layer(flat: Sequence[int], n_mlp: int) -> dict[int, list[int]]:
+    """Flat ``layer * d_mlp + neuron`` indices grouped as ``{layer: [neurons]}`` (order kept)."""
+    out: dict[int, list[int]] = {}
+    for j in flat:
+        out.setdefault(int(j // n_mlp), []).append(int(j % n_mlp))
+    return out
+
+
+def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.15, k_edit: int = 10,
+                       factors: Sequence[float] = (0.0, 0.5, 1.5, 2.0, 3.0), n_random_sets: int = 10,
+                       k_candidates: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Phase 5: error analysis, polysemanticity, adversarial problems and neuron editing, each
+    measured on validation problems against its baseline."""
+    import random as _random
+
+    run, model = setup.run, setup.model
+    crit, selected = load_selection(run)
+    lab_tr, lab_va = setup.labels["train"], setup.labels["val"]
+    ok_tr, ok_va = lab_tr.correct.values.astype(bool), lab_va.correct.values.astype(bool)
+    tasks_tr = [p.task for p in setup.problems.train]
+    tasks_va = [p.task for p in setup.problems.val]
+    so_tr = np.asarray(load_effects(run, "train", "second_ld"))
+    so_va = np.asarray(load_effects(run, "val", "second_ld"))
+    fo_va = np.asarray(load_effects(run, "val", "direct_ld"))
+    last = model.cfg.n_layers - 1  # no second-order effect: leave it out of the tests
+    ea = error_analysis(so_tr[:, :last], ok_tr, so_va[:, :last], ok_va, tasks_tr, tasks_va, q)
+    run.save("error_analysis", ea["summary"], "05")
+    failures = failure_report(so_va, fo_va, ok_va, setup.problems.val, k=5)
+    run.save("failure_report", failures, "05")
+    # polysemanticity
+    cards = {tuple(map(int, k.split(":"))): pd.DataFrame(v) for k, v in run.load("concept_cards").items()}
+    poly = polysemanticity(cards, poly_threshold)
+    run.save("polysemanticity", poly.assign(categories=poly.categories.map(", ".join)), "05")
+    # adversarial problems from polysemantic neurons' number concepts
+    rng = _random.Random(seed)
+    poly_keys = [(int(l), int(n)) for l, n in poly[poly.polysemantic][["layer", "neuron"]].values]
+    keys = poly_keys or list(cards)
+
+    def numbers(ks: list) -> list[int]:
+        return sorted({int(c) for k in ks for c, w in zip(cards[k].concept, cards[k].coefficient)
+                       if str(c).isdigit() and abs(w) >= poly_threshold})
+    nums = numbers(keys) or numbers(list(cards))
+    sources = [p for p, ok in zip(setup.problems.val, ok_va) if ok]
+    keep, targeted, randoms = adversarial_variants(sources, nums, rng)
+    ft, nt = flip_rate(model, targeted, setup.template, setup.batch_size)
+    fr, nr = flip_rate(model, randoms, setup.template, setup.batch_size)
+    # neuron-guided: among random candidates of the same budget and class, the one on which the
+    # polysemantic neurons push hardest toward the incorrect side of the correctness direction
+    engine = SecondOrderEngine(model, layers=crit, correctness_dir=run.load("correctness_direction")["d"])
+    poly_neurons: dict[int, list[int]] = {}
+    for l, n in keys:
+        poly_neurons.setdefault(l, []).append(n)
+    cand_lists = [c for c in (random_variants(p, rng, k_candidates) for p in sources) if len(c) >= 2]
+    push = neuron_push(model, engine, [c for cs in cand_lists for c in cs], setup.template, poly_neurons,
+                         setup.batch_size)
+    starts = np.cumsum([0] + [len(cs) for cs in cand_lists])
+    guided = [cs[int(np.argmin(push[s:s + len(cs)]))] for cs, s in zip(cand_lists, starts)]
+    guided_random = [cs[0] for cs in cand_lists]  # candidates come in random order: the first is a random edit
+    fg, ng = flip_rate(model, guided, setup.template, setup.batch_size)
+    fgr, ngr = flip_rate(model, guided_random, setup.template, setup.batch_size)
+
+    def arow(edit: str, k: int, n: int) -> dict[str, Any]:
+        lo, hi = wilson_interval(k, n)
+        return {"edit": edit, "flips": k, "n": n, "rate": k / n if n else np.nan, "ci_low": lo, "ci_high": hi}
+    adv = pd.DataFrame([arow("targeted (neuron number concepts)", ft, nt),
+                        arow("random (same budget and class)", fr, nr),
+                        arow(f"neuron-guided (best of {k_candidates} by polysemantic push)", fg, ng),
+                        arow(f"random (one of the same {k_candidates} candidates)", fgr, ngr)])
+    adv.attrs["numbers"] = nums
+    run.save("adversarial", adv, "05")
+    examples = pd.DataFrame([{"source": sources[i].compact, "targeted": t.compact, "random": r.compact}
+                             for i, t, r in zip(keep[:10], targeted[:10], randoms[:10])])
+    # neuron editing on the systematic error class with the lowest training accuracy
+    cls_tr = [(p.task, difficulty(p)) for p in setup.problems.train]
+    cls_va = [(p.task, difficulty(p)) for p in setup.problems.val]
+    cells = pd.DataFrame({"cls": cls_tr, "ok": ok_tr}).groupby("cls").ok.agg(["mean", "size"])
+    cells = cells[(cells["size"] >= 30) & cells.index.map(lambda c: sum(x == c for x in cls_va) >= 10)]
+    target = cells["mean"].idxmin()
+    in_tr = np.array([c == target for c in cls_tr])
+    in_va = np.array([c == target for c in cls_va])
+    eff = so_tr[in_tr][:, :last]  # [n_class, L-1, n]
+    diff = eff[ok_tr[in_tr]].mean(0) - eff[~ok_tr[in_tr]].mean(0) if ok_tr[in_tr].any() else eff.mean(0)
+    order = np.argsort(-diff.ravel())[:k_edit]
+    n_mlp = model.cfg.d_mlp
+    chosen = _by_layer(order, n_mlp)
+    enc_tr_cls = setup.enc["train"].subset(np.flatnonzero(in_tr))
+    train_curve = {f: edited_accuracy(model, enc_tr_cls, np.ones(in_tr.sum(), bool), chosen, f, setup.batch_size)[0]
+                   for f in factors}
+    best = max(train_curve, key=train_curve.get)
+    g = np.random.default_rng(seed)
+    rand_sets = []
+    for _ in range(n_random_sets):
+        rand_sets.append(_by_layer(g.choice(last * n_mlp, size=k_edit, replace=False), n_mlp))
+    curve = []
+    base_cls, base_rest = float(ok_va[in_va].mean()), float(ok_va[~in_va].mean())
+    for f in factors:
+        c_cls, c_rest = edited_accuracy(model, setup.enc["val"], in_va, chosen, f, setup.batch_size)
+        rs = [edited_accuracy(model, setup.enc["val"], in_va, s, f, setup.batch_size) for s in rand_sets]
+        curve.append({"factor": f, "chosen_class": c_cls, "chosen_rest": c_rest,
+                      "random_class_mean": float(np.mean([r[0] for r in rs])),
+                      "random_class_max": float(np.max([r[0] for r in rs])),
+                      "random_rest_mean": float(np.mean([r[1] for r in rs]))})
+    curve = pd.DataFrame(curve)
+    run.save("editing_curve", curve, "05")
+    row = curve[curve.factor == best].iloc[0]
+    editing = {"error_class": f"{target[0]}, difficulty {target[1]}", "n_val_class": int(in_va.sum()),
+               "neurons": {str(k): v for k, v in chosen.items()}, "factor_chosen_on_train": best,
+               "val_class_accuracy_before": base_cls, "val_class_accuracy_after": float(row.chosen_class),
+               "val_rest_accuracy_before": base_rest, "val_rest_accuracy_after": float(row.chosen_rest),
+               "random_sets_class_accuracy_mean": float(row.random_class_mean),
+               "random_sets_class_accuracy_max": float(row.random_class_max),
+               "random_sets_rest_accuracy_mean": float(row.random_rest_mean)}
+    summary = {
+        "error_analysis": ea["summary"].to_dict("records"),
+        "polysemantic_share": float(poly.polysemantic.mean()) if len(poly) else float("nan"),
+        "polysemantic_share_by_layer": {str(k): float(v) for k, v in poly.groupby("layer").polysemantic.mean().items()},
+        "adversarial": adv.to_dict("records"),
+        "adversarial_ratio": float(adv.rate[0] / adv.rate[1]) if adv.rate[1] else float("nan"),
+        "adversarial_ratio_guided": float(adv.rate[2] / adv.rate[3]) if adv.rate[3] else float("nan"),
+        "editing": editing,
+    }
+    run.save("applications_summary", summary, "05")
+    return {"error_analysis": ea, "failures": failures, "polysemanticity": poly, "adversarial": adv,
+            "adversarial_examples": examples, "editing_curve": curve, "editing": editing, "summary": summary}

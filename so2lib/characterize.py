@@ -20,9 +20,12 @@ from sklearn.decomposition import PCA
 from tqdm.auto import tqdm
 
 from . import models as M
-from .capture import AnswerRows, capture_batch
+from .capture import AnswerRows, capture_batch, position_means
 from .labels import Encoded
 from .second_order import SecondOrderEngine
+from .effects import load_effects
+from .selection import load_selection
+from .study import Setup
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -242,3 +245,74 @@ def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine
 def _r2(y: np.ndarray, yhat: np.ndarray) -> float:
     den = float((y ** 2).sum())
     return float("nan") if den == 0 else 1.0 - float(((y - yhat) ** 2).sum()) / den
+
+
+# ----------------------------------------------------------------------------- the phase, for notebooks
+
+
+TARGETS = {
+    "share of problems per neuron": ("<", 0.05, "median over selected neurons of the share of validation problems on which the neuron is significant"),
+    "critical layers' share of the effect": (">", 0.80, "share of total |second-order effect| on the logit difference (validation) carried by the critical layers"),
+    "PC1 variance": (">", 0.35, "mean over selected neurons of the variance share of PC1 of the centred effect vectors (training, all problems)"),
+    "accuracy drop with rank-1 replacement (points)": ("<", 1.0, "validation accuracy drop, in points, when every selected neuron's effect is replaced by mean + PC1 projection"),
+}
+
+
+def validate_results(measured: dict[str, float]) -> pd.DataFrame:
+    """The plan's targets against measured values: a table with pass/fail. Reports, never raises."""
+    rows = []
+    for name, (op, target, how) in TARGETS.items():
+        v = measured.get(name, float("nan"))
+        ok = (v < target) if op == "<" else (v > target)
+        rows.append({"measure": name, "measured": v, "target": f"{op} {target:g}",
+                     "pass": bool(ok) if v == v else None, "how measured": how})
+    return pd.DataFrame(rows)
+
+
+def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: int | None = None,
+                           progress: bool = True) -> dict[str, Any]:
+    """Phase 3: output-space ablations, significance/sparsity, layer concentration, rank-1
+    structure, effect budget and the validation table (all measured on the validation split)."""
+    run, model, bs = setup.run, setup.model, setup.batch_size
+    crit, selected = load_selection(run)
+    cd = run.load("correctness_direction")
+    engine = SecondOrderEngine(model, correctness_dir=cd["d"])
+    sums = {s: run.step(f"layer_sums_{s}", lambda s=s: collect(model, setup.enc[s], engine, bs, progress), "03")
+            for s in ("train", "val")}
+    gold_val = torch.tensor(setup.labels["val"].gold_token.values)
+    abl = output_space_ablation(model, sums["train"], sums["val"], gold_val, run.load("layer_ablation"))
+    run.save("output_space_ablation", abl, "03")
+    mags = np.abs(load_effects(run, "val", "second_ld")).sum((0, 2))
+    conc = layer_concentration(mags, abl, crit)
+    run.save("layer_concentration", conc, "03")
+    vt = {l: load_effects(run, "train", f"vectors_L{l}") for l in crit}
+    vv = {l: load_effects(run, "val", f"vectors_L{l}") for l in crit}
+    struct = neuron_structure(vt, vv, share)
+    stats = struct["stats"].assign(neuron=[selected[l][j] for l, j in zip(struct["stats"].layer, struct["stats"].slot)])
+    run.save("neuron_structure", stats, "03")
+    run.save("neuron_directions", {"pc1": {str(l): torch.from_numpy(v) for l, v in struct["pc1"].items()},
+                                   "significant": {str(l): torch.from_numpy(v) for l, v in struct["significant"].items()}},
+             "03")
+    repl = replacement_accuracy(model, sums["val"]["resid"], gold_val, struct["edits"])
+    run.save("replacement_accuracy", repl, "03")
+    mean_act = run.step("mean_activations", lambda: _mean_activations(setup, progress), "03")
+    budget_sel = {l: ns[:budget_neurons] for l, ns in selected.items()} if budget_neurons else selected
+    budget = run.step("effect_budget", lambda: effect_budget(
+        model, setup.enc["val"], setup.labels["val"], engine, budget_sel, mean_act, max(bs, 256), progress), "03")
+    r1 = repl[(repl.scope == "all selected") & (repl.replacement == "rank1")].accuracy_drop_points.iloc[0]
+    measured = {
+        "share of problems per neuron": float(stats.significant_share_val.median()),
+        "critical layers' share of the effect": float(conc[conc.critical].magnitude_share.sum()),
+        "PC1 variance": float(stats.pc1_var_all.mean()),
+        "accuracy drop with rank-1 replacement (points)": float(r1),
+    }
+    table = validate_results(measured)
+    run.save("validation_table", table, "03")
+    return {"ablation": abl, "concentration": conc, "stats": stats, "replacement": repl,
+            "budget": budget, "validation": table, "critical_layers": crit}
+
+
+def _mean_activations(setup: Setup, progress: bool = True) -> torch.Tensor:
+    """``[L, d_mlp]`` mean MLP post-activation over every real position of the training split."""
+    names = [M.mlp_post(l) for l in range(setup.model.cfg.n_layers)]
+    return position_means(setup.model, setup.enc["train"], names, setup.batch_size, progress).cpu()

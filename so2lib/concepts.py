@@ -25,6 +25,10 @@ import torch
 from sklearn.linear_model import orthogonal_mp
 from sklearn.metrics import roc_auc_score
 
+from .effects import load_effects
+from .models import ModelInfo
+from .selection import load_selection
+from .study import Setup
 from .tasks import Problem
 
 _NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -244,3 +248,67 @@ def predictive_auroc(significant: np.ndarray, flags: pd.DataFrame, codes: np.nda
                      "strength": abs(a - 0.5) if a == a else np.nan,
                      "strength_random": float(np.nanmean([abs(r - 0.5) for r in rand])) if rand else np.nan})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- the phase, for notebooks
+
+
+def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True) -> dict[str, Any]:
+    """Phase 4: each selected neuron's principal direction (PC1 of its centred effects, training
+    split) decomposed by OMP over math/logic concept directions, compared with the model's
+    vocabulary as a generic pool and with random dictionaries; replacement accuracy against
+    rank-1; and whether the top data concept predicts where the neuron is significant."""
+    from . import characterize as C
+    run, model = setup.run, setup.model
+    crit, selected = load_selection(run)
+    ln = ModelInfo.of(model).norm == "LN"
+    nd = run.load("neuron_directions")  # PC1 and significance from Phase 3
+    pc1 = {l: nd["pc1"][str(l)].numpy() for l in crit}
+    centred_val = {l: np.asarray(load_effects(run, "val", f"vectors_L{l}"), dtype=np.float32)
+                   - np.asarray(load_effects(run, "train", f"vectors_L{l}"), dtype=np.float32).mean(0) for l in crit}
+    dirs = np.concatenate([pc1[l] for l in crit]).astype(np.float64)  # [n_sel_total, d]
+    owners = [(l, n) for l in crit for n in selected[l]]
+    resid_train = run.load("correctness_direction")["final_resid_train"]  # written by Phase 2
+    flags = {s: metadata_flags(setup.problems.split(s)) for s in ("train", "val")}
+    lex_c, lex_d = readout_directions(model, lexicon_entries())
+    dat_c, dat_d = data_directions(resid_train, flags["train"], ln)
+    dictionaries = {
+        "read-out (lexicon)": (lex_c, lex_d),
+        "data (metadata)": (dat_c, dat_d),
+        "read-out + data": (lex_c + dat_c, torch.cat([lex_d, dat_d])),
+    }
+    voc = vocabulary_directions(model)
+    toks = model.tokenizer.convert_ids_to_tokens(list(range(voc.shape[0])))
+    dictionaries["vocabulary (generic pool)"] = ([Concept(str(t), "vocabulary", "read-out") for t in toks], voc)
+    quality, decs = [], {}
+    for name, (cs, D) in dictionaries.items():
+        if len(cs) < m:
+            continue
+        dec = decompose(dirs, prepare_dictionary(D), cs, m)
+        decs[name] = dec
+        for (l, n), c, cr in zip(owners, dec["cosine"], dec["cosine_random"]):
+            quality.append({"dictionary": name, "atoms": len(cs), "layer": l, "neuron": n,
+                            "cosine": float(c), "cosine_random": float(cr)})
+    quality = pd.DataFrame(quality)
+    run.save("decomposition_quality", quality, "04")
+    main = decs["read-out + data"]
+    # replacement accuracy: mean + projection on the sparse reconstruction vs on PC1
+    offs = np.cumsum([0] + [len(selected[l]) for l in crit])
+    edits = {l: {"rank1": C.projection_edit(centred_val[l], pc1[l]),
+                 "sparse": C.projection_edit(centred_val[l], main["recon"][offs[i]:offs[i + 1]])}
+             for i, l in enumerate(crit)}
+    resid_val = run.load("layer_sums_val")["resid"]  # written by Phase 3
+    gold_val = torch.tensor(setup.labels["val"].gold_token.values)
+    repl = C.replacement_accuracy(model, resid_val, gold_val, edits)
+    run.save("decomposition_replacement", repl, "04")
+    sig = np.concatenate([nd["significant"][str(l)].numpy() for l in crit], axis=1)
+    pred = predictive_auroc(sig, flags["val"], main["codes"], main["concepts"])
+    if len(pred):
+        pred["layer"] = [owners[j][0] for j in pred.neuron_slot]
+        pred["neuron"] = [owners[j][1] for j in pred.neuron_slot]
+    run.save("predictive_check", pred, "04")
+    cards = {owners[j]: concept_card(main["codes"][j], main["concepts"]) for j in range(len(owners))}
+    run.save("concept_cards", {f"{l}:{n}": c.to_dict("records") for (l, n), c in cards.items()}, "04")
+    run.record("phase4", {"m": m, "dictionary_sizes": {k: len(v[0]) for k, v in dictionaries.items()}})
+    return {"quality": quality, "replacement": repl, "predictive": pred, "cards": cards,
+            "decompositions": decs, "owners": owners, "critical_layers": crit}

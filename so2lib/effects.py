@@ -21,14 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
-from .capture import capture_batch
+from .capture import answer_activations, capture_batch
 from .labels import Encoded, check_classes
 from .runs import Run, atomic_write
 from .second_order import SecondOrderEngine
+from .selection import load_selection
+from .study import Setup
 
 PROJECTED = ("second_ld", "second_cd", "direct_ld", "direct_cd")
 
@@ -57,8 +60,10 @@ def _memmap(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
 def compute_effects(model: Any, enc: Encoded, labels: Any, run: Run, split: str,
                     correctness_dir: torch.Tensor, selected: dict[int, list[int]],
                     batch_size: int = 64, engine: SecondOrderEngine | None = None,
-                    progress: bool = True) -> dict[str, Path]:
-    """Compute and stream Phase 2 effects for ``enc`` (one split); resumes unfinished work."""
+                    progress: bool = True, key: str | None = None) -> dict[str, Path]:
+    """Compute and stream Phase 2 effects for ``enc`` (one split); resumes unfinished work.
+
+    ``key``: the input key (:meth:`Run.key_for`) recorded with the arrays."""
     enc.require_single_token("second-order effects on the answer logit difference")
     L, n_mlp, dm = model.cfg.n_layers, model.cfg.d_mlp, model.cfg.d_model
     N = len(enc)
@@ -93,7 +98,7 @@ def compute_effects(model: Any, enc: Encoded, labels: Any, run: Run, split: str,
         done.add(s)
         atomic_write(prog_path, lambda p: p.write_text(json.dumps({"done": sorted(done), "n": N})))
     for k, f in files.items():
-        run.register(f"{split}_{k}", f.name, "02")
+        run.register(f"{split}_{k}", f.name, "02", key=key)
     run.time(f"effects_{split}", time.perf_counter() - t0 + run.manifest["timings"].get(f"effects_{split}", 0))
     return files
 
@@ -104,3 +109,68 @@ def load_effects(run: Run, split: str, kind: str) -> np.ndarray:
     if p is None:
         raise FileNotFoundError(f"run {run.path} has no {split}_{kind}; run notebook 02 first")
     return np.load(p, mmap_mode="r")
+
+
+# ----------------------------------------------------------------------------- the phase, for notebooks
+
+
+def second_order_phase(setup: Setup, ov_rank: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Phase 2: correctness direction (training split), then projected effects of every neuron
+    and full vectors of the selected neurons for both splits, streamed into the run."""
+    run, model, bs = setup.run, setup.model, setup.batch_size
+    crit, selected = load_selection(run)
+
+    def direction() -> dict[str, Any]:
+        acts = answer_activations(model, setup.enc["train"], [], bs, progress)
+        return {"d": correctness_direction(acts["final_normed"], setup.labels["train"].correct.values),
+                "final_normed_train": acts["final_normed"], "final_resid_train": acts["final_resid"]}
+    cd = run.step("correctness_direction", direction, "02", deps=["labels_train"])
+    engine = SecondOrderEngine(model, correctness_dir=cd["d"], ov_rank=ov_rank)
+    for split in ("train", "val"):
+        key = run.key_for(f"effects_{split}", {"ov_rank": ov_rank},
+                          ["selection", "correctness_direction", f"labels_{split}"])
+        compute_effects(model, setup.enc[split], setup.labels[split], run, split, cd["d"], selected, bs,
+                        engine, progress, key=key)
+    run.record("phase2", {"ov_rank": ov_rank, "critical_layers": crit,
+                          "n_selected": {str(l): len(n) for l, n in selected.items()}})
+    return {"critical_layers": crit, "selected": selected, "correctness_direction": cd["d"]}
+
+
+def layer_magnitudes(run: Run, split: str = "val") -> pd.DataFrame:
+    """Per layer: mean |effect| per neuron-problem, first vs second order, on both projections."""
+    rows = []
+    for proj in ("ld", "cd"):
+        first = np.abs(load_effects(run, split, f"direct_{proj}")).mean((0, 2))
+        second = np.abs(load_effects(run, split, f"second_{proj}")).mean((0, 2))
+        for l, (f, s) in enumerate(zip(first, second)):
+            rows.append({"layer": l, "projection": proj, "first_order": float(f), "second_order": float(s),
+                         "second_over_first": float(s / f) if f > 0 else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def neuron_effect_table(run: Run, labels: pd.DataFrame, split: str = "val", proj: str = "ld") -> pd.DataFrame:
+    """Per neuron: mean |second-order effect| overall and on correct / incorrect problems, and
+    mean signed effect, with the direct effect alongside."""
+    so = np.asarray(load_effects(run, split, f"second_{proj}"))  # [N, L, n]
+    fo = np.asarray(load_effects(run, split, f"direct_{proj}"))
+    ok = labels.correct.values.astype(bool)
+    L, n = so.shape[1:]
+    df = pd.DataFrame({
+        "layer": np.repeat(np.arange(L), n), "neuron": np.tile(np.arange(n), L),
+        "mean_abs": np.abs(so).mean(0).ravel(),
+        "mean_abs_correct": np.abs(so[ok]).mean(0).ravel() if ok.any() else np.nan,
+        "mean_abs_incorrect": np.abs(so[~ok]).mean(0).ravel() if (~ok).any() else np.nan,
+        "mean_signed": so.mean(0).ravel(),
+        "direct_mean_abs": np.abs(fo).mean(0).ravel(),
+    })
+    return df
+
+
+def effect_distribution(run: Run, split: str = "val", proj: str = "ld") -> pd.DataFrame:
+    """Long table of per-neuron mean |effect| per layer (first and second order) for plotting."""
+    frames = []
+    for order, kind in (("first", "direct"), ("second", "second")):
+        m = np.abs(load_effects(run, split, f"{kind}_{proj}")).mean(0)  # [L, n]
+        L, n = m.shape
+        frames.append(pd.DataFrame({"layer": np.repeat(np.arange(L), n), "order": order, "value": m.ravel()}))
+    return pd.concat(frames, ignore_index=True)

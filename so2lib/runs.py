@@ -9,6 +9,7 @@ artifact; :meth:`Run.step` skips work whose artifact already exists.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
@@ -119,11 +120,13 @@ class Run:
     def has(self, name: str) -> bool:
         return self.artifact_path(name) is not None
 
-    def save(self, name: str, obj: Any, phase: str | None = None) -> Path:
-        """Write ``obj`` atomically as ``name`` (DataFrame -> parquet, JSON-able -> json, else torch)."""
+    def save(self, name: str, obj: Any, phase: str | None = None, key: str | None = None) -> Path:
+        """Write ``obj`` atomically as ``name`` (DataFrame -> parquet, JSON-able -> json, else torch).
+
+        ``key``: the input key it was computed from (:meth:`key_for`)."""
         path = self.path / f"{name}{_suffix(obj)}"
         atomic_write(path, lambda tmp: _write_as(obj, tmp, path.suffix))
-        self.manifest["artifacts"][name] = {"file": path.name, "phase": phase, "written": _now()}
+        self.manifest["artifacts"][name] = {"file": path.name, "phase": phase, "written": _now(), "key": key}
         self._save_manifest()
         return path
 
@@ -135,22 +138,48 @@ class Run:
                 f"writes it first (artifacts here: {sorted(self.manifest['artifacts'])})")
         return _read(p)
 
-    def step(self, name: str, fn: Callable[[], Any], phase: str | None = None) -> Any:
-        """Return artifact ``name``, computing it with ``fn()`` (timed, saved) only if missing."""
-        if self.has(name):
+    def key_for(self, name: str, params: dict[str, Any] | None = None, deps: Sequence[str] = ()) -> str:
+        """The input key of step ``name``: a hash of its parameters and of its inputs' keys.
+
+        Keys chain: an artifact's key covers everything upstream of it, so a changed parameter
+        changes the key of exactly the steps downstream of it. Raises when an input is missing.
+        """
+        dep_keys = {}
+        for d in deps:
+            entry = self.manifest["artifacts"].get(d)
+            if entry is None or not self.has(d):
+                raise FileNotFoundError(
+                    f"step {name!r} needs artifact {d!r}, which run {self.path} does not have yet; "
+                    f"run the notebook that writes it first (artifacts here: {sorted(self.manifest['artifacts'])})")
+            dep_keys[d] = entry.get("key")
+        blob = json.dumps({"name": name, "params": params or {}, "deps": dep_keys}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def fresh(self, name: str, key: str) -> bool:
+        """Whether artifact ``name`` exists and was computed from inputs with this ``key``."""
+        entry = self.manifest["artifacts"].get(name)
+        return entry is not None and entry.get("key") == key and self.has(name)
+
+    def step(self, name: str, fn: Callable[[], Any], phase: str | None = None, *,
+             params: dict[str, Any] | None = None, deps: Sequence[str] = ()) -> Any:
+        """Return artifact ``name``, computing it with ``fn()`` (timed, saved) unless it exists and
+        was computed from the same ``params`` and the same versions of the artifacts ``deps``."""
+        key = self.key_for(name, params, deps)
+        if self.fresh(name, key):
             return self.load(name)
         t0 = time.perf_counter()
         obj = fn()
         self.manifest["timings"][name] = round(time.perf_counter() - t0, 3)
-        self.save(name, obj, phase)
+        self.save(name, obj, phase, key=key)
         return obj
 
     def file(self, name: str) -> Path:
         """A path inside the run for artifacts written by other means (e.g. memory-mapped arrays)."""
         return self.path / name
 
-    def register(self, name: str, file: str, phase: str | None = None) -> None:
-        self.manifest["artifacts"][name] = {"file": file, "phase": phase, "written": _now()}
+    def register(self, name: str, file: str, phase: str | None = None, key: str | None = None) -> None:
+        """Record a file written by other means as artifact ``name`` (``key`` as in :meth:`save`)."""
+        self.manifest["artifacts"][name] = {"file": file, "phase": phase, "written": _now(), "key": key}
         self._save_manifest()
 
     def time(self, name: str, seconds: float) -> None:

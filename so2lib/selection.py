@@ -17,6 +17,8 @@ import torch
 from . import models as M
 from .capture import answer_activations, position_means
 from .labels import Encoded, label
+from .runs import Run
+from .study import Setup, accuracy
 
 
 def mlp_out_means(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
@@ -111,3 +113,33 @@ def select_neurons(scores: pd.DataFrame, layers: Sequence[int], top_n: int = 100
             else df[by].rank(ascending=False)
         out[int(l)] = sorted(int(n) for n in df.neuron.values[key.values.argsort(kind="stable")[:top_n]])
     return out
+
+
+# ----------------------------------------------------------------------------- the phase, for notebooks
+
+
+def setup_and_selection(setup: Setup, top_k_layers: int = 2, top_n_neurons: int = 100,
+                        select_by: str = "combined", progress: bool = True) -> dict[str, Any]:
+    """Phase 1 analysis: layer ablation study, critical layers, neuron scores and selection."""
+    run, model, bs = setup.run, setup.model, setup.batch_size
+    acc = run.step("accuracy", lambda: accuracy(setup), "01", deps=["labels_train", "labels_val"])
+    means = run.step("mlp_out_means", lambda: mlp_out_means(model, setup.enc["train"], bs, progress), "01",
+                     deps=["problems"])
+    ablation = run.step("layer_ablation", lambda: layer_ablation(
+        model, setup.enc["val"], means, setup.labels["val"], bs, progress), "01",
+        deps=["mlp_out_means", "labels_val"])
+    crit = critical_layers(ablation, top_k_layers, n_layers=model.cfg.n_layers)
+    scores = run.step("neuron_scores", lambda: neuron_scores(
+        model, setup.enc["train"], setup.labels["train"], None, bs, progress), "01", deps=["labels_train"])
+    selected = select_neurons(scores, crit, top_n_neurons, select_by)
+    run.step("selection", lambda: {"critical_layers": crit, "neurons": {str(k): v for k, v in selected.items()},
+                                   "top_n": top_n_neurons, "by": select_by}, "01",
+             params={"top_k_layers": top_k_layers, "top_n_neurons": top_n_neurons, "select_by": select_by},
+             deps=["layer_ablation", "neuron_scores"])
+    return {"accuracy": acc, "ablation": ablation, "critical_layers": crit, "scores": scores,
+            "selected": selected}
+
+
+def load_selection(run: Run) -> tuple[list[int], dict[int, list[int]]]:
+    s = run.load("selection")
+    return s["critical_layers"], {int(k): v for k, v in s["neurons"].items()}

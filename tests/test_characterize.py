@@ -8,7 +8,7 @@ from so2lib import characterize as C
 from so2lib import models as M
 from so2lib.capture import capture_batch
 from so2lib.labels import encode, label
-from so2lib.pipeline import validate_results
+from so2lib.characterize import validate_results
 from so2lib.second_order import SecondOrderEngine
 from so2lib.tasks import make_problem_set
 

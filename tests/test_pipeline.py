@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from so2lib import pipeline
+from so2lib import characterize, concepts, effects, selection, study
 from so2lib.capture import capture_batch
 from so2lib.effects import compute_effects, correctness_direction, load_effects
 from so2lib.second_order import SecondOrderEngine, second_order_effects
@@ -13,10 +13,10 @@ from so2lib.second_order import SecondOrderEngine, second_order_effects
 @pytest.fixture(scope="module")
 def phase2(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run") / "r"
-    setup = pipeline.open_run(str(run_dir), None, n_train=120, n_val=60, seed=0, device="cpu",
+    setup = study.open_run(str(run_dir), None, n_train=120, n_val=60, seed=0, device="cpu",
                               batch_size=16, progress=False)
-    res1 = pipeline.setup_and_selection(setup, top_k_layers=2, top_n_neurons=5, progress=False)
-    res2 = pipeline.second_order_phase(setup, progress=False)
+    res1 = selection.setup_and_selection(setup, top_k_layers=2, top_n_neurons=5, progress=False)
+    res2 = effects.second_order_phase(setup, progress=False)
     return setup, res1, res2
 
 
@@ -36,7 +36,7 @@ def test_phase1_outputs(phase2):
 def test_phase2_arrays_match_the_public_function(phase2):
     setup, _, res2 = phase2
     model, run = setup.model, setup.run
-    crit, selected = pipeline.load_selection(run)
+    crit, selected = selection.load_selection(run)
     l = crit[0]
     vec = load_effects(run, "val", f"vectors_L{l}")
     x, T = setup.enc["val"].batch(range(10))
@@ -72,7 +72,7 @@ def test_interrupted_effects_resume_to_the_same_result(phase2, tmp_path, monkeyp
     setup, _, res2 = phase2
     model = setup.model
     from so2lib.runs import Run
-    crit, selected = pipeline.load_selection(setup.run)
+    crit, selected = selection.load_selection(setup.run)
     run = Run(tmp_path / "resume")
     eng = SecondOrderEngine(model, correctness_dir=res2["correctness_direction"])
     real = eng.projected
@@ -97,16 +97,16 @@ def test_interrupted_effects_resume_to_the_same_result(phase2, tmp_path, monkeyp
 def test_reopening_a_run_with_other_settings_is_refused(phase2):
     setup, _, _ = phase2
     with pytest.raises(ValueError, match="another run directory"):
-        pipeline.open_run(str(setup.run.path), None, n_train=999, n_val=60, device="cpu", progress=False)
+        study.open_run(str(setup.run.path), None, n_train=999, n_val=60, device="cpu", progress=False)
 
 
 def test_phases_3_and_4_run_and_report(phase2):
     setup, _, _ = phase2
-    res3 = pipeline.characterization_phase(setup, share=0.05, progress=False)
+    res3 = characterize.characterization_phase(setup, share=0.05, progress=False)
     table = res3["validation"]
     assert len(table) == 4 and set(table.columns) >= {"measure", "measured", "target", "pass"}
     assert res3["concentration"].magnitude_share.sum() == pytest.approx(1.0)
-    res4 = pipeline.decomposition_phase(setup, m=8, progress=False)
+    res4 = concepts.decomposition_phase(setup, m=8, progress=False)
     q = res4["quality"]
     assert set(q.dictionary) >= {"read-out (lexicon)", "data (metadata)", "read-out + data",
                                  "vocabulary (generic pool)"}
