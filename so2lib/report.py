@@ -69,15 +69,16 @@ def table_html(df: pd.DataFrame, verdict_col: str | None = None) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def dict_table(d: dict[str, Any]) -> pd.DataFrame:
-    """A flat ``{item: value}`` table from a (possibly nested) dict."""
+def dict_table(d: dict[str, Any], prefix: str = "") -> pd.DataFrame:
+    """A flat ``{item: value}`` table from a nested dict (keys of nested dicts joined by ': ')."""
     rows = []
     for k, v in d.items():
-        if isinstance(v, dict) and v and all(not isinstance(x, (dict, list)) for x in v.values()):
-            rows += [{"item": f"{k}: {kk}", "value": fmt(x)} for kk, x in v.items()]
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not all(str(x).isdigit() for x in v):
+            rows += dict_table(v, f"{key}: ").to_dict("records")
         else:
-            rows.append({"item": str(k), "value": fmt(v)})
-    return pd.DataFrame(rows)
+            rows.append({"item": key.replace("_", " "), "value": fmt(v)})
+    return pd.DataFrame(rows, columns=["item", "value"])
 
 
 # ----------------------------------------------------------------------------- sections
