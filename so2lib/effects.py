@@ -148,7 +148,10 @@ def compute_effects(model: Any, enc: Encoded, labels: Any, run: Run, split: str,
     gold = torch.tensor(labels.gold_token.values)
     alt = torch.tensor(labels.alt_token.values)
     sel_idx = {l: torch.tensor(ns, device=dev) for l, ns in selected.items()}
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    # whole batches of the batch_size grid that hold an unfinished row: a row's float rounding
+    # depends on its batch (padding), so with the same batch size a resume is bit-identical
+    batches = [np.arange(s, min(s + batch_size, N)) for s in range(0, N, batch_size)
+               if not done[s:s + batch_size].all()]
     if len(todo):
         _progress.log(f"[02] effects ({split}): {len(todo)} of {N} problems to compute")
     t0 = time.perf_counter()
