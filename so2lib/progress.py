@@ -57,6 +57,23 @@ def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def quiet_libraries() -> None:
+    """Under papermill/nbclient, turn off the widget progress bars of transformers and the
+    Hugging Face hub (e.g. "Loading weights"), which would stay in executed notebooks at 0%."""
+    if not in_kernel() or interactive():
+        return
+    try:
+        from transformers.utils import logging as tl
+        tl.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
 class _LogBar:
     """An iterable that logs ``desc i/total`` every :data:`EVERY_S` seconds and at the end."""
 

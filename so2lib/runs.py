@@ -395,6 +395,7 @@ class Run:
         self.manifest["config"].update(config)
         self._update(lambda m: m.__setitem__("versions", versions()))
         progress.LOG = self.path / "progress.log"
+        progress.quiet_libraries()
 
     # ------------------------------------------------------------------ manifest
 

@@ -240,3 +240,29 @@ def test_content_hash_ignores_file_bytes(tmp_path):
     run.save("t", {"w": torch.arange(6.0).reshape(2, 3).clone(), "df": pd.DataFrame({"a": [1, 2]})})
     assert run.manifest["artifacts"]["t"]["hash"] == h1 == content_hash(run.load("t"))
     assert content_hash(torch.zeros(3)) != content_hash(torch.zeros(3, dtype=torch.float64))
+
+
+def test_failed_notebook_keeps_the_good_copy_and_the_times(tmp_path, monkeypatch):
+    import papermill as pm
+
+    d = tmp_path / "r"
+    out = d / "notebooks"
+    out.mkdir(parents=True)
+    (out / "02_second_order_effects.ipynb").write_text("good copy of an earlier run")
+
+    def fake(src, dst, **kw):
+        from pathlib import Path
+        Path(dst).write_text("partial " + Path(src).name)
+        if Path(src).name.startswith("02"):
+            raise pm.PapermillExecutionError(0, 1, "", "", "ValueError", "boom", [])
+
+    monkeypatch.setattr(pm, "execute_notebook", fake)
+    with pytest.raises(runner.NotebookFailed, match="02_second_order_effects.ipynb failed.*boom"):
+        runner.run_all(str(d), only=["01", "02", "03"])
+    assert (out / "02_second_order_effects.ipynb").read_text() == "good copy of an earlier run"
+    assert (out / "02_second_order_effects.failed.ipynb").read_text().startswith("partial")
+    assert (out / "01_setup_and_selection.ipynb").exists()
+    m = Run(d).manifest
+    assert set(m["notebook_seconds"]) == {"01_setup_and_selection.ipynb", "02_second_order_effects.ipynb"}
+    assert m["notebook_status"]["02_second_order_effects.ipynb"] == "failed"
+    assert not any(p.name.endswith(".running.ipynb") for p in out.iterdir())
