@@ -254,7 +254,7 @@ def test_failed_notebook_keeps_the_good_copy_and_the_times(tmp_path, monkeypatch
         from pathlib import Path
         Path(dst).write_text("partial " + Path(src).name)
         if Path(src).name.startswith("02"):
-            raise pm.PapermillExecutionError(0, 1, "", "", "ValueError", "boom", [])
+            raise pm.PapermillExecutionError(0, 1, "", "ValueError", "boom", [])
 
     monkeypatch.setattr(pm, "execute_notebook", fake)
     with pytest.raises(runner.NotebookFailed, match="02_second_order_effects.ipynb failed.*boom"):
