@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.so2lib-installed
 RUN_DIR ?= outputs/runs/embedded
 MODEL ?=
+# extra runner flags, e.g. ARGS='-p n_train 1000 -p top_n_neurons 50' or ARGS='--only 01 02'
+ARGS ?=
 
-.PHONY: run test env model clean-run
+.PHONY: run test env model clean-run params
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 env: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m so2lib.runner --run-dir $(RUN_DIR) $(if $(MODEL),--model $(MODEL),)
+	$(BIN)/python -m so2lib.runner --run-dir $(RUN_DIR) $(if $(MODEL),--model $(MODEL),) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -27,6 +29,10 @@ test: $(STAMP)
 # Train the embedded model again from scratch (about 10 minutes on 2 CPU cores).
 model: $(STAMP)
 	$(BIN)/python -m so2lib.embedded --out data/models/so2lib-tiny-math
+
+# every notebook's parameters (what -p accepts)
+params: $(STAMP)
+	$(BIN)/python -m so2lib.runner --list-params
 
 clean-run:
 	rm -rf $(RUN_DIR)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.decomposition import PCA
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import models as M
 from .capture import AnswerRows, capture_batch, position_means

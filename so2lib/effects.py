@@ -9,13 +9,16 @@ Arrays written under the run directory (``.npy``, memory-mappable):
 - ``{split}_vectors_L{l}``: ``[problems, n_selected, d_model]`` float16, full second-order
   vectors of the selected neurons of critical layer ``l`` (residual at T, before the final norm).
 
-A progress file records finished batches; it is updated only after their rows are flushed,
-so an interrupted run resumes where it stopped and never trusts a half-written batch.
+Each split's arrays carry a row table of per-row content digests, written only after the
+rows are flushed: an interrupted, truncated or damaged stream resumes by recomputing exactly
+the rows whose content is missing, whatever batch size wrote the others.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 from numpy.lib.format import open_memmap
-from tqdm.auto import tqdm
 
+from . import progress as _progress
 from .capture import answer_activations, capture_batch
 from .labels import Encoded, check_classes
-from .runs import Run, atomic_write
+from .progress import tqdm
+from .runs import Run, _npy_expected_size, atomic_write, content_hash
 from .second_order import SecondOrderEngine
 from .selection import load_selection
 from .study import Setup
@@ -46,14 +50,51 @@ def correctness_direction(final_normed: torch.Tensor, correct: torch.Tensor | np
     return final_normed[c].mean(0) - final_normed[~c].mean(0)
 
 
-def _memmap(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
+def _row_digests(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``[len(rows)]`` uint64 content digest of each row of ``a`` (never 0: 0 marks a missing row)."""
+    out = np.empty(len(rows), dtype=np.uint64)
+    for j, r in enumerate(rows):
+        d = int.from_bytes(hashlib.blake2b(np.ascontiguousarray(a[r]).tobytes(), digest_size=8).digest(), "little")
+        out[j] = d or 1
+    return out
+
+
+def _memmap(path: Path, shape: tuple[int, ...], dtype: Any) -> tuple[np.memmap, int]:
+    """Open ``path`` as a writable ``.npy`` memmap of ``shape``/``dtype``; create it when missing
+    or of another shape, dtype or header. Returns ``(array, rows_present)``: the rows that lie
+    wholly inside the file as found (a truncated file is padded back to full size, and its
+    missing rows are reported so they are recomputed, never read as zeros)."""
     if path.exists():
-        arr = open_memmap(path, mode="r+")
-        if arr.shape != shape or arr.dtype != np.dtype(dtype):
-            raise ValueError(f"{path} holds {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}; "
-                             "remove it or use another run directory")
-        return arr
-    return open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        try:
+            shp, dt, offset, size = _npy_expected_size(path)
+        except (ValueError, OSError, EOFError):
+            shp, dt, offset, size = None, None, 0, 0
+        if shp == tuple(shape) and dt == np.dtype(dtype):
+            have = path.stat().st_size
+            row = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+            present = min(shape[0], max(0, (have - offset) // row)) if row else shape[0]
+            if have > size:
+                path.unlink()
+            else:
+                return open_memmap(path, mode="r+"), int(present)  # r+ pads a short file with zeros
+        else:
+            path.unlink()
+    return open_memmap(path, mode="w+", dtype=dtype, shape=shape), 0
+
+
+def _stream_state(run: Run, split: str) -> tuple[Path, Path]:
+    return run.file(f"{split}_effects_stream.json"), run.file(f"{split}_effects_rows.npy")
+
+
+def _start_fresh(run: Run, split: str) -> None:
+    """Remove every Phase 2 array of ``split`` (and its registrations): they were computed from
+    other inputs."""
+    names = [n for n in run.manifest["artifacts"] if n.startswith(f"{split}_")
+             and (n[len(split) + 1:] in PROJECTED or n[len(split) + 1:].startswith("vectors_L"))]
+    run.forget(*names)
+    for f in list(run.path.glob(f"{split}_vectors_L*.npy")) + [run.file(f"{split}_{k}.npy") for k in PROJECTED] \
+            + list(_stream_state(run, split)) + [run.file(f"{split}_effects_progress.json")]:
+        f.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -63,52 +104,88 @@ def compute_effects(model: Any, enc: Encoded, labels: Any, run: Run, split: str,
                     progress: bool = True, key: str | None = None) -> dict[str, Path]:
     """Compute and stream Phase 2 effects for ``enc`` (one split); resumes unfinished work.
 
-    ``key``: the input key (:meth:`Run.key_for`) recorded with the arrays."""
+    ``key``: the input key (:meth:`Run.key_for`) the arrays are computed from. The arrays carry
+    a stream record (``{split}_effects_stream.json``: key, row count, shapes) and a row table
+    (``{split}_effects_rows.npy``, ``[arrays, rows]`` uint64): the content digest of each finished
+    row of each array, written after the row is flushed. On a re-run, a row counts as done only
+    when every array holds it with its recorded digest, so a truncated, zeroed or half-written
+    array is recomputed row by row, whatever batch size wrote it. Arrays from another key (or
+    other shapes) are removed and computed from scratch.
+    """
     enc.require_single_token("second-order effects on the answer logit difference")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     L, n_mlp, dm = model.cfg.n_layers, model.cfg.d_mlp, model.cfg.d_model
     N = len(enc)
     engine = engine or SecondOrderEngine(model, correctness_dir=correctness_dir)
     dev = engine.device
-    files = {k: run.file(f"{split}_{k}.npy") for k in PROJECTED}
-    files |= {f"vectors_L{l}": run.file(f"{split}_vectors_L{l}.npy") for l in selected}
-    arrays = {k: _memmap(files[k], (N, L, n_mlp), np.float32) for k in PROJECTED}
-    arrays |= {f"vectors_L{l}": _memmap(files[f"vectors_L{l}"], (N, len(ns), dm), np.float16)
-               for l, ns in selected.items()}
-    prog_path = run.file(f"{split}_effects_progress.json")
-    done = set(json.loads(prog_path.read_text())["done"]) if prog_path.exists() else set()
+    shapes = {k: ((N, L, n_mlp), "float32") for k in PROJECTED}
+    shapes |= {f"vectors_L{l}": ((N, len(ns), dm), "float16") for l, ns in selected.items()}
+    names = sorted(shapes)
+    meta_path, rows_path = _stream_state(run, split)
+    meta = {"key": key, "n": N, "arrays": {k: [list(s), d] for k, (s, d) in shapes.items()}}
+    try:
+        old = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    except json.JSONDecodeError:
+        old = None
+    if old != meta:
+        _start_fresh(run, split)
+        atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta)))
+    files = {k: run.file(f"{split}_{k}.npy") for k in names}
+    digests, _ = _memmap(rows_path, (len(names), N), np.uint64)
+    arrays = {}
+    for j, k in enumerate(names):
+        arrays[k], present = _memmap(files[k], tuple(shapes[k][0]), shapes[k][1])
+        digests[j, present:] = 0
+    # a row is done when every array holds the content its digest says
+    done = (np.asarray(digests) != 0).all(0)
+    for j, k in enumerate(names):
+        idx = np.flatnonzero(done)
+        bad = idx[_row_digests(arrays[k], idx) != np.asarray(digests[j, idx])]
+        done[bad] = False
+    digests.flush()
+    todo = np.flatnonzero(~done)
     gold = torch.tensor(labels.gold_token.values)
     alt = torch.tensor(labels.alt_token.values)
     sel_idx = {l: torch.tensor(ns, device=dev) for l, ns in selected.items()}
-    starts = list(range(0, N, batch_size))
+    # whole batches of the batch_size grid that hold an unfinished row: a row's float rounding
+    # depends on its batch (padding), so with the same batch size a resume is bit-identical
+    batches = [np.arange(s, min(s + batch_size, N)) for s in range(0, N, batch_size)
+               if not done[s:s + batch_size].all()]
+    if len(todo):
+        _progress.log(f"[02] effects ({split}): {len(todo)} of {N} problems to compute")
     t0 = time.perf_counter()
-    for s in tqdm(starts, desc=f"effects ({split})", disable=not progress, leave=False):
-        if s in done:
-            continue
-        rows_idx = range(s, min(s + batch_size, N))
-        x, T = enc.batch(rows_idx, device=dev)
+    for rows_idx in tqdm(batches, desc=f"effects ({split})", disable=not progress, leave=False):
+        x, T = enc.batch(rows_idx.tolist(), device=dev)
         rows = capture_batch(model, x, T, range(L))
-        proj = engine.projected(rows, T, gold[s:s + len(rows_idx)], alt[s:s + len(rows_idx)])
+        ri = torch.as_tensor(rows_idx)
+        proj = engine.projected(rows, T, gold[ri], alt[ri])
         for D, suffix in enumerate(("ld", "cd")):
-            arrays[f"second_{suffix}"][s:s + len(rows_idx)] = proj["second"][:, D].cpu().numpy()
-            arrays[f"direct_{suffix}"][s:s + len(rows_idx)] = proj["direct"][:, D].cpu().numpy()
+            arrays[f"second_{suffix}"][rows_idx] = proj["second"][:, D].cpu().numpy()
+            arrays[f"direct_{suffix}"][rows_idx] = proj["direct"][:, D].cpu().numpy()
         for l, idx in sel_idx.items():
-            arrays[f"vectors_L{l}"][s:s + len(rows_idx)] = engine.vectors(rows, l, idx).cpu().numpy().astype(np.float16)
+            arrays[f"vectors_L{l}"][rows_idx] = engine.vectors(rows, l, idx).cpu().numpy().astype(np.float16)
         for a in arrays.values():
             a.flush()
-        done.add(s)
-        atomic_write(prog_path, lambda p: p.write_text(json.dumps({"done": sorted(done), "n": N})))
-    for k, f in files.items():
-        run.register(f"{split}_{k}", f.name, "02", key=key)
-    run.time(f"effects_{split}", time.perf_counter() - t0 + run.manifest["timings"].get(f"effects_{split}", 0))
+        for j, k in enumerate(names):  # only after the rows are on disk
+            digests[j, rows_idx] = _row_digests(arrays[k], rows_idx)
+        digests.flush()
+    for k in names:
+        arrays[k].flush()
+        os.chmod(files[k], 0o644)
+        run.register(f"{split}_{k}", files[k].name, "02", key=key, content=content_hash(np.asarray(arrays[k])))
+    resumed = len(todo) < N  # add the time of the earlier, interrupted passes
+    run.time(f"effects_{split}", time.perf_counter() - t0
+             + (run.manifest["timings"].get(f"effects_{split}", 0) if resumed else 0))
     return files
 
 
 def load_effects(run: Run, split: str, kind: str) -> np.ndarray:
-    """A Phase 2 array of ``split`` (``"second_ld"``, ..., ``"vectors_L3"``), memory-mapped read-only."""
-    p = run.artifact_path(f"{split}_{kind}")
-    if p is None:
-        raise FileNotFoundError(f"run {run.path} has no {split}_{kind}; run notebook 02 first")
-    return np.load(p, mmap_mode="r")
+    """A Phase 2 array of ``split`` (``"second_ld"``, ..., ``"vectors_L3"``), memory-mapped read-only.
+
+    Checked against the manifest's content hash and the inputs it was computed from: a
+    missing, damaged or out-of-date array raises an error that says to re-run notebook 02."""
+    return run.load(f"{split}_{kind}")
 
 
 # ----------------------------------------------------------------------------- the phase, for notebooks

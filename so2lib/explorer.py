@@ -2,8 +2,14 @@
 
 Shows the neuron's second-order effect distribution on correct vs incorrect problems, its top
 problems with per-token activation highlighting, its first- vs second-order magnitude and (for
-selected neurons) its concept decomposition. Interactive with ipywidgets in JupyterLab and
-Colab; static output when headless (``SO2LIB_HEADLESS=1``, set by ``so2lib.runner``).
+selected neurons) its concept decomposition.
+
+Interactive with ipywidgets when a person drives the kernel (JupyterLab, Colab, VS Code);
+static output (the default neuron's view, no widgets) when the notebook is executed by
+papermill/nbclient, which is detected from the kernel (nbclient executes without stdin,
+see :func:`so2lib.progress.interactive`), so plain ``papermill`` needs no environment
+variable: nbclient never sees an ``Output`` widget being written (writing many outputs into
+one under nbclient hangs it). ``SO2LIB_HEADLESS=1`` still forces the static view.
 """
 
 from __future__ import annotations
@@ -20,10 +26,27 @@ import torch
 from . import models as M
 from .plots import use_notebook_renderers
 from .effects import load_effects
+from .progress import interactive
 
 
 def headless() -> bool:
-    return bool(os.environ.get("SO2LIB_HEADLESS"))
+    """Whether to show static output: no person at the kernel, or ``SO2LIB_HEADLESS`` set."""
+    return bool(os.environ.get("SO2LIB_HEADLESS")) or not interactive()
+
+
+class Explorer:
+    """The interactive explorer: ``box`` is its widget. It shows itself once, when built;
+    returned as a cell's last value it displays nothing more (no second copy)."""
+
+    def __init__(self, box: Any):
+        self.box = box
+
+    @property
+    def children(self) -> Any:
+        return self.box.children
+
+    def _ipython_display_(self) -> None:
+        pass
 
 
 def token_html(tokens: list[str], acts: np.ndarray, scale: float) -> str:
@@ -87,8 +110,9 @@ def show_neuron(setup: Any, layer: int, neuron: int, cards: dict | None = None) 
 
 
 def explorer(setup: Any, cards: dict | None = None, default: tuple[int, int] | None = None,
-             interactive: bool | None = None) -> Any:
-    """An ipywidgets explorer (layer and neuron pickers); static view of ``default`` when headless."""
+             interactive: bool | None = None) -> Explorer | None:
+    """An ipywidgets explorer (layer and neuron pickers) when a person drives the kernel; the
+    static view of ``default`` otherwise (returns ``None``). ``interactive`` forces either."""
     from IPython.display import display
 
     L, n_mlp = setup.model.cfg.n_layers, setup.model.cfg.d_mlp
@@ -126,4 +150,4 @@ def explorer(setup: Any, cards: dict | None = None, default: tuple[int, int] | N
     box = W.VBox([W.HBox([layer, neuron, chooser]), out])
     display(box)
     refresh()
-    return box
+    return Explorer(box)

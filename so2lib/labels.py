@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .tasks import Problem, Template
 

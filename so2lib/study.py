@@ -16,7 +16,7 @@ import torch
 
 from .labels import Encoded, accuracy_table, check_classes, encode, label, single_token_subset
 from .models import ModelInfo, load_model
-from .runs import Run
+from .runs import Run, expect_rows
 from .tasks import TASKS, ProblemSet, Template, make_problem_set, stable_hash, template_for
 
 
@@ -44,6 +44,8 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
     gold answer is one token for this model (the second-order analysis needs single-token
     answers); the number dropped is recorded in the manifest.
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     torch.manual_seed(seed)
     run = Run(run_dir)
     cfg = {"model": model_name or "embedded", "n_train": n_train, "n_val": n_val, "seed": seed,
@@ -76,7 +78,7 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
                         "hash": stable_hash(str([p.compact for p in problems.train + problems.val]))})
     enc = {s: encode(model, problems.split(s), tmpl) for s in ("train", "val")}
     labels = {s: run.step(f"labels_{s}", lambda s=s: label(model, enc[s], batch_size, progress), "01",
-                          deps=["problems"])
+                          deps=["problems"], validate=expect_rows(len(enc[s]), ["correct"]))
               for s in ("train", "val")}
     return Setup(run, model, problems, tmpl, enc, labels, batch_size)
 

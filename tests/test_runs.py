@@ -58,3 +58,37 @@ def test_failed_step_is_not_recorded(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run.step("x", fail)
     assert not run.has("x")
+
+
+def test_saved_files_have_ordinary_permissions(tmp_path):
+    run = Run(tmp_path)
+    for name, obj in (("j", {"a": 1}), ("t", torch.ones(2)), ("f", pd.DataFrame({"a": [1]}))):
+        assert run.save(name, obj).stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_changed_parameter_recomputes_exactly_the_downstream_steps(tmp_path):
+    calls = []
+
+    def steps(run, n):
+        run.step("a", lambda: calls.append("a") or {"n": n}, "01", params={"n": n})
+        run.step("b", lambda: calls.append("b") or {"x": 1}, "01")  # independent of n
+        run.step("c", lambda: calls.append("c") or {"m": run.load("a")["n"] * 2}, "01", deps=["a", "b"])
+
+    steps(Run(tmp_path), 1)
+    steps(Run(tmp_path), 1)
+    assert calls == ["a", "b", "c"]
+    steps(Run(tmp_path), 2)
+    assert calls == ["a", "b", "c", "a", "c"]
+    assert Run(tmp_path).load("c") == {"m": 4}
+
+
+def test_artifact_from_changed_input_is_refused_until_recomputed(tmp_path):
+    from so2lib.runs import StaleArtifact
+
+    run = Run(tmp_path)
+    run.step("a", lambda: {"n": 1}, "01", params={"n": 1})
+    run.step("c", lambda: {"m": 2}, "02", deps=["a"])
+    run.step("a", lambda: {"n": 5}, "01", params={"n": 5})
+    with pytest.raises(StaleArtifact, match="'a' was recomputed since \\(now from n=5\\).*re-run notebook 02"):
+        run.load("c")

@@ -1,0 +1,268 @@
+"""Faults on purpose (issue 12): every case ends in recomputation to the content of a clean run,
+or in a clear refusal, with nothing lost. Embedded model, tiny counts, Phases 1-2 only."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from so2lib import effects, runner, selection, study
+from so2lib.params import ParameterError, validate
+from so2lib.runs import (DamagedArtifact, expect_rows, MissingArtifact, Run, RunInUse, RunLock, StaleArtifact,
+                         content_hash)
+
+KW = dict(n_train=120, n_val=60, seed=0, device="cpu", batch_size=16, progress=False)
+
+
+def phases(run_dir, top_n=5, by="combined", batch_size=16):
+    setup = study.open_run(str(run_dir), None, **(KW | {"batch_size": batch_size}))
+    selection.setup_and_selection(setup, top_k_layers=2, top_n_neurons=top_n, select_by=by, progress=False)
+    effects.second_order_phase(setup, progress=False)
+    return setup
+
+
+def arrays(run):
+    crit, _ = selection.load_selection(run)
+    names = ["second_ld", "second_cd", "direct_ld", "direct_cd"] + [f"vectors_L{l}" for l in crit]
+    return {f"{s}_{k}": np.array(effects.load_effects(run, s, k)) for s in ("train", "val") for k in names}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """A finished clean run (the reference) and a copy of its directory for each test to damage."""
+    d = tmp_path_factory.mktemp("clean") / "r"
+    setup = phases(d)
+    return d, setup, arrays(setup.run)
+
+
+@pytest.fixture
+def copy(clean, tmp_path):
+    d = tmp_path / "r"
+    shutil.copytree(clean[0], d, ignore=shutil.ignore_patterns(".lock"))
+    return d
+
+
+def same_as_clean(run, ref, exact=True):
+    """Equal to the clean run's arrays: bit for bit, or (``exact=False``: rows recomputed in other
+    batches, whose padding changes float rounding) to float32/float16 rounding."""
+    got = arrays(run)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        if exact:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+        else:
+            np.testing.assert_allclose(got[k].astype(np.float32), ref[k].astype(np.float32),
+                                       rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+def test_two_clean_runs_have_identical_content(clean, tmp_path):
+    d, setup, ref = clean
+    other = Run(phases(tmp_path / "again").run.path)
+    for name, entry in setup.run.manifest["artifacts"].items():
+        assert other.manifest["artifacts"][name]["hash"] == entry["hash"], name
+
+
+def test_artifacts_are_0644(clean):
+    d = clean[0]
+    for f in d.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            assert f.stat().st_mode & 0o777 == 0o644, f.name
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero"])
+def test_damaged_effect_array_is_detected_and_recomputed(clean, copy, damage):
+    _, _, ref = clean
+    f = copy / "val_second_ld.npy"
+    size = f.stat().st_size
+    if damage == "truncate":
+        with open(f, "r+b") as h:
+            h.truncate(size // 2)
+    else:  # zero the data, keep the header and the size
+        with open(f, "r+b") as h:
+            h.seek(size // 2)
+            h.write(b"\0" * (size - size // 2))
+    run = Run(copy)
+    with pytest.raises(DamagedArtifact, match="re-run notebook 02"):
+        effects.load_effects(run, "val", "second_ld")
+    phases(copy)  # the re-run recomputes the damaged rows only
+    same_as_clean(Run(copy), ref)
+
+
+def test_resume_with_another_batch_size(clean, copy, monkeypatch):
+    _, _, ref = clean
+    for f in copy.glob("*.npy"):
+        if f.name.startswith(("train_", "val_")) and "rows" not in f.name:
+            with open(f, "r+b") as h:  # an interrupted stream: the last third of the rows is lost
+                h.truncate(f.stat().st_size * 2 // 3)
+    phases(copy, batch_size=7)
+    same_as_clean(Run(copy), ref, exact=False)
+
+
+@pytest.mark.parametrize("change", [dict(top_n=3), dict(by="variance")])
+def test_changed_selection_parameter_recomputes_the_vectors(clean, copy, tmp_path, change):
+    phases(copy, **change)
+    fresh = tmp_path / "fresh"
+    phases(fresh, **change)
+    run = Run(copy)
+    assert selection.load_selection(run) == selection.load_selection(Run(fresh))
+    same_as_clean(run, arrays(Run(fresh)))
+    for name in ("selection", "val_second_ld", "train_vectors_L0" if "train_vectors_L0" in run.manifest["artifacts"]
+                 else "val_direct_cd"):
+        assert run.manifest["artifacts"][name]["hash"] == Run(fresh).manifest["artifacts"][name]["hash"]
+
+
+def test_changed_parameter_then_skipped_notebook_is_refused(clean, copy):
+    setup = study.open_run(str(copy), None, **KW)
+    selection.setup_and_selection(setup, top_k_layers=2, top_n_neurons=3, progress=False)
+    with pytest.raises(StaleArtifact, match="top_n_neurons=3.*re-run notebook 02"):
+        effects.load_effects(Run(copy), "val", "second_ld")
+
+
+@pytest.mark.parametrize("name,damage", [("labels_val", b"PAR1garbage"), ("correctness_direction", b"\x80junk"),
+                                         ("selection", b"{\"critical_layers\": [0,"),
+                                         ("problems", b"[]")])
+def test_damaged_step_artifact_is_recomputed(clean, copy, name, damage):
+    _, setup, ref = clean
+    entry = setup.run.manifest["artifacts"][name]
+    (copy / entry["file"]).write_bytes(damage)
+    with pytest.raises(DamagedArtifact, match=name):
+        Run(copy).load(name)
+    phases(copy)
+    run = Run(copy)
+    assert run.manifest["artifacts"][name]["hash"] == entry["hash"]
+    same_as_clean(run, ref)
+
+
+def test_damaged_artifact_that_is_not_a_step_names_the_recovery(tmp_path):
+    run = Run(tmp_path)
+    run.save("validation_table", pd.DataFrame({"a": [1.0, 2.0]}), "03")
+    (tmp_path / "validation_table.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DamagedArtifact, match="re-run notebook 03_characterization"):
+        run.load("validation_table")
+
+
+def test_missing_artifact_names_its_notebook(tmp_path):
+    run = Run(tmp_path)
+    with pytest.raises(MissingArtifact, match="run notebook 01_setup_and_selection first"):
+        run.load("selection")
+    with pytest.raises(MissingArtifact, match="run notebook 02_second_order_effects first"):
+        effects.load_effects(run, "val", "second_ld")
+    with pytest.raises(MissingArtifact, match="run notebook 03_characterization first"):
+        run.load("layer_sums_val")
+
+
+def test_poisoned_cache_is_refused_and_never_saved(clean, copy):
+    with pytest.raises(ValueError, match="batch_size"):
+        study.open_run(str(copy), None, **(KW | {"batch_size": -4}))
+    # an empty label table is never cached...
+    empty = Run(copy.parent / "empty")
+    with pytest.raises(ValueError, match="expected a table of 60 rows"):
+        empty.step("labels_val", lambda: pd.DataFrame(), "01", validate=expect_rows(60, ["correct"]))
+    assert not empty.has("labels_val")
+    # ...and one already cached (as an older version did) is recomputed
+    run = Run(copy)
+    key = run.key_for("labels_val", None, ["problems"])
+    run.save("labels_val", pd.DataFrame({"x": []}), "01", key=key)  # poison as an old version would
+    setup = study.open_run(str(copy), None, **KW)
+    assert len(setup.labels["val"]) == 60 and "correct" in setup.labels["val"]
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"n_trian": 30}, "unknown parameter 'n_trian'.*n_train"),
+    ({"batch_size": -4}, "batch_size=-4 is not valid"),
+    ({"batch_size": "big"}, "wrong type"),
+    ({"n_val": 1}, "n_val=1 is not valid: it must be an integer >= 30"),
+    ({"n_train": 10}, "n_train=10 is not valid: it must be an integer >= 50"),
+    ({"select_by": "loudness"}, "select_by='loudness'"),
+    ({"run_dir": "x"}, "set by the runner"),
+])
+def test_invalid_parameters_are_refused_before_any_work(tmp_path, params, match):
+    with pytest.raises(ParameterError, match=match):
+        runner.run_all(str(tmp_path / "r"), params=params)
+    assert not (tmp_path / "r").exists()  # nothing was started
+
+
+def test_parameter_checks_are_generic():
+    declared = {"nb": {"tasks": ["addition"], "n_shots": 3, "template": None, "chat": False, "share": 0.02}}
+    validate({"tasks": ["addition", "logic"], "n_shots": 0, "template": "fewshot", "chat": True}, declared)
+    for bad, match in [({"tasks": ["comparisonn"]}, "task names"), ({"n_shots": -1}, "n_shots"),
+                       ({"chat": "yes"}, "wrong type"), ({"template": "weird"}, "template")]:
+        with pytest.raises(ParameterError, match=match):
+            validate(bad, declared)
+
+
+def test_notebook_parameters_are_read_from_the_notebooks():
+    declared = runner.declared_parameters(runner.notebooks())
+    assert declared["01_setup_and_selection.ipynb"]["top_n_neurons"] == 100
+    assert all("run_dir" in ps for ps in declared.values())
+
+
+def test_concurrent_runner_is_refused_and_stale_lock_taken_over(tmp_path):
+    d = tmp_path / "r"
+    code = ("import sys, time; from so2lib.runs import RunLock; l = RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(30)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(d)], stdout=subprocess.PIPE, text=True,
+                         env=os.environ | {"PYTHONPATH": os.getcwd()})
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        with pytest.raises(RunInUse, match=f"in use by PID {p.pid}"):
+            runner.run_all(str(d), only=["01"])
+        with pytest.raises(RunInUse, match=f"in use by PID {p.pid}"):
+            Run(d)  # a notebook opened by hand is refused too
+    finally:
+        p.kill()
+        p.wait()
+    # the holder died: its lock file stays behind and is taken over
+    assert json.loads((d / ".lock").read_text())["pid"] == p.pid
+    with RunLock(d):
+        assert json.loads((d / ".lock").read_text())["pid"] == os.getpid()
+        Run(d)  # the holder itself may open it
+
+
+def test_concurrent_manifest_updates_are_not_lost(tmp_path):
+    a, b = Run(tmp_path), Run(tmp_path)
+    a.save("x", {"v": 1}, "01")
+    b.save("y", {"v": 2}, "01")  # b never saw x
+    assert set(Run(tmp_path).manifest["artifacts"]) == {"x", "y"}
+
+
+def test_content_hash_ignores_file_bytes(tmp_path):
+    t = {"w": torch.arange(6.0).reshape(2, 3), "df": pd.DataFrame({"a": [1, 2]})}
+    run = Run(tmp_path)
+    run.save("t", t)
+    h1 = run.manifest["artifacts"]["t"]["hash"]
+    run.save("t", {"w": torch.arange(6.0).reshape(2, 3).clone(), "df": pd.DataFrame({"a": [1, 2]})})
+    assert run.manifest["artifacts"]["t"]["hash"] == h1 == content_hash(run.load("t"))
+    assert content_hash(torch.zeros(3)) != content_hash(torch.zeros(3, dtype=torch.float64))
+
+
+def test_failed_notebook_keeps_the_good_copy_and_the_times(tmp_path, monkeypatch):
+    import papermill as pm
+
+    d = tmp_path / "r"
+    out = d / "notebooks"
+    out.mkdir(parents=True)
+    (out / "02_second_order_effects.ipynb").write_text("good copy of an earlier run")
+
+    def fake(src, dst, **kw):
+        from pathlib import Path
+        Path(dst).write_text("partial " + Path(src).name)
+        if Path(src).name.startswith("02"):
+            raise pm.PapermillExecutionError(0, 1, "", "ValueError", "boom", [])
+
+    monkeypatch.setattr(pm, "execute_notebook", fake)
+    with pytest.raises(runner.NotebookFailed, match="02_second_order_effects.ipynb failed.*boom"):
+        runner.run_all(str(d), only=["01", "02", "03"])
+    assert (out / "02_second_order_effects.ipynb").read_text() == "good copy of an earlier run"
+    assert (out / "02_second_order_effects.failed.ipynb").read_text().startswith("partial")
+    assert (out / "01_setup_and_selection.ipynb").exists()
+    m = Run(d).manifest
+    assert set(m["notebook_seconds"]) == {"01_setup_and_selection.ipynb", "02_second_order_effects.ipynb"}
+    assert m["notebook_status"]["02_second_order_effects.ipynb"] == "failed"
+    assert not any(p.name.endswith(".running.ipynb") for p in out.iterdir())
