@@ -64,7 +64,6 @@ def compute_effects(model: Any, enc: Encoded, labels: Any, run: Run, split: str,
     """Compute and stream Phase 2 effects for ``enc`` (one split); resumes unfinished work.
 
     ``key``: the input key (:meth:`Run.key_for`) recorded with the arrays."""
-    enc.require_single_token("second-order effects on the answer logit difference")
     L, n_mlp, dm = model.cfg.n_layers, model.cfg.d_mlp, model.cfg.d_model
     N = len(enc)
     engine = engine or SecondOrderEngine(model, correctness_dir=correctness_dir)
