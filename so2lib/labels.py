@@ -256,7 +256,7 @@ def label(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True,
     (highest-scoring other token at ``T_k*``), ``answer_logit``, ``logit_diff`` (``d_k*``),
     ``answer_pos`` (``T_k*``), ``decide_k`` (``k*``), ``prompt_pos`` (``T_1``),
     ``n_answer_tokens``, ``margin_min`` (smallest ``d_k``), ``first_wrong`` (first ``k`` with
-    ``d_k <= 0``, -1 if none) and ``first_logit_diff`` (``d_0``).
+    ``d_k <= 0``, -1 if none), ``first_logit_diff`` (``d_0``) and ``first_token`` (``a_0``).
     """
     device = next(model.parameters()).device
     rows: list[dict[str, Any]] = []
@@ -281,7 +281,8 @@ def label(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True,
                          "alt_token": int(alt[k]), "answer_logit": float(g[k]), "logit_diff": d[k],
                          "answer_pos": t0 + k, "decide_k": k, "prompt_pos": t0,
                          "n_answer_tokens": len(ans), "margin_min": min(d),
-                         "first_wrong": wrong[0] if wrong else -1, "first_logit_diff": d[0]})
+                         "first_wrong": wrong[0] if wrong else -1, "first_logit_diff": d[0],
+                         "first_token": ans[0]})
     return pd.DataFrame(rows)
 
 
