@@ -59,9 +59,17 @@ def check(run_dir: str | Path, min_kept: float = 0.9) -> list[str]:
     for name, a in m["artifacts"].items():
         if not (run.path / a["file"]).exists():
             bad.append(f"artifact {name}: file {a['file']} is missing")
-    nbs = sorted(p.name[:2] for p in (run.path / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    if nbs != ["01", "02", "03", "04", "05"]:
-        bad.append(f"executed notebooks: {nbs}, expected 01-05")
+    nbs = sorted((run.path / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if [p.name[:2] for p in nbs] != ["01", "02", "03", "04", "05"]:
+        bad.append(f"executed notebooks: {[p.name for p in nbs]}, expected 01-05")
+    for p in nbs:
+        nb = json.loads(p.read_text())
+        errs = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        if errs or nb.get("metadata", {}).get("papermill", {}).get("exception"):
+            e = errs[0] if errs else {}
+            bad.append(f"notebook {p.name} failed: {e.get('ename', '?')}: {str(e.get('evalue', ''))[:200]}")
+        elif any(c["cell_type"] == "code" and c.get("execution_count") is None for c in nb["cells"]):
+            bad.append(f"notebook {p.name} did not run to its end")
     return bad
 
 
@@ -97,7 +105,10 @@ def main(argv: list[str] | None = None) -> None:
         from .runner import run_all
 
         t0 = time.perf_counter()
-        run_all(a.run, a.model, dict(SMOKE_PARAMS))
+        try:
+            run_all(a.run, a.model, dict(SMOKE_PARAMS))
+        except Exception as e:  # the checks below say which notebook failed and why
+            print(f"the notebooks stopped: {type(e).__name__}", flush=True)
         print(f"smoke run: {time.perf_counter() - t0:.0f} s", flush=True)
     bad = check(run_dir, a.min_kept)
     print(json.dumps(summary(run_dir), indent=1, default=str))
