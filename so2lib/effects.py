@@ -112,7 +112,6 @@ def compute_effects(model: Any, enc: Encoded, labels: Any, run: Run, split: str,
     array is recomputed row by row, whatever batch size wrote it. Arrays from another key (or
     other shapes) are removed and computed from scratch.
     """
-    enc.require_single_token("second-order effects on the answer logit difference")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     L, n_mlp, dm = model.cfg.n_layers, model.cfg.d_mlp, model.cfg.d_model

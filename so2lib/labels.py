@@ -8,6 +8,7 @@ attention mask is needed. The answer position ``T`` of a row is its last real pr
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Iterator, Sequence
 
 import pandas as pd
@@ -23,24 +24,67 @@ class Encoded:
 
     ``prompt_ids[i]`` ends at the answer position ``T_i = len(prompt_ids[i]) - 1``;
     ``answer_ids[i]`` are the gold continuation's tokens (one for single-token answers).
+
+    ``n_prefix[i]`` (``None`` = all zero) says how many gold answer tokens end ``prompt_ids[i]``:
+    an *analysis view* (:meth:`analysis_view`) moves the gold tokens before the deciding token
+    ``k*`` into the prompt, so that ``T_i`` is the deciding position ``T_{k*}`` and
+    ``answer_ids[i][0]`` the deciding token, while prompt + answer is still the whole problem.
     """
 
     prompt_ids: list[list[int]]
     answer_ids: list[list[int]]
     pad_id: int
+    n_prefix: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
+    def prefix(self, i: int) -> int:
+        """Number of gold answer tokens already in ``prompt_ids[i]`` (``k*`` of an analysis view)."""
+        return 0 if self.n_prefix is None else int(self.n_prefix[i])
+
+    def full(self, i: int) -> tuple[list[int], list[int]]:
+        """``(prompt without any answer tokens, whole gold answer)`` of problem ``i``."""
+        k = self.prefix(i)
+        cut = len(self.prompt_ids[i]) - k
+        return self.prompt_ids[i][:cut], self.prompt_ids[i][cut:] + self.answer_ids[i]
+
     @property
     def answer_pos(self) -> torch.Tensor:
-        """``[n]`` long: the answer position T of every problem."""
+        """``[n]`` long: the answer position T of every problem (``T_{k*}`` in an analysis view)."""
         return torch.tensor([len(p) - 1 for p in self.prompt_ids])
 
     @property
+    def prompt_pos(self) -> torch.Tensor:
+        """``[n]`` long: the last prompt token ``T_1``, where the first answer token is predicted."""
+        return torch.tensor([len(p) - 1 - self.prefix(i) for i, p in enumerate(self.prompt_ids)])
+
+    @property
     def gold(self) -> torch.Tensor:
-        """``[n]`` long: the first gold answer token of every problem."""
+        """``[n]`` long: the gold answer token predicted at ``T`` (the deciding token in a view)."""
         return torch.tensor([a[0] for a in self.answer_ids])
+
+    def base(self) -> "Encoded":
+        """The problems with no answer token in the prompts (``T = T_1``)."""
+        if self.n_prefix is None:
+            return self
+        parts = [self.full(i) for i in range(len(self))]
+        return Encoded([p for p, _ in parts], [a for _, a in parts], self.pad_id)
+
+    def analysis_view(self, k: Sequence[int]) -> "Encoded":
+        """The view at answer token ``k[i]`` (0-based) of every problem: prompt + gold answer
+        tokens before it, answer position ``T_{k}``; ``answer_ids[i][0]`` is token ``k[i]``."""
+        if len(k) != len(self):
+            raise ValueError(f"need one answer-token index per problem ({len(self)}), got {len(k)}")
+        prompts, answers = [], []
+        for i, ki in enumerate(k):
+            p, a = self.full(i)
+            ki = int(ki)
+            if not 0 <= ki < len(a):
+                raise ValueError(f"problem {i}: answer token {ki} out of range (answer has {len(a)} tokens)")
+            prompts.append(p + a[:ki])
+            answers.append(a[ki:])
+        return Encoded(prompts, answers, self.pad_id, [int(x) for x in k])
 
     def require_single_token(self, what: str = "this mode") -> None:
         multi = [i for i, a in enumerate(self.answer_ids) if len(a) != 1]
@@ -52,7 +96,8 @@ class Encoded:
                 "model whose tokenizer has one token per number.")
 
     def subset(self, idx: Sequence[int]) -> "Encoded":
-        return Encoded([self.prompt_ids[i] for i in idx], [self.answer_ids[i] for i in idx], self.pad_id)
+        return Encoded([self.prompt_ids[i] for i in idx], [self.answer_ids[i] for i in idx], self.pad_id,
+                       None if self.n_prefix is None else [self.n_prefix[i] for i in idx])
 
     def batch(self, idx: Sequence[int], with_answer: bool = False,
               device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,71 +129,160 @@ def _pad_id(tok: Any) -> int:
     return 0
 
 
+# Tokens that open a chat turn, never a document start (ChatML, Llama-3, Gemma, Mistral, Phi).
+_CHAT_ROLE = re.compile(r"im_start|start_header|start_of_turn|<\|(user|system|assistant)\|>|\[INST\]", re.I)
+
+
+def bos_ids(model: Any, mode: str | bool = "auto") -> list[int]:
+    """The document-start token to prepend (``[]`` or ``[id]``).
+
+    ``mode="auto"``: the tokenizer's ``bos_token`` when it is a document-start token the model
+    was trained with: the tokenizer inserts it itself (Llama, Mistral, Gemma), or the
+    architecture's convention says so (TransformerLens's ``default_prepend_bos``, e.g. GPT-2's
+    ``<|endoftext|>``). Never a chat-role token such as ChatML's ``<|im_start|>`` (SmolLM2, Qwen).
+    ``True``/``False`` force it (``True`` still refuses a chat-role token).
+    """
+    tok = model.tokenizer
+    b = tok.bos_token_id
+    if mode is False or mode == "none" or b is None:
+        return []
+    if _CHAT_ROLE.search(str(tok.bos_token or "")):
+        if mode is True:
+            raise ValueError(f"the tokenizer's bos_token {tok.bos_token!r} is a chat-role token, not a "
+                             "document start; use bos='auto' or False")
+        return []
+    if mode is True:
+        return [int(b)]
+    if mode != "auto":
+        raise ValueError(f"bos must be 'auto', True or False, not {mode!r}")
+    added = tok("1")["input_ids"]
+    if added and added[0] == b:
+        return [int(b)]
+    return [int(b)] if getattr(model.cfg, "default_prepend_bos", True) else []
+
+
+def has_chat_template(tok: Any) -> bool:
+    return bool(getattr(tok, "chat_template", None))
+
+
+def _is_space(tok: Any, t: int) -> bool:
+    return tok.decode([t]).strip() == ""
+
+
+def prompt_text(model: Any, p: Problem, template: Template) -> str:
+    """The prompt string (before tokenization): ``template.render`` or, with ``template.chat``,
+    the user turn of the tokenizer's chat template followed by the assistant's answer prefix."""
+    if not template.chat:
+        return template.render(p)
+    tok = model.tokenizer
+    if not has_chat_template(tok):
+        raise ValueError("chat=True but the tokenizer has no chat template; use chat=False or 'auto'")
+    user, prefix = template.chat_parts(p)
+    text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                   add_generation_prompt=True)
+    return text + prefix
+
+
 def encode(model: Any, problems: Sequence[Problem], template: Template | None = None) -> Encoded:
     """Tokenize problems for ``model`` with ``template`` (default: compact).
 
     The answer's tokens are taken from tokenizing prompt + answer together, so BPE merges
-    across the boundary are the ones the model would see. Raises ``ValueError`` when a prompt
-    with its answer does not fit in the model's context.
+    across the boundary are the ones the model would see. When the tokenizer writes the
+    answer's leading space as a token of its own (SmolLM2, Llama: `` 57`` -> `` ``, ``5``,
+    ``7``), that whitespace token goes to the end of the prompt (``template.space="auto"``), so
+    the first answer token carries information. BOS: :func:`bos_ids` (``template.bos``); a chat
+    template that writes its own BOS is not given a second one. Raises ``ValueError`` when a
+    prompt with its answer does not fit in the model's context.
     """
     template = template or Template()
     tok = model.tokenizer
-    bos = [tok.bos_token_id] if getattr(model.cfg, "default_prepend_bos", True) and tok.bos_token_id is not None else []
+    bos = bos_ids(model, template.bos)
     n_ctx = model.cfg.n_ctx
     prompts, answers = [], []
     for i, p in enumerate(problems):
-        text = template.render(p)
+        text = prompt_text(model, p, template)
         ans = template.answer_text(p)
         pid = tok(text, add_special_tokens=False)["input_ids"]
         full = tok(text + ans, add_special_tokens=False)["input_ids"]
         aid = full[len(pid):] if full[: len(pid)] == pid else tok(ans, add_special_tokens=False)["input_ids"]
-        if not aid:
-            raise ValueError(f"problem {i} ({p.task}): the answer {p.answer!r} tokenizes to nothing")
-        if len(bos) + len(pid) + len(aid) > n_ctx:
+        if template.space == "auto":
+            while len(aid) > 1 and _is_space(tok, aid[0]):
+                pid = pid + [aid[0]]
+                aid = aid[1:]
+        if not aid or all(_is_space(tok, t) for t in aid):
+            raise ValueError(f"problem {i} ({p.task}): the answer {p.answer!r} tokenizes to nothing but whitespace")
+        b = [] if (pid and bos and pid[0] == bos[0]) else bos
+        if len(b) + len(pid) + len(aid) > n_ctx:
             raise ValueError(
-                f"problem {i} ({p.task}) is {len(bos) + len(pid) + len(aid)} tokens with its answer, "
+                f"problem {i} ({p.task}) is {len(b) + len(pid) + len(aid)} tokens with its answer, "
                 f"longer than the model's context of {n_ctx}; use fewer few-shot examples "
                 "(Template(n_shots=...)) or drop long problems")
-        prompts.append(bos + pid)
+        prompts.append(b + pid)
         answers.append(aid)
     return Encoded(prompts, answers, _pad_id(tok))
 
 
+POSITIONS = ("decide", "first")
+
+
+def deciding_index(margins: Sequence[float], position: str = "decide") -> int:
+    """The deciding answer token ``k*`` from the margins ``d_k`` of one problem.
+
+    ``"decide"``: the first ``k`` with ``d_k <= 0`` (where greedy decoding leaves the gold
+    answer), else the ``k`` with the smallest margin. ``"first"``: always 0.
+    """
+    if position == "first":
+        return 0
+    if position != "decide":
+        raise ValueError(f"unknown answer position rule {position!r}; use one of {POSITIONS}")
+    for k, d in enumerate(margins):
+        if d <= 0:
+            return k
+    return int(min(range(len(margins)), key=lambda k: margins[k]))
+
+
 @torch.no_grad()
 def label(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True,
-          hooks: Sequence[tuple[str, Any]] = ()) -> pd.DataFrame:
+          hooks: Sequence[tuple[str, Any]] = (), position: str = "decide") -> pd.DataFrame:
     """Label every problem correct or not with one teacher-forced forward pass per batch.
 
-    A problem is correct iff every gold answer token is the argmax given the prompt and the
-    gold tokens before it, which is exactly when greedy decoding produces the gold tokens.
+    Answer token ``a_k`` is predicted at ``T_k`` with margin ``d_k = logit(a_k) - max_{v != a_k}
+    logit(v)``; a problem is correct iff every ``d_k > 0``, which is exactly when greedy decoding
+    produces the gold tokens. The per-problem columns describe the **deciding token** ``k*``
+    (:func:`deciding_index` with ``position``; for an analysis view, its own ``k*``, so that a
+    hooked run is read at the clean run's position):
 
-    Returns one row per problem: ``correct``, ``pred_token`` (argmax at T), ``gold_token``
-    (first gold token), ``alt_token`` (highest-scoring token other than the gold one at T),
-    ``answer_logit``, ``logit_diff`` (gold minus ``alt_token`` logit at T, > 0 iff the first
-    token is right), ``answer_pos`` (T) and ``n_answer_tokens``.
+    ``correct``, ``pred_token`` (argmax at ``T_k*``), ``gold_token`` (``a_k*``), ``alt_token``
+    (highest-scoring other token at ``T_k*``), ``answer_logit``, ``logit_diff`` (``d_k*``),
+    ``answer_pos`` (``T_k*``), ``decide_k`` (``k*``), ``prompt_pos`` (``T_1``),
+    ``n_answer_tokens``, ``margin_min`` (smallest ``d_k``), ``first_wrong`` (first ``k`` with
+    ``d_k <= 0``, -1 if none), ``first_logit_diff`` (``d_0``) and ``first_token`` (``a_0``).
     """
     device = next(model.parameters()).device
     rows: list[dict[str, Any]] = []
     for idx, x, T in enc.batches(batch_size, with_answer=True, device=device,
                                  desc="labelling" if progress else None):
         with model.hooks(fwd_hooks=list(hooks)):
-            logits = model(x).float()  # [b, S, V]
-        ar = torch.arange(len(idx), device=device)
-        lt = logits[ar, T]  # [b, V]
-        gold = torch.tensor([enc.answer_ids[i][0] for i in idx], device=device)
-        g = lt[ar, gold]
-        masked = lt.clone()
-        masked[ar, gold] = -float("inf")
-        alt_logit, alt = masked.max(-1)
-        pred = lt.argmax(-1)
+            logits = model(x)  # [b, S, V]
         for r, i in enumerate(idx):
-            ans = enc.answer_ids[i]
-            t = int(T[r])
-            steps = logits[r, t : t + len(ans)].argmax(-1).tolist()
-            rows.append({"correct": steps == ans, "pred_token": int(pred[r]), "gold_token": ans[0],
-                         "alt_token": int(alt[r]), "answer_logit": float(g[r]),
-                         "logit_diff": float(g[r] - alt_logit[r]), "answer_pos": t,
-                         "n_answer_tokens": len(ans)})
+            p, ans = enc.full(i)
+            t0 = len(p) - 1
+            lt = logits[r, t0 : t0 + len(ans)].float()  # [n, V]
+            a = torch.tensor(ans, device=device)
+            ar = torch.arange(len(ans), device=device)
+            g = lt[ar, a]
+            masked = lt.clone()
+            masked[ar, a] = -float("inf")
+            alt_logit, alt = masked.max(-1)
+            d = (g - alt_logit).tolist()
+            k = enc.prefix(i) if enc.n_prefix is not None else deciding_index(d, position)
+            wrong = [j for j, dj in enumerate(d) if dj <= 0]
+            rows.append({"correct": not wrong, "pred_token": int(lt[k].argmax()), "gold_token": ans[k],
+                         "alt_token": int(alt[k]), "answer_logit": float(g[k]), "logit_diff": d[k],
+                         "answer_pos": t0 + k, "decide_k": k, "prompt_pos": t0,
+                         "n_answer_tokens": len(ans), "margin_min": min(d),
+                         "first_wrong": wrong[0] if wrong else -1, "first_logit_diff": d[0],
+                         "first_token": ans[0]})
     return pd.DataFrame(rows)
 
 

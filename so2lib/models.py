@@ -35,8 +35,11 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def resolve_model_path(name: str | os.PathLike | None) -> str:
-    """``None``/``"embedded"`` -> the embedded model's folder; a local folder -> itself; else the hub name."""
+    """``None``/``"embedded"`` -> the embedded model's folder; a named offline model
+    (``"smollm2-135m"``, see :mod:`so2lib.sources`) or a ``.gguf`` file -> its converted folder
+    in the so2lib cache (converted once); a local folder -> itself; else the hub name."""
     from .embedded import EMBEDDED_DIR
+    from .sources import NAMED, gguf_model_path, named_model_path
 
     if name is None or str(name) == "embedded":
         if not (EMBEDDED_DIR / "config.json").exists():
@@ -44,6 +47,10 @@ def resolve_model_path(name: str | os.PathLike | None) -> str:
                 f"the embedded model is missing from {EMBEDDED_DIR}; train it again with "
                 "`python -m so2lib.embedded`")
         return str(EMBEDDED_DIR)
+    if str(name) in NAMED:
+        return str(named_model_path(str(name)))
+    if str(name).endswith(".gguf"):
+        return str(gguf_model_path(name))
     p = Path(name).expanduser()
     if p.is_dir():
         if not (p / "config.json").exists():

@@ -14,15 +14,22 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
-from .labels import Encoded, accuracy_table, check_classes, encode, label, single_token_subset
+from .labels import (POSITIONS, Encoded, accuracy_table, bos_ids, check_classes, encode, has_chat_template,
+                     label)
 from .models import ModelInfo, load_model
 from .runs import Run, expect_rows
-from .tasks import TASKS, ProblemSet, Template, make_problem_set, stable_hash, template_for
+from .tasks import TASKS, Problem, ProblemSet, Template, make_problem_set, stable_hash, template_for
 
 
 @dataclasses.dataclass
 class Setup:
-    """What every phase needs: the run, the model, the problems, encodings and labels."""
+    """What every phase needs: the run, the model, the problems, encodings and labels.
+
+    ``enc[split]`` is the *analysis view* (:meth:`Encoded.analysis_view`): each prompt ends at
+    the deciding position ``T_k*`` and ``answer_ids[i][0]`` is the deciding token, so every
+    ``enc.batch`` of phases 2-5 is read where the problem is decided. ``prompt_enc[split]`` holds
+    the plain prompts (``T = T_1``) and the whole gold answers.
+    """
 
     run: Run
     model: Any
@@ -31,56 +38,171 @@ class Setup:
     enc: dict[str, Encoded]
     labels: dict[str, pd.DataFrame]
     batch_size: int
+    prompt_enc: dict[str, Encoded] | None = None
+
+
+# Phase-1 options: a run remembers them, so notebooks 02-05 need not repeat them.
+PHASE1_DEFAULTS: dict[str, Any] = {
+    "tasks": list(TASKS), "template": None, "n_shots": 3, "chat": "auto", "position": "decide",
+    "single_token_only": False, "bos": "auto", "space": "auto", "cot": False, "cot_max_tokens": 96,
+    "data_dir": None,
+}
+
+
+def _filter(model: Any, problems: list[Problem], tmpl: Template, single_token_only: bool
+            ) -> tuple[list[Problem], dict[str, dict[str, int]]]:
+    """Problems that can be studied, and per task the count dropped for each reason."""
+    kept, why = [], {}
+    for p in problems:
+        reason = None
+        try:
+            e = encode(model, [p], tmpl)
+            if single_token_only and len(e.answer_ids[0]) != 1:
+                reason = "multi_token_answer"
+        except ValueError as err:
+            reason = "too_long" if "context" in str(err) else "untokenizable_answer"
+        if reason is None:
+            kept.append(p)
+        else:
+            d = why.setdefault(p.task, {})
+            d[reason] = d.get(reason, 0) + 1
+    return kept, why
 
 
 def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n_val: int = 500,
-             seed: int = 0, tasks: Sequence[str] = TASKS, device: str | None = None,
+             seed: int = 0, tasks: Sequence[str] | None = None, device: str | None = None,
              dtype: str | None = None, batch_size: int = 64, template: str | None = None,
-             n_shots: int = 3, single_token_only: bool = True, progress: bool = True) -> Setup:
+             n_shots: int | None = None, single_token_only: bool | None = None, progress: bool = True,
+             chat: str | bool | None = None, position: str | None = None, bos: str | bool | None = None,
+             space: str | None = None, cot: bool | None = None, cot_max_tokens: int | None = None,
+             data_dir: str | None = None) -> Setup:
     """Open (or resume) a run: load the model, build or reload the problems, label both splits.
 
     A run directory belongs to one model and one problem set: reopening it with other
-    settings raises instead of mixing results. ``single_token_only`` keeps only problems whose
-    gold answer is one token for this model (the second-order analysis needs single-token
-    answers); the number dropped is recorded in the manifest.
+    settings raises instead of mixing results. Phase-1 options left at ``None`` take the run's
+    recorded value (else :data:`PHASE1_DEFAULTS`), so later notebooks need not repeat them:
+
+    - ``tasks``: synthetic tasks (:data:`TASKS`) and/or word problems (``"gsm8k"``, ``"svamp"``,
+      ``"mawps"``, read from ``data_dir``, default ``../shared/data``);
+    - ``template``: ``"compact"``, ``"fewshot"`` (default for pretrained models) or ``"cot"``;
+      ``n_shots`` solved examples;
+    - ``chat``: ``"auto"`` wraps prompts in the tokenizer's chat template when it has one;
+    - ``position``: ``"decide"`` reads every per-problem quantity at the deciding answer token
+      ``k*`` (first token where greedy decoding leaves the gold answer, else the smallest
+      margin); ``"first"`` at the first answer token (see ``docs/deciding_token.md``);
+    - ``single_token_only``: keep only problems whose gold answer is one token (off by default;
+      nothing needs it);
+    - ``bos``, ``space``: see :class:`Template`;
+    - ``cot``: chain-of-thought (:mod:`so2lib.cot`): greedy generation of at most
+      ``cot_max_tokens`` tokens, correctness from the extracted final answer.
+
+    The manifest's ``data.per_task`` records ``{"generated", "kept", "dropped"}`` per task; a
+    task that keeps no problem raises a ``ValueError`` that says why.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     torch.manual_seed(seed)
     run = Run(run_dir)
+    given = {"tasks": None if tasks is None else list(tasks), "template": template, "n_shots": n_shots,
+             "chat": chat, "position": position, "single_token_only": single_token_only, "bos": bos,
+             "space": space, "cot": cot, "cot_max_tokens": cot_max_tokens, "data_dir": data_dir}
+    recorded = run.config.get("phase1", {}) if run.has("problems") else {}
+    opts = {k: (v if v is not None else recorded.get(k, PHASE1_DEFAULTS[k])) for k, v in given.items()}
+    if opts["position"] not in POSITIONS:
+        raise ValueError(f"position must be one of {POSITIONS}, not {opts['position']!r}")
     cfg = {"model": model_name or "embedded", "n_train": n_train, "n_val": n_val, "seed": seed,
-           "tasks": list(tasks), "template": template, "n_shots": n_shots}
+           "tasks": list(opts["tasks"]), "template": opts["template"], "n_shots": opts["n_shots"]}
     old = {k: run.config.get(k) for k in cfg}
-    if run.has("problems") and old != cfg:
-        raise ValueError(f"run {run_dir} was made with {old}, not {cfg}; use another run directory")
-    run.manifest["config"].update(cfg | {"device": device, "dtype": dtype, "batch_size": batch_size})
+    if run.has("problems") and (old != cfg or any(recorded.get(k, PHASE1_DEFAULTS[k]) != opts[k] for k in opts)):
+        raise ValueError(f"run {run_dir} was made with {old | recorded}, not {cfg | opts}; "
+                         "use another run directory")
     model = load_model(model_name, device=device, dtype=dtype)
-    run.record("model", {"name": cfg["model"], **dataclasses.asdict(ModelInfo.of(model))})
-    tmpl = dataclasses.replace(template_for(model_name), n_shots=n_shots)
-    if template:
-        tmpl = dataclasses.replace(tmpl, style=template)
+    has_chat = has_chat_template(model.tokenizer)
+    use_chat = has_chat if opts["chat"] == "auto" else bool(opts["chat"])
+    style = opts["template"] or ("cot" if opts["cot"] else template_for(model_name).style)
+    if opts["cot"] and style != "cot":
+        raise ValueError(f"cot=True needs the 'cot' template (worked examples), not {style!r}")
+    tmpl = Template(style, n_shots=opts["n_shots"], chat=use_chat, space=opts["space"], bos=opts["bos"])
+    run.manifest["config"].update(cfg | {"device": device, "dtype": dtype, "batch_size": batch_size,
+                                         "phase1": opts})
+    run.record("model", {"name": cfg["model"], **dataclasses.asdict(ModelInfo.of(model)),
+                         "bos_prepended": model.tokenizer.convert_ids_to_tokens(bos_ids(model, opts["bos"])),
+                         "has_chat_template": has_chat, "chat_template_used": use_chat})
+    tparams = dataclasses.asdict(tmpl)
 
     def make_problems() -> dict[str, Any]:
-        ps = make_problem_set(n_train, n_val, seed, tasks, heldout=True)
-        if single_token_only:  # drop problems whose gold answer is several tokens for this model
-            for split in ("train", "val"):
-                keep = single_token_subset(encode(model, ps.split(split), tmpl))
-                setattr(ps, split, [ps.split(split)[i] for i in keep])
-        return ps.to_json()
-    problems = ProblemSet.from_json(run.step(
-        "problems", make_problems, "01",
-        params=cfg | {"dtype": str(dtype), "single_token_only": single_token_only,
-                      "template": dataclasses.asdict(tmpl)}))
+        ps = make_problem_set(n_train, n_val, seed, opts["tasks"], heldout=True, data_dir=opts["data_dir"])
+        dropped: dict[str, dict[str, int]] = {}
+        for split in ("train", "val"):
+            kept, why = _filter(model, ps.split(split), tmpl, bool(opts["single_token_only"]))
+            setattr(ps, split, kept)
+            for t, d in why.items():
+                for r, n in d.items():
+                    dropped.setdefault(t, {})[r] = dropped.setdefault(t, {}).get(r, 0) + n
+        generated = {t: 0 for t in ps.tasks}
+        for t in ps.tasks:
+            generated[t] = sum(p.task == t for p in ps.train + ps.val) + sum(dropped.get(t, {}).values())
+        return ps.to_json() | {"per_task": {t: {"generated": generated[t],
+                                                "kept": generated[t] - sum(dropped.get(t, {}).values()),
+                                                "dropped": dropped.get(t, {})} for t in ps.tasks}}
+    pj = run.step("problems", make_problems, "01",
+                  params=cfg | {"dtype": str(dtype), "single_token_only": opts["single_token_only"],
+                                "template": tparams, "data_dir": opts["data_dir"]})
+    problems = ProblemSet.from_json(pj)
+    per_task = pj.get("per_task", {})
     run.record("data", {"n_train": len(problems.train), "n_val": len(problems.val), "seed": seed,
                         "tasks": list(problems.tasks), "heldout_partition": problems.heldout,
-                        "single_token_only": single_token_only, "template": dataclasses.asdict(tmpl),
-                        "dropped_multi_token": n_train + n_val - len(problems.train) - len(problems.val),
+                        "single_token_only": opts["single_token_only"], "template": tparams,
+                        "position": opts["position"], "cot": opts["cot"], "per_task": per_task,
+                        "dropped": n_train + n_val - len(problems.train) - len(problems.val),
                         "hash": stable_hash(str([p.compact for p in problems.train + problems.val]))})
-    enc = {s: encode(model, problems.split(s), tmpl) for s in ("train", "val")}
-    labels = {s: run.step(f"labels_{s}", lambda s=s: label(model, enc[s], batch_size, progress), "01",
-                          deps=["problems"], validate=expect_rows(len(enc[s]), ["correct"]))
-              for s in ("train", "val")}
-    return Setup(run, model, problems, tmpl, enc, labels, batch_size)
+    empty = {t: v for t, v in per_task.items() if v["kept"] == 0}
+    if empty:
+        raise ValueError(
+            f"task(s) {sorted(empty)} kept no problem for model {cfg['model']!r}: {empty}. "
+            "too_long: prompts longer than the model's context (use fewer shots, n_shots=...); "
+            "multi_token_answer: single_token_only=True drops answers of several tokens (set it "
+            "to False); untokenizable_answer: the tokenizer cannot write the answer. Or leave the "
+            "task out (tasks=[...]).")
+    prompt_enc = {s: encode(model, problems.split(s), tmpl) for s in ("train", "val")}
+    lparams = {"position": opts["position"], "cot": opts["cot"], "cot_max_tokens": opts["cot_max_tokens"]}
+    if opts["cot"]:
+        from . import cot as C
+
+        gen_tmpl = dataclasses.replace(tmpl, space="keep")
+        labels, enc = {}, {}
+        for s in ("train", "val"):
+            gens = C.generate_cached(run, f"cot_generations_{s}", model, encode(model, problems.split(s), gen_tmpl),
+                                     int(opts["cot_max_tokens"]), min(batch_size, 16), progress,
+                                     params={"cot_max_tokens": opts["cot_max_tokens"]}, deps=["problems"])
+
+            def lab_cot(s: str = s, gens: list = gens) -> pd.DataFrame:
+                return C.cot_labels(model, problems.split(s), tmpl, gens, batch_size, opts["position"], progress)[0]
+            labels[s] = run.step(f"labels_{s}", lab_cot, "01", params=lparams, deps=[f"cot_generations_{s}"],
+                                 validate=expect_rows(len(problems.split(s)), ["correct"]))
+            prompt_enc[s] = C.reasoning_encoded(model, problems.split(s), tmpl, gens)[0]
+            enc[s] = prompt_enc[s].analysis_view(labels[s].decide_k.values)
+    else:
+        labels = {s: run.step(f"labels_{s}", lambda s=s: label(model, prompt_enc[s], batch_size, progress,
+                                                               position=opts["position"]),
+                              "01", params=lparams, deps=["problems"],
+                              validate=expect_rows(len(prompt_enc[s]), ["correct"]))
+                  for s in ("train", "val")}
+        enc = {s: prompt_enc[s].analysis_view(labels[s].decide_k.values) for s in ("train", "val")}
+    return Setup(run, model, problems, tmpl, enc, labels, batch_size, prompt_enc)
+
+
+def per_task_table(setup: Setup) -> pd.DataFrame:
+    """Per task: problems generated, kept (and why others were dropped), validation accuracy."""
+    per = setup.run.manifest.get("data", {}).get("per_task", {})
+    acc = accuracy_table(setup.labels["val"], setup.problems.val)
+    rows = []
+    for t, v in per.items():
+        rows.append({"task": t, "generated": v["generated"], "kept": v["kept"],
+                     "kept_share": v["kept"] / max(v["generated"], 1),
+                     "dropped": ", ".join(f"{k}: {n}" for k, n in v.get("dropped", {}).items()) or "",
+                     "val_accuracy": acc.loc[t, "accuracy"] if t in acc.index else float("nan")})
+    return pd.DataFrame(rows).set_index("task")
 
 
 def accuracy(setup: Setup) -> pd.DataFrame:
@@ -101,5 +223,6 @@ def error_breakdown(setup: Setup, split: str = "val") -> pd.DataFrame:
 
 
 def difficulty(p: Any) -> Any:
-    """Largest operand's digit count (arithmetic, comparison, algebra) or formula depth (logic)."""
-    return p.meta.get("max_digits", p.meta.get("depth"))
+    """Largest operand's digit count (arithmetic, comparison, algebra), formula depth (logic) or
+    number of operations of the reference solution (word problems)."""
+    return p.meta.get("max_digits", p.meta.get("depth", p.meta.get("n_steps")))

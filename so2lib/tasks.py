@@ -1,4 +1,4 @@
-"""Seeded math/logic problem generators, prompt templates and the GSM8K loader.
+"""Seeded math/logic problem generators, word-problem loaders (GSM8K, SVAMP, MAWPS) and prompt templates.
 
 A :class:`Problem` is template-free: it carries a compact form (``"12 + 7 ="``), a natural
 question (``"What is 12 + 7?"``), the gold answer as text (``"19"``), the task name and
@@ -9,14 +9,18 @@ answer continuation is always ``" " + answer`` so that GPT-2-style tokenizers se
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import os
 import random
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 TASKS = ("addition", "subtraction", "multiplication", "comparison", "algebra", "logic")
+# Word-problem tasks read from files (``../shared/data`` layout, or ``$SO2LIB_DATA``): see :func:`load_word_task`.
+WORD_TASKS = ("gsm8k", "svamp", "mawps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,15 +251,18 @@ def _draw(task: str, n: int, rng: random.Random, seen: set[str],
 
 
 def make_problem_set(n_train: int = 5000, n_val: int = 500, seed: int = 0,
-                     tasks: Sequence[str] = TASKS, heldout: bool = True) -> ProblemSet:
+                     tasks: Sequence[str] = TASKS, heldout: bool = True,
+                     data_dir: str | Path | None = None) -> ProblemSet:
     """Draw ``n_train`` + ``n_val`` distinct problems, split evenly over ``tasks``.
 
     ``heldout=True`` keeps only problems the embedded model was not trained on (see
-    :func:`is_heldout`); it costs nothing for other models. Same seed, same problems.
+    :func:`is_heldout`); it costs nothing for other models. Word-problem tasks
+    (:data:`WORD_TASKS`) draw validation problems from their dataset's test split and
+    training problems from its training split (:func:`load_word_task`). Same seed, same problems.
     """
-    unknown = [t for t in tasks if t not in GENERATORS]
+    unknown = [t for t in tasks if t not in GENERATORS and t not in WORD_TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; choose from {list(GENERATORS)}")
+        raise ValueError(f"unknown task(s) {unknown}; choose from {list(GENERATORS) + list(WORD_TASKS)}")
     if not tasks or n_train < 0 or n_val < 0:
         raise ValueError("need at least one task and non-negative problem counts")
     rng = random.Random(seed)
@@ -264,6 +271,14 @@ def make_problem_set(n_train: int = 5000, n_val: int = 500, seed: int = 0,
     val: list[Problem] = []
     for i, task in enumerate(tasks):
         share = lambda n: n // len(tasks) + (1 if i < n % len(tasks) else 0)  # noqa: E731
+        if task in WORD_TASKS:
+            shots = {s.compact for s in shot_pool(task, data_dir)}
+            for split, n, out in (("test", share(n_val), val), ("train", share(n_train), train)):
+                pool = [p for p in load_word_task(task, split, data_dir) if p.compact not in shots]
+                if n > len(pool):
+                    raise ValueError(f"{task} has {len(pool)} {split} problems, fewer than the {n} asked for; ask for fewer")
+                out += random.Random(seed + stable_hash(task + split) % 10**6).sample(pool, n)
+            continue
         seen: set[str] = set()
         val += _draw(task, share(n_val), rng, seen, keep)
         train += _draw(task, share(n_train), rng, seen, keep)
@@ -279,28 +294,58 @@ class Template:
 
     ``style="compact"`` renders ``"12 + 7 ="`` (the embedded model's format).
     ``style="fewshot"`` renders ``n_shots`` solved examples of the same task in a
-    ``Q: ...\\nA: ...`` format that GPT-2 and Pythia follow, then the question.
+    ``Q: ...\\nA: ...`` format that GPT-2 and Pythia follow, then the question (word problems
+    take their examples from their dataset's training split, never from the problem set).
+    ``style="cot"`` is the same with worked solutions that end in ``The answer is N.``
+    (chain-of-thought, see :mod:`so2lib.cot`).
+
+    Tokenizer-facing options (applied by :func:`so2lib.labels.encode`):
+    ``chat``: wrap the question in the tokenizer's chat template (user turn; the assistant turn
+    starts with ``A:``); ``space="auto"``: a whitespace token the tokenizer writes before the
+    answer goes to the end of the prompt (``"keep"``: leave it in the answer);
+    ``bos``: ``"auto"`` (the model's document-start token when it was trained with one), True, False.
     """
 
     style: str = "compact"
     n_shots: int = 3
     shot_seed: int = 1234
+    chat: bool = False
+    space: str = "auto"
+    bos: Any = "auto"
+
+    def shots(self, p: Problem) -> list[Problem]:
+        """The solved examples shown before ``p`` (same task, never ``p`` itself)."""
+        if p.task in WORD_TASKS:
+            pool = shot_pool(p.task)
+            rng = random.Random(self.shot_seed)
+            cands = [s for s in rng.sample(pool, min(len(pool), self.n_shots + 1)) if s.compact != p.compact]
+            return cands[: self.n_shots]
+        rng = random.Random(self.shot_seed + stable_hash(p.task) % 1000)
+        shots: list[Problem] = []
+        while len(shots) < self.n_shots and p.task in GENERATORS:
+            s = GENERATORS[p.task](rng)
+            if s.compact != p.compact:
+                shots.append(s)
+        return shots
+
+    def _body(self, p: Problem) -> str:
+        if self.style == "cot":
+            return "".join(f"Q: {s.question}\nA: {solution_text(s)} The answer is {s.answer}.\n\n"
+                           for s in self.shots(p))
+        return "".join(f"Q: {s.question}\nA: {s.answer}\n\n" for s in self.shots(p))
 
     def render(self, p: Problem) -> str:
         if self.style == "compact":
             return p.compact
-        if self.style == "fewshot":
-            rng = random.Random(self.shot_seed + stable_hash(p.task) % 1000)
-            shots = []
-            while len(shots) < self.n_shots:
-                s = GENERATORS[p.task](rng) if p.task in GENERATORS else None
-                if s is None:
-                    break
-                if s.compact != p.compact:
-                    shots.append(s)
-            body = "".join(f"Q: {s.question}\nA: {s.answer}\n\n" for s in shots)
-            return body + f"Q: {p.question}\nA:"
-        raise ValueError(f"unknown template style {self.style!r}; use 'compact' or 'fewshot'")
+        if self.style in ("fewshot", "cot"):
+            return self._body(p) + f"Q: {p.question}\nA:"
+        raise ValueError(f"unknown template style {self.style!r}; use 'compact', 'fewshot' or 'cot'")
+
+    def chat_parts(self, p: Problem) -> tuple[str, str]:
+        """``(user message, start of the assistant's reply)`` for chat models."""
+        if self.style == "compact":
+            return p.compact, ""
+        return self._body(p) + f"Q: {p.question}", "A:"
 
     @staticmethod
     def answer_text(p: Problem) -> str:
@@ -312,9 +357,10 @@ def template_for(model_name: str | None) -> Template:
     return Template("compact") if model_name in (None, "embedded") else Template("fewshot")
 
 
-# ----------------------------------------------------------------------------- GSM8K
+# ----------------------------------------------------------------------------- word problems
 
 _GSM_ANSWER = re.compile(r"####\s*(-?[\d,]+(?:\.\d+)?)")
+_CALC = re.compile(r"<<[^>]*>>")
 
 
 def gsm8k_final_answer(solution: str) -> str:
@@ -325,13 +371,67 @@ def gsm8k_final_answer(solution: str) -> str:
     return m.group(1).replace(",", "")
 
 
-def _gsm_problems(rows: Iterable[dict[str, Any]]) -> list[Problem]:
+def format_number(x: float | int | str) -> str | None:
+    """A number as a direct answer: ``8.0`` -> ``"8"``, ``2.5`` -> ``"2.5"``; ``None`` when it
+    needs more than 2 decimals (``1.1666...``: no short answer to check exactly)."""
+    v = float(x)
+    if v == int(v):
+        return str(int(v))
+    r = round(v, 2)
+    return None if abs(r - v) > 1e-9 else f"{r:.2f}".rstrip("0")
+
+
+def solution_text(p: Problem) -> str:
+    """A worked solution for chain-of-thought examples (without the final answer sentence)."""
+    sol = p.meta.get("solution")
+    if sol:
+        body = _CALC.sub("", sol.split("####")[0]).strip()
+        return " ".join(body.split())
+    if "equation" in p.meta:
+        return f"We compute {p.meta['equation']} = {p.answer}."
+    return f"We compute {p.compact.rstrip(' =;')} step by step."
+
+
+def default_data_dir() -> Path:
+    """``$SO2LIB_DATA``, else the first ``shared/data`` beside the repository or one of its
+    parent folders (``../shared/data`` from the repository root in the usual layout)."""
+    env = os.environ.get("SO2LIB_DATA")
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parents[1]
+    for d in root.parents:
+        if (d / "shared" / "data").is_dir():
+            return d / "shared" / "data"
+    return root.parent / "shared" / "data"
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed record (not JSON: {e.msg}); fix or remove that line") from e
+    if not rows:
+        raise ValueError(f"{path} holds no problems (empty file); pass a GSM8K JSONL file")
+    return rows
+
+
+def _gsm_problems(rows: Iterable[tuple[str, dict[str, Any]]]) -> list[Problem]:
     out = []
-    for i, r in enumerate(rows):
-        ans = gsm8k_final_answer(r["answer"])
-        q = r["question"].strip()
-        out.append(Problem("gsm8k", q + " Answer:", q, ans, {"index": i, "solution": r["answer"],
-                                                             "answer_value": float(ans)}))
+    for i, (where, r) in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
+            raise ValueError(f"{where}: malformed GSM8K record: needs string fields 'question' and 'answer'")
+        try:
+            ans = gsm8k_final_answer(r["answer"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        q = " ".join(r["question"].split())
+        out.append(Problem("gsm8k", q, q, ans, {"index": i, "source": where, "solution": r["answer"],
+                                                "answer_value": float(ans), "n_steps": r["answer"].count("<<")}))
     return out
 
 
@@ -341,7 +441,8 @@ def load_gsm8k(split: str = "test", path: str | Path | None = None, limit: int |
     ``path``: a local JSONL file (``{"question", "answer"}`` per line, as in the original
     release) or a folder holding ``{split}.jsonl``. Without ``path`` it uses
     ``datasets.load_dataset("openai/gsm8k", "main")``, which needs the hub or its cache;
-    offline it fails with a message that says to pass ``path``.
+    offline it fails with a message that says to pass ``path``. A malformed record is named
+    by file and line; an empty file is refused.
     """
     if path is not None:
         path = Path(path)
@@ -350,13 +451,13 @@ def load_gsm8k(split: str = "test", path: str | Path | None = None, limit: int |
         if not path.exists():
             raise FileNotFoundError(f"GSM8K file {path} not found; pass the path of a JSONL file "
                                     "with 'question' and 'answer' fields")
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = [(f"{path}:{n}", r) for n, r in _read_jsonl(path)]
     else:
         try:
             import datasets
 
-            rows = list(datasets.load_dataset("openai/gsm8k", "main", split=split))
+            rows = [(f"openai/gsm8k[{split}][{i}]", r)
+                    for i, r in enumerate(datasets.load_dataset("openai/gsm8k", "main", split=split))]
         except Exception as e:  # offline, no cache
             raise RuntimeError(
                 "could not load GSM8K from the Hugging Face hub (offline and not cached?): "
@@ -365,3 +466,80 @@ def load_gsm8k(split: str = "test", path: str | Path | None = None, limit: int |
     if limit is not None:
         rows = rows[:limit]
     return _gsm_problems(rows)
+
+
+def _read_json_list(path: Path, what: str) -> list[Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file {path} not found; put the {what} files in the "
+                                "../shared/data layout (see its SOURCE.md) or set SO2LIB_DATA")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: malformed {what} file ({e.msg})") from e
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path} holds no {what} problems (expected a non-empty JSON list)")
+    return data
+
+
+def _numeric_problems(task: str, path: Path, data: list[Any], fields: tuple[str, str, str]) -> list[Problem]:
+    """SVAMP/MAWPS records -> problems; answers that need more than 2 decimals are skipped."""
+    qf, ef, af = fields
+    out = []
+    for i, r in enumerate(data):
+        if not isinstance(r, dict) or af not in r or (qf not in r and task != "svamp"):
+            raise ValueError(f"{path}: record {i} is malformed (needs fields {fields})")
+        q = (r["Body"].strip().rstrip(".") + ". " + r["Question"].strip()) if task == "svamp" else r[qf]
+        q = " ".join(str(q).split())
+        ans = format_number(r[af])
+        if ans is None:
+            continue
+        eq = str(r.get(ef, ""))
+        out.append(Problem(task, q, q, ans, {"index": i, "source": f"{path}[{i}]", "equation": eq,
+                                             "answer_value": float(r[af]),
+                                             "n_steps": sum(eq.count(o) for o in "+-*/")}))
+    return out
+
+
+def load_svamp(split: str = "test", path: str | Path | None = None) -> list[Problem]:
+    """SVAMP (1000 problems, one file): a fixed 700/300 train/test partition by problem hash."""
+    folder = Path(path) if path is not None else default_data_dir() / "svamp"
+    f = folder / "SVAMP.json" if folder.is_dir() or not folder.suffix else folder
+    probs = _numeric_problems("svamp", f, _read_json_list(f, "SVAMP"), ("Question", "Equation", "Answer"))
+    in_test = lambda p: stable_hash(p.compact) % 10 < 3  # noqa: E731
+    return [p for p in probs if in_test(p) == (split == "test")]
+
+
+def load_mawps(split: str = "test", path: str | Path | None = None) -> list[Problem]:
+    """MAWPS (MWPToolkit split): ``trainset.json`` for ``train``, ``testset.json`` + ``validset.json`` for ``test``."""
+    folder = Path(path) if path is not None else default_data_dir() / "mawps"
+    files = ["trainset.json"] if split == "train" else ["testset.json", "validset.json"]
+    out: list[Problem] = []
+    for name in files:
+        f = folder / name
+        out += _numeric_problems("mawps", f, _read_json_list(f, "MAWPS"), ("original_text", "equation", "ans"))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cached(task: str, split: str, data_dir: str | None) -> tuple[Problem, ...]:
+    d = Path(data_dir) if data_dir else default_data_dir()
+    if task == "gsm8k":
+        folder = d / "gsm8k"
+        return tuple(load_gsm8k(split, folder) if folder.exists() or data_dir else load_gsm8k(split))
+    if task == "svamp":
+        return tuple(load_svamp(split, d / "svamp"))
+    if task == "mawps":
+        return tuple(load_mawps(split, d / "mawps"))
+    raise ValueError(f"{task!r} is not a word-problem task; choose from {WORD_TASKS}")
+
+
+def load_word_task(task: str, split: str, data_dir: str | Path | None = None) -> list[Problem]:
+    """The problems of word task ``task`` (``"gsm8k"``, ``"svamp"``, ``"mawps"``), ``split``
+    ``"train"`` or ``"test"``, from ``data_dir`` (default :func:`default_data_dir`)."""
+    return list(_load_cached(task, split, None if data_dir is None else str(data_dir)))
+
+
+def shot_pool(task: str, data_dir: str | Path | None = None, n: int = 16) -> list[Problem]:
+    """The few-shot examples of a word task: ``n`` fixed training problems, never drawn as problems."""
+    probs = load_word_task(task, "train", data_dir)
+    return random.Random(stable_hash(task)).sample(probs, min(n, len(probs)))

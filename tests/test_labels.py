@@ -35,9 +35,22 @@ def test_teacher_forced_labels_equal_greedy_generation(arch, tiny_dirs, tiny_mod
     expect = [gen == gold for gen, gold in zip(generated, golds)]
     assert lab.correct.tolist() == expect
     assert sum(expect) == 8
-    # the first-token fields agree with generation too
-    assert (lab.pred_token.values == [g[0] for g in generated]).all()
+    # the deciding token is where generation leaves the gold answer (or, when correct, the
+    # smallest margin), and its fields agree with generation
+    first_diff = [next((k for k, (a, b) in enumerate(zip(gen, gold)) if a != b), None)
+                  for gen, gold in zip(generated, golds)]
+    for r, (gen, fd) in enumerate(zip(generated, first_diff)):
+        if fd is not None:
+            assert lab.decide_k[r] == fd and lab.first_wrong[r] == fd
+        assert lab.pred_token[r] == gen[lab.decide_k[r]]
+        assert lab.gold_token[r] == golds[r][lab.decide_k[r]]
+        assert lab.answer_pos[r] == len(prompts[r]) - 1 + lab.decide_k[r]
     assert ((lab.logit_diff > 0) == (lab.pred_token == lab.gold_token)).all()
+    assert (lab.logit_diff >= lab.margin_min).all()
+    # "first" keeps today's first-token reading
+    first = label(model, enc, batch_size=7, progress=False, position="first")
+    assert (first.pred_token.values == [g[0] for g in generated]).all()
+    assert (first.correct == lab.correct).all() and (first.decide_k == 0).all()
 
 
 def test_padding_does_not_change_labels(tiny_models):

@@ -2,10 +2,12 @@ import json
 
 import pytest
 
-from so2lib.tasks import (GENERATORS, TASKS, Problem, Template, gsm8k_final_answer, is_heldout, load_gsm8k,
-                          make_problem_set)
+from so2lib.tasks import (GENERATORS, TASKS, WORD_TASKS, Problem, Template, default_data_dir, format_number,
+                          gsm8k_final_answer, is_heldout, load_gsm8k, load_mawps, load_svamp, load_word_task,
+                          make_problem_set, shot_pool)
 
-from conftest import SHARED_DATA
+SHARED_DATA = default_data_dir()  # ../shared/data (or $SO2LIB_DATA)
+HAVE_DATA = all((SHARED_DATA / t).is_dir() for t in WORD_TASKS)
 
 
 def digit_sum(n: int) -> int:
@@ -123,7 +125,7 @@ def test_gsm8k_loader_on_shared_data():
         rows = [json.loads(line) for line in f if line.strip()]
     assert len(ps) == len(rows) > 1000
     for p, r in zip(ps[:50], rows[:50]):
-        assert p.question == r["question"].strip()
+        assert p.question == " ".join(r["question"].split())
         assert p.answer == r["answer"].split("####")[-1].strip().replace(",", "")
         float(p.answer)
     assert ps[0].answer == "18"
@@ -133,3 +135,61 @@ def test_gsm8k_loader_on_shared_data():
 def test_gsm8k_missing_file_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="JSONL"):
         load_gsm8k("test", path=tmp_path)
+
+
+def test_gsm8k_malformed_record_named_by_file_and_line(tmp_path):
+    f = tmp_path / "test.jsonl"
+    good = json.dumps({"question": "q", "answer": "1+1=2\n#### 2"})
+    f.write_text(good + "\n\n" + '{"question": "q", "answer": ' + "\n")
+    with pytest.raises(ValueError, match=r"test.jsonl:3: malformed record"):
+        load_gsm8k("test", path=tmp_path)
+    f.write_text(good + "\n" + json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(ValueError, match=r"test.jsonl:2: malformed GSM8K record"):
+        load_gsm8k("test", path=f)
+    f.write_text(good + "\n" + json.dumps({"question": "q", "answer": "no final answer"}) + "\n")
+    with pytest.raises(ValueError, match=r"test.jsonl:2: no '#### N'"):
+        load_gsm8k("test", path=f)
+    f.write_text("\n  \n")
+    with pytest.raises(ValueError, match="empty file"):
+        load_gsm8k("test", path=f)
+
+
+def test_svamp_mawps_bad_files(tmp_path):
+    (tmp_path / "SVAMP.json").write_text("[]")
+    with pytest.raises(ValueError, match="holds no SVAMP"):
+        load_svamp("test", tmp_path)
+    (tmp_path / "SVAMP.json").write_text('[{"Body": "a",\n "Question": }]')
+    with pytest.raises(ValueError, match=r"SVAMP.json:2: malformed"):
+        load_svamp("test", tmp_path)
+    (tmp_path / "SVAMP.json").write_text('[{"Body": "a", "Question": "b"}]')
+    with pytest.raises(ValueError, match="record 0 is malformed"):
+        load_svamp("test", tmp_path)
+    with pytest.raises(FileNotFoundError, match="SO2LIB_DATA"):
+        load_mawps("test", tmp_path)
+
+
+def test_format_number():
+    assert format_number(8.0) == "8" and format_number(2.5) == "2.5" and format_number(0.25) == "0.25"
+    assert format_number(1.1666666666666667) is None and format_number("-3") == "-3"
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="shared word-problem data absent")
+def test_word_tasks_from_shared_data():
+    sizes = {t: (len(load_word_task(t, "train")), len(load_word_task(t, "test"))) for t in WORD_TASKS}
+    assert sizes["gsm8k"] == (7473, 1319)
+    assert sum(sizes["svamp"]) == 1000  # no SVAMP answer needs more than 2 decimals
+    assert 2000 < sum(sizes["mawps"]) <= 2373
+    ps = make_problem_set(30, 12, seed=1, tasks=("addition",) + WORD_TASKS)
+    again = make_problem_set(30, 12, seed=1, tasks=("addition",) + WORD_TASKS)
+    assert [p.compact for p in ps.train + ps.val] == [p.compact for p in again.train + again.val]
+    for t in WORD_TASKS:
+        tr = {p.compact for p in ps.train if p.task == t}
+        va = {p.compact for p in ps.val if p.task == t}
+        shots = {p.compact for p in shot_pool(t)}
+        assert len(tr) in (7, 8) and len(va) == 3 and not (tr & va) and not (shots & (tr | va))
+        p = next(p for p in ps.val if p.task == t)
+        text = Template("fewshot", n_shots=2).render(p)
+        assert text.count("Q: ") == 3 and text.endswith(f"Q: {p.question}\nA:")
+        cot = Template("cot", n_shots=2).render(p)
+        assert cot.count("The answer is") == 2
+        float(p.answer)
