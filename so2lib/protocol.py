@@ -78,7 +78,7 @@ def fit_pc1(top: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def fit_layer(model: Any, enc_train: Encoded, layer: int, share: float = 0.02, batch_size: int = 64,
-              weights: LayerWeights | None = None) -> dict[str, torch.Tensor]:
+              weights: LayerWeights | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """Training-split statistics of every neuron of ``layer``: mean coefficients ``mean [K, n]``,
     significance thresholds ``threshold [n]`` (k-th largest centred-effect norm, ``k = max(1,
     round(share N))``), PC1 ``v [K, n]`` of the top-``max(2, k)`` centred effects and its share
@@ -101,8 +101,14 @@ def fit_layer(model: Any, enc_train: Encoded, layer: int, share: float = 0.02, b
     ktop = min(N, max(2, k))
     top = torch.stack([dc[order[:ktop, j], :, j] for j in range(dc.shape[2])], -1)  # [ktop, K, n]
     v, pshare = fit_pc1(top, G)
-    return {"mean": mean, "threshold": threshold, "v": v, "pc1_share": pshare, "energy": energy, "G": G,
-            "coef_train": c}
+    # null: each head's coefficients shuffled across problems independently (breaks head co-variation)
+    gen = torch.Generator().manual_seed(seed)
+    sh = torch.stack([dc[torch.randperm(N, generator=gen), k] for k in range(dc.shape[1])], 1)
+    order_sh = quad(sh, G).argsort(0, descending=True)
+    top_sh = torch.stack([sh[order_sh[:ktop, j], :, j] for j in range(sh.shape[2])], -1)
+    _, pshare_sh = fit_pc1(top_sh, G)
+    return {"mean": mean, "threshold": threshold, "v": v, "pc1_share": pshare, "pc1_share_shuffled": pshare_sh,
+            "energy": energy, "G": G}
 
 
 @torch.no_grad()
