@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Any, Callable, Sequence
 
@@ -27,31 +26,11 @@ from .effects import load_effects
 from .labels import encode, label
 from .second_order import SecondOrderEngine
 from .selection import load_selection
+from .stats import benjamini_hochberg, wilson_interval  # noqa: F401  (re-exported)
 from .study import Setup, difficulty
 from .tasks import Problem, Template, arithmetic_problem
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    """BH-adjusted p-values (scipy's ``false_discovery_control``); reject where ``<= q``."""
-    p = np.asarray(p, dtype=float)
-    out = np.full_like(p, np.nan)
-    ok = ~np.isnan(p)
-    if ok.any():
-        out[ok] = stats.false_discovery_control(p[ok], method="bh")
-    return out
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion ``k / n``."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    ph = k / n
-    den = 1 + z * z / n
-    centre = (ph + z * z / (2 * n)) / den
-    half = z * math.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n)) / den
-    return (centre - half, centre + half)
 
 
 def separating_neurons(effects: np.ndarray, correct: np.ndarray, q: float = 0.05) -> pd.DataFrame:

@@ -40,14 +40,24 @@ from .study import Setup
 PROJECTED = ("second_ld", "second_cd", "direct_ld", "direct_cd")
 
 
-def correctness_direction(final_normed: torch.Tensor, correct: torch.Tensor | np.ndarray) -> torch.Tensor:
+def correctness_direction(final_normed: torch.Tensor, correct: torch.Tensor | np.ndarray,
+                          tasks: Any = None) -> torch.Tensor:
     """``d = mean(correct) - mean(incorrect)`` of final normalized residuals ``[n, d_model]`` at T.
 
-    Pass training-split values only. Raises when either class is empty.
+    ``tasks`` (``[n]`` labels): residuals are first centred within each task (its mean removed),
+    so that a task whose accuracy differs from the others does not turn ``d`` into a task
+    direction. Pass training-split values only. Raises when either class is empty.
     """
     c = torch.tensor(np.asarray(correct), dtype=torch.bool)
     check_classes(c, "the training split (correctness direction)")
-    return final_normed[c].mean(0) - final_normed[~c].mean(0)
+    x = final_normed
+    if tasks is not None:
+        t = np.asarray(tasks)
+        x = x.clone()
+        for name in np.unique(t):
+            m = torch.as_tensor(t == name)
+            x[m] = x[m] - x[m].mean(0)
+    return x[c].mean(0) - x[~c].mean(0)
 
 
 def _row_digests(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -198,9 +208,11 @@ def second_order_phase(setup: Setup, ov_rank: int | None = None, progress: bool 
 
     def direction() -> dict[str, Any]:
         acts = answer_activations(model, setup.enc["train"], [], bs, progress)
-        return {"d": correctness_direction(acts["final_normed"], setup.labels["train"].correct.values),
+        tasks = [p.task for p in setup.problems.train]
+        return {"d": correctness_direction(acts["final_normed"], setup.labels["train"].correct.values, tasks),
                 "final_normed_train": acts["final_normed"], "final_resid_train": acts["final_resid"]}
-    cd = run.step("correctness_direction", direction, "02", deps=["labels_train"])
+    cd = run.step("correctness_direction", direction, "02", params={"centred_within_task": True},
+                  deps=["labels_train"])
     engine = SecondOrderEngine(model, correctness_dir=cd["d"], ov_rank=ov_rank)
     for split in ("train", "val"):
         key = run.key_for(f"effects_{split}", {"ov_rank": ov_rank},

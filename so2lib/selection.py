@@ -33,9 +33,10 @@ def ablation_hook(value: torch.Tensor | None):
     return hook
 
 
-def layer_ablation(model: Any, enc_val: Encoded, means: torch.Tensor, clean: pd.DataFrame,
+def layer_ablation(model: Any, enc: Encoded, means: torch.Tensor, clean: pd.DataFrame,
                    batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
-    """Accuracy and mean logit difference on ``enc_val`` with each MLP layer mean- or zero-ablated.
+    """Accuracy and mean logit difference on ``enc`` (pass the training split when the result
+    chooses layers) with each MLP layer mean- or zero-ablated.
 
     Returns one row per (layer, kind) with ``accuracy``, ``mean_logit_diff`` and the drops from
     the clean run ``clean`` (the labels of the same problems).
@@ -43,7 +44,7 @@ def layer_ablation(model: Any, enc_val: Encoded, means: torch.Tensor, clean: pd.
     rows = []
     for l in range(model.cfg.n_layers):
         for kind, value in (("mean", means[l]), ("zero", None)):
-            lab = label(model, enc_val, batch_size, progress=False,
+            lab = label(model, enc, batch_size, progress=False,
                         hooks=[(M.mlp_out(l), ablation_hook(value))])
             rows.append({"layer": l, "kind": kind, "accuracy": lab.correct.mean(),
                          "mean_logit_diff": lab.logit_diff.mean(),
@@ -125,9 +126,10 @@ def setup_and_selection(setup: Setup, top_k_layers: int = 2, top_n_neurons: int 
     acc = run.step("accuracy", lambda: accuracy(setup), "01", deps=["labels_train", "labels_val"])
     means = run.step("mlp_out_means", lambda: mlp_out_means(model, setup.enc["train"], bs, progress), "01",
                      deps=["problems"])
+    # critical layers are chosen on the training split (no leakage into the validation claims)
     ablation = run.step("layer_ablation", lambda: layer_ablation(
-        model, setup.enc["val"], means, setup.labels["val"], bs, progress), "01",
-        deps=["mlp_out_means", "labels_val"])
+        model, setup.enc["train"], means, setup.labels["train"], bs, progress), "01",
+        params={"split": "train"}, deps=["mlp_out_means", "labels_train"])
     crit = critical_layers(ablation, top_k_layers, n_layers=model.cfg.n_layers)
     scores = run.step("neuron_scores", lambda: neuron_scores(
         model, setup.enc["train"], setup.labels["train"], None, bs, progress), "01", deps=["labels_train"])

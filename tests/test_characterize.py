@@ -8,7 +8,6 @@ from so2lib import characterize as C
 from so2lib import models as M
 from so2lib.capture import capture_batch
 from so2lib.labels import encode, label
-from so2lib.characterize import validate_results
 from so2lib.second_order import SecondOrderEngine
 from so2lib.tasks import make_problem_set
 
@@ -142,7 +141,20 @@ def test_effect_budget_total_and_direct_parts(tiny_models):
     assert df.r2.iloc[0] <= 1.0
 
 
-def test_validation_table_reports_and_does_not_raise():
-    t = validate_results({"share of problems per neuron": 0.5, "PC1 variance": 0.9})
-    assert list(t["pass"][:3]) == [False, None, True]
-    assert len(t) == 4
+def test_validation_row_verdicts():
+    assert C.validation_row("m", 0.5, (0.4, 0.6), 0.1, 0.3, "h")["verdict"] == "pass"
+    assert C.validation_row("m", 0.5, (0.05, 0.6), 0.1, 0.3, "h")["verdict"] == "fail"
+    r = C.validation_row("m", float("nan"), (float("nan"),) * 2, 0.0, 0.8, "h", reason="no drop")
+    assert r["verdict"] == "not testable" and "no drop" in r["how"]
+
+
+def test_sparsity_check_dense_fails_planted_sparse_passes():
+    rng = np.random.default_rng(0)
+    tr = rng.normal(size=(500, 3, 8)).astype(np.float32)
+    dense = rng.normal(size=(500, 3, 8)).astype(np.float32)
+    r = C.sparsity_check({1: tr}, {1: dense}, {1: 8})
+    assert C.validation_row("s", r["measured"], r["ci"], r["null"], 0.2, "h")["verdict"] == "fail"
+    sparse = 0.01 * dense
+    sparse[:10] += 20 * rng.normal(size=(10, 3, 8)).astype(np.float32)
+    r = C.sparsity_check({1: tr * 0.01}, {1: sparse}, {1: 8})
+    assert C.validation_row("s", r["measured"], r["ci"], r["null"], 0.2, "h")["verdict"] == "pass"

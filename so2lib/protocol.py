@@ -1,0 +1,189 @@
+"""CLIP's ablation protocol (Gandelsman et al., ``compute_ablations.py``) for ALL neurons of a
+layer, memory-bounded through each neuron's K x K coefficient covariance.
+
+Neuron ``n`` of layer ``l``: ``phi_n = sum_k c_k M_nk`` with ``c [K]`` its per-problem
+coefficients (:func:`second_order.coefficients`) and ``M_nk = (w_n W_V[k]) W_O[k]`` in
+``R^d_model``. So ``||phi_n||^2 = c^T G_n c`` with ``G_n = M_n M_n^T [K, K]``, and principal
+components live in the K-dim coefficient space under the metric ``G_n``. A residual edit
+``sum_n sum_k x[k, n] M_nk`` is computed as ``sum_k ((x[:, k, :] @ W_out) @ W_V[k]) @ W_O[k]``,
+never forming ``M`` for all neurons at once.
+
+Everything fitted (coefficient means, significance thresholds, PC1) comes from the training
+split; :func:`layer_protocol` measures on the validation split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import models as M
+from .capture import capture_batch
+from .labels import Encoded
+from .second_order import coefficients
+from .stats import paired_bootstrap, mcnemar_exact
+
+
+class LayerWeights:
+    """Weight-only factors of one source layer: ``W_out [n, dm]``, ``W_V [K, dm, dh]``, ``W_O [K, dh, dm]``."""
+
+    def __init__(self, model: Any, layer: int):
+        self.layer = layer
+        self.W_out = model.W_out.detach().float()[layer]
+        self.W_V = M.value_weights_per_query_head(model).detach().float()[layer + 1:].flatten(0, 1)
+        self.W_O = model.W_O.detach().float()[layer + 1:].flatten(0, 1)
+        self.K = self.W_V.shape[0]
+
+    def edit(self, x: torch.Tensor) -> torch.Tensor:
+        """``[b, dm]`` = ``sum_n sum_k x[b, k, n] M_nk`` for coefficients ``x [b, K, n]``."""
+        z = torch.einsum("bkn,nm->bkm", x, self.W_out.to(x.device))
+        z = torch.einsum("bkm,kmh->bkh", z, self.W_V.to(x.device))
+        return torch.einsum("bkh,khd->bd", z, self.W_O.to(x.device))
+
+    def gram(self, chunk: int = 256) -> torch.Tensor:
+        """``G [n, K, K]``, ``G_n = M_n M_n^T``, built ``chunk`` neurons at a time."""
+        out = []
+        for s in range(0, self.W_out.shape[0], chunk):
+            Mn = torch.einsum("nm,kmh,khd->nkd", self.W_out[s:s + chunk], self.W_V, self.W_O)
+            out.append(Mn @ Mn.transpose(1, 2))
+        return torch.cat(out)
+
+
+def quad(c: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``[b, n]`` squared effect norms ``c_n^T G_n c_n`` for coefficients ``c [b, K, n]``."""
+    return torch.einsum("bkn,nkj,bjn->bn", c, G, c).clamp_min(0)
+
+
+def fit_pc1(top: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PC1 of each neuron's top-k centred effects, in coefficient space.
+
+    ``top [k, K, n]``: centred coefficients of each neuron's top-k training problems. Returns
+    ``v [K, n]`` with ``v_n^T G_n v_n = 1`` (a unit effect-space direction ``u_n = M_n^T v_n``),
+    its sign chosen so that most of the top-k effects project positively (CLIP's majority rule),
+    and the variance share of PC1 among the top-k ``[n]`` (uncentred second moment about the
+    training mean, as the projection is taken about it)."""
+    X = top.permute(2, 0, 1)  # [n, k, K]
+    gram = X @ G @ X.transpose(1, 2)  # [n, k, k] effect-space Gram of the top-k
+    evals, evecs = torch.linalg.eigh(gram)
+    lam, a = evals[:, -1].clamp_min(1e-30), evecs[:, :, -1]  # [n], [n, k]
+    v = torch.einsum("nkK,nk->nK", X, a) / lam.sqrt()[:, None]  # unit in the G metric
+    proj = torch.einsum("nkK,nKJ,nJ->nk", X, G, v)
+    sign = torch.where((proj > 0).sum(1) >= (proj < 0).sum(1), 1.0, -1.0)
+    share = lam / evals.clamp_min(0).sum(1).clamp_min(1e-30)
+    return (v * sign[:, None]).T.contiguous(), share
+
+
+@torch.no_grad()
+def fit_layer(model: Any, enc_train: Encoded, layer: int, share: float = 0.02, batch_size: int = 64,
+              weights: LayerWeights | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Training-split statistics of every neuron of ``layer``: mean coefficients ``mean [K, n]``,
+    significance thresholds ``threshold [n]`` (k-th largest centred-effect norm, ``k = max(1,
+    round(share N))``), PC1 ``v [K, n]`` of the top-``max(2, k)`` centred effects and its share
+    ``pc1_share [n]``, and the centred energies ``energy [N, n]`` (squared norms)."""
+    w = weights or LayerWeights(model, layer)
+    G = w.gram()
+    cs = []
+    for _, x, T in enc_train.batches(batch_size):
+        rows = capture_batch(model, x, T, [layer])
+        cs.append(coefficients(rows, layer).float().cpu())
+    c = torch.cat(cs)  # [N, K, n]  (memory: N K n floats)
+    mean = c.mean(0)
+    dc = c - mean
+    energy = quad(dc, G)  # [N, n]
+    N = c.shape[0]
+    k = max(1, int(round(share * N)))
+    norms = energy.sqrt()
+    order = norms.argsort(0, descending=True)
+    threshold = norms.gather(0, order[k - 1:k])[0]
+    ktop = min(N, max(2, k))
+    top = torch.stack([dc[order[:ktop, j], :, j] for j in range(dc.shape[2])], -1)  # [ktop, K, n]
+    v, pshare = fit_pc1(top, G)
+    # null: each head's coefficients shuffled across problems independently (breaks head co-variation)
+    gen = torch.Generator().manual_seed(seed)
+    sh = torch.stack([dc[torch.randperm(N, generator=gen), k] for k in range(dc.shape[1])], 1)
+    order_sh = quad(sh, G).argsort(0, descending=True)
+    top_sh = torch.stack([sh[order_sh[:ktop, j], :, j] for j in range(sh.shape[2])], -1)
+    _, pshare_sh = fit_pc1(top_sh, G)
+    return {"mean": mean, "threshold": threshold, "v": v, "pc1_share": pshare, "pc1_share_shuffled": pshare_sh,
+            "energy": energy, "G": G}
+
+
+@torch.no_grad()
+def layer_protocol(model: Any, enc_val: Encoded, gold_val: torch.Tensor, layer: int, fit: dict[str, torch.Tensor],
+                   batch_size: int = 64, neurons: torch.Tensor | None = None,
+                   weights: LayerWeights | None = None) -> dict[str, np.ndarray]:
+    """Per validation problem ``[N]``: correctness and logit difference of the clean model and with
+    every neuron of ``layer`` (or only ``neurons``) edited as CLIP does: ``mean`` (all effects
+    replaced by their training mean), ``ablate_significant``, ``ablate_insignificant`` and ``rank1``
+    (mean + projection on PC1). Edits act on the residual at T before the final norm."""
+    from .characterize import answer_metrics, final_logits  # shared final-norm readout
+    w = weights or LayerWeights(model, layer)
+    G, mean, thr, v = fit["G"], fit["mean"], fit["threshold"], fit["v"]
+    Gv = torch.einsum("nkj,jn->kn", G, v)  # [K, n]
+    keep = torch.zeros(mean.shape[1], dtype=torch.bool)
+    keep[neurons if neurons is not None else slice(None)] = True
+    out: dict[str, list] = {}
+    for rows_idx, x, T in enc_val.batches(batch_size):
+        rows = capture_batch(model, x, T, [layer])
+        dc = (coefficients(rows, layer).float().cpu() - mean) * keep  # [b, K, n]
+        sig = quad(dc, G).sqrt() > thr  # [b, n]
+        a = torch.einsum("bkn,kn->bn", dc, Gv)  # projection coefficient on u_n
+        edits = {"clean": torch.zeros(len(T), w.W_out.shape[1]),
+                 "mean": -w.edit(dc),
+                 "ablate_significant": -w.edit(dc * sig[:, None]),
+                 "ablate_insignificant": -w.edit(dc * ~sig[:, None]),
+                 "rank1": w.edit(a[:, None] * v[None] - dc)}
+        g = gold_val[rows_idx.start:rows_idx.stop]
+        for name, e in edits.items():
+            ok, ld = answer_metrics(final_logits(model, rows.final_resid.cpu() + e), g)
+            out.setdefault(f"{name}_correct", []).append(ok.numpy())
+            out.setdefault(f"{name}_logit_diff", []).append(ld.numpy())
+        out.setdefault("significant_share", []).append(sig[:, keep].float().mean(1).numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def protocol_table(per_problem: dict[str, np.ndarray], layer: int, scope: str, n_boot: int = 2000,
+                   seed: int = 0) -> pd.DataFrame:
+    """One row per edit: accuracy and logit-difference change from clean (paired bootstrap CIs,
+    points / logits), exact McNemar p, and for ``rank1`` the share of the mean-ablation accuracy
+    drop it recovers (bootstrap CI; NaN = not testable when the mean-ablation drop's CI includes 0)."""
+    c0, l0 = per_problem["clean_correct"], per_problem["clean_logit_diff"]
+    rows = []
+    for name in ("mean", "ablate_significant", "ablate_insignificant", "rank1"):
+        c, ld = per_problem[f"{name}_correct"], per_problem[f"{name}_logit_diff"]
+        acc = paired_bootstrap(c0, c, n_boot, seed)
+        lg = paired_bootstrap(l0, ld, n_boot, seed)
+        mc = mcnemar_exact(c0, c)
+        rows.append({"layer": layer, "neurons": scope, "edit": name, "accuracy": float(c.mean()),
+                     "accuracy_change_points": 100 * acc["change"], "ci_low_points": 100 * acc["ci_low"],
+                     "ci_high_points": 100 * acc["ci_high"], "logit_diff_change": lg["change"],
+                     "ld_ci_low": lg["ci_low"], "ld_ci_high": lg["ci_high"], "mcnemar_p": mc["p"],
+                     "gained": mc["gained"], "lost": mc["lost"], "n": acc["n"]})
+    df = pd.DataFrame(rows)
+    rec = recovered_share(c0, per_problem["mean_correct"], per_problem["rank1_correct"], n_boot, seed)
+    df["recovered_share"] = np.where(df.edit == "rank1", rec["share"], np.nan)
+    df["recovered_ci_low"] = np.where(df.edit == "rank1", rec["ci_low"], np.nan)
+    df["recovered_ci_high"] = np.where(df.edit == "rank1", rec["ci_high"], np.nan)
+    df["recovered_note"] = np.where(df.edit == "rank1", rec["note"], "")
+    return df
+
+
+def recovered_share(clean: np.ndarray, mean: np.ndarray, rank1: np.ndarray, n_boot: int = 2000,
+                    seed: int = 0) -> dict[str, Any]:
+    """``(acc(rank1) - acc(mean)) / (acc(clean) - acc(mean))`` with a paired bootstrap CI.
+    Not testable (NaN, with a note) when the mean-ablation drop's CI includes zero: there is
+    nothing for rank-1 to recover."""
+    c, m, r = (np.asarray(a, float) for a in (clean, mean, rank1))
+    drop = paired_bootstrap(m, c, n_boot, seed)
+    if not drop["ci_low"] > 0:
+        return {"share": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+                "note": f"not testable: mean-ablation drop {100 * drop['change']:.2f} points, CI "
+                        f"[{100 * drop['ci_low']:.2f}, {100 * drop['ci_high']:.2f}] includes 0"}
+    idx = np.random.default_rng(seed).integers(0, len(c), size=(n_boot, len(c)))
+    num, den = (r - m)[idx].mean(1), (c - m)[idx].mean(1)
+    boots = num / np.where(den > 0, den, np.nan)
+    lo, hi = np.nanquantile(boots, [0.025, 0.975])
+    return {"share": float((r - m).mean() / (c - m).mean()), "ci_low": float(lo), "ci_high": float(hi), "note": ""}

@@ -1,0 +1,66 @@
+"""The all-neuron CLIP protocol's coefficient-space path against the engine's full vectors."""
+
+import numpy as np
+import pytest
+import torch
+
+from so2lib import protocol as P
+from so2lib.capture import capture_batch
+from so2lib.second_order import SecondOrderEngine, coefficients
+
+from conftest import ARCHS
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(2, 500, (3, 8), generator=g)
+    tokens[:, 0] = 0
+    T = torch.tensor([7, 5, 6])
+    for r, t in enumerate(T):
+        tokens[r, t + 1:] = 0
+    return tokens, T
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gram_and_edit_match_full_vectors(arch, tiny_models):
+    model, layer = tiny_models[arch], 1
+    tokens, T = batch()
+    rows = capture_batch(model, tokens, T, [layer])
+    eng = SecondOrderEngine(model, layers=[layer])
+    full = eng.vectors(rows, layer).float().cpu()  # [b, n, d]
+    w = P.LayerWeights(model, layer)
+    c = coefficients(rows, layer).float().cpu()
+    torch.testing.assert_close(P.quad(c, w.gram(chunk=7)), full.pow(2).sum(-1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.edit(c), full.sum(1), rtol=1e-4, atol=1e-5)
+    mask = torch.zeros(c.shape[-1], dtype=torch.bool)
+    mask[[3, 10]] = True
+    torch.testing.assert_close(w.edit(c * mask), full[:, mask].sum(1), rtol=1e-4, atol=1e-5)
+
+
+def test_planted_rank1_passes_and_isotropic_fails():
+    torch.manual_seed(0)
+    K, n, k = 6, 5, 40
+    G = torch.eye(K).expand(n, K, K).clone()
+    direction = torch.randn(K, n)
+    scale = torch.rand(k, 1, n) + 0.5  # mostly positive along the planted direction
+    planted = scale * direction[None] + 1e-3 * torch.randn(k, K, n)
+    v, share = P.fit_pc1(planted, G)
+    assert (share > 0.99).all()
+    cos = (v * direction).sum(0) / direction.norm(dim=0)
+    assert torch.allclose(cos, torch.ones(n), atol=1e-3)  # sign fixed by majority: positive
+    torch.testing.assert_close(torch.einsum("kn,nkj,jn->n", v, G, v), torch.ones(n))
+    iso = torch.randn(2000, K, n)
+    _, share_iso = P.fit_pc1(iso, G)
+    assert (share_iso < 2.0 / K).all()  # close to the 1/K null
+
+
+def test_recovered_share_not_testable_without_a_drop():
+    clean = np.ones(200, bool)
+    r = P.recovered_share(clean, clean, clean)
+    assert np.isnan(r["share"]) and r["note"].startswith("not testable")
+    mean = clean.copy()
+    mean[:100] = False
+    rank1 = mean.copy()
+    rank1[:50] = True
+    r = P.recovered_share(clean, mean, rank1)
+    assert r["share"] == pytest.approx(0.5) and r["ci_low"] < 0.5 < r["ci_high"]
