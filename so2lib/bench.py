@@ -111,7 +111,7 @@ def bench_model(model: Any, template: Template, n_problems: int, batch_size: int
     for rows_idx, x, T in enc.batches(batch_size, device=device, desc=f"naive {label}"):
         clean = _clean_run(model, x)
         for l, n in sample:
-            frozen_path_effect(model, x, T, l, n, None, clean=clean)
+            frozen_path_effect(model, x, T, l, n, None, clean=clean, direct=False)
     _sync(device)
     t_naive = time.perf_counter() - t0
     n_neurons = L * n_mlp
