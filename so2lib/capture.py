@@ -121,10 +121,13 @@ def answer_activations(model: Any, enc: Encoded, layers: Sequence[int], batch_si
 
 
 def final_normed(resid: torch.Tensor, scale: torch.Tensor, model: Any) -> torch.Tensor:
-    """The final norm's output (before unembedding): centred for LayerNorm, then / scale."""
+    """The final norm's output (before unembedding, ``ln_final.hook_out``): centred for LayerNorm,
+    then / scale, times the norm's gain where the bridge did not fold it into ``W_U`` (OLMo-2)."""
     if M.ModelInfo.of(model).norm == "LN":
         resid = resid - resid.mean(-1, keepdim=True)
-    return resid / scale[:, None]
+    out = resid / scale[:, None]
+    g = M.final_norm_gain(model)
+    return out if g is None else out * g.to(out)
 
 
 @torch.no_grad()

@@ -230,6 +230,24 @@ def post_norm_gain(model: Any, layer: int, which: str) -> torch.Tensor | None:
     return mod(x)[0, 0].float()
 
 
+@torch.no_grad()
+def final_norm_gain(model: Any) -> torch.Tensor | None:
+    """``[d_model]`` float32 gain of the final norm when the bridge did not fold it into ``W_U``
+    (OLMo-2), else ``None``: the final normalized residual (``ln_final.hook_out``, what ``W_U``
+    reads) is ``centre(resid) / ln_final.hook_scale * gain``."""
+    if "RMS" not in str(model.cfg.normalization_type):
+        return None
+    mod = getattr(model, "ln_final", None)
+    if mod is None:
+        return None
+    p = next(mod.parameters(), None)
+    dt = p.dtype if p is not None else torch.float32
+    dev = p.device if p is not None else next(model.parameters()).device
+    x = torch.full((1, 1, model.cfg.d_model), 1e3 if dt != torch.float16 else 10.0, device=dev, dtype=dt)
+    g = mod(x)[0, 0].float()
+    return None if torch.allclose(g, torch.ones_like(g), atol=1e-6) else g
+
+
 def layer_device(model: Any, layer: int) -> torch.device:
     """Device of ``layer``'s MLP weights (layers may live on different devices under a device_map)."""
     return model.blocks[layer].mlp.W_out.device

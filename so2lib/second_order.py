@@ -108,7 +108,14 @@ def check_weights(model: Any, tokens: torch.Tensor | None = None, tol: float | N
     center = info.norm == "LN"
     problems = []
     for l in range(info.n_layers):
-        w = M.layer_weights(model, l, torch.float64)
+        try:
+            w = M.layer_weights(model, l, torch.float64)
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"model {name!r} is not supported by so2lib's second-order engine: layer {l}'s "
+                f"{type(model.blocks[l].mlp).__name__} / {type(model.blocks[l].attn).__name__} do not expose "
+                f"per-neuron W_out and per-head W_V/W_O ({type(e).__name__}: {str(e)[:200]}); "
+                "mixture-of-experts MLPs are not supported.") from e
         x = store[f"blocks.{l}.hook_resid_pre"]
         if center:
             x = x - x.mean(-1, keepdim=True)
@@ -127,7 +134,6 @@ def check_weights(model: Any, tokens: torch.Tensor | None = None, tol: float | N
             o = o + (w.b_out.to(dev) if w.mlp_gain is None else w.b_out.to(dev) * w.mlp_gain.double().to(dev))
         if M.ln2_post_scale(l) in store:
             o = o / store[M.ln2_post_scale(l)]
-        res = x.new_zeros(())
         checks = {"hook_v": (v, store[f"blocks.{l}.attn.hook_v"], "norm1(resid_pre) @ W_V (+ b_V)"),
                   "hook_attn_out": (y, store[M.attn_out(l)], "post_attention_norm(hook_z @ W_O (+ b_O))"),
                   "hook_mlp_out": (o, store[M.mlp_out(l)], "post_mlp_norm(hook_post @ W_out (+ b_out))"),
@@ -141,15 +147,17 @@ def check_weights(model: Any, tokens: torch.Tensor | None = None, tol: float | N
             worst[key] = max(worst[key], e)
             if e > tol:
                 problems.append(f"layer {l}: {key} differs from {what} by {e:.2g} (relative, tolerance {tol:g})")
-        del res
     xf = store[M.FINAL_RESID]
     if center:
         xf = xf - xf.mean(-1, keepdim=True)
-    e = _rel(xf / store[M.FINAL_SCALE], store["ln_final.hook_out"])
+    gf = M.final_norm_gain(model)
+    xf = xf / store[M.FINAL_SCALE]
+    if gf is not None:
+        xf = xf * gf.double().to(dev)
+    e = _rel(xf, store["ln_final.hook_out"])
     worst["final_norm"] = e
     if e > tol:
-        problems.append(f"final norm: ln_final.hook_out differs from centre(resid)/ln_final.hook_scale by {e:.2g} "
-                        "(its gain is not folded into W_U)")
+        problems.append(f"final norm: ln_final.hook_out differs from centre(resid)/ln_final.hook_scale*gain by {e:.2g}")
     if problems:
         raise UnsupportedModelError(
             f"so2lib's second-order engine cannot compute exact effects for model {name!r}: its weight "
@@ -200,6 +208,8 @@ class SecondOrderEngine:
         with torch.no_grad():
             self.W_U = model.W_U.detach().float().to(self.device)  # [dm, V]
         self.final_center = self.info.norm == "LN"
+        g = M.final_norm_gain(model)
+        self.final_gain = None if g is None else g.to(self.device)
         self.correctness_dir = None if correctness_dir is None else correctness_dir.detach().float().to(self.device)
 
     # ------------------------------------------------------------------ weights and products
@@ -266,6 +276,8 @@ class SecondOrderEngine:
     def _final_dirs(self, rows: AnswerRows, U: torch.Tensor) -> torch.Tensor:
         if self.final_center:  # the final LayerNorm centres; a centred direction reads the same
             U = U - U.mean(-1, keepdim=True)
+        if self.final_gain is not None:  # the final norm's gain, where not folded into W_U (OLMo-2)
+            U = U * self.final_gain
         return U / rows.final_scale[:, None, None].to(U.device)
 
     # ------------------------------------------------------------------ directions
