@@ -7,7 +7,7 @@ Steinhardt, ICLR 2025) to language models, with correctness as the signal.
 from .labels import Encoded, accuracy_table, check_classes, encode, label, single_token_subset
 from .models import ModelInfo, load_model
 from .runs import Run
-from .second_order import SecondOrderEngine, second_order_effects
+from .second_order import SecondOrderEngine, UnsupportedModelError, projected_effects, second_order_effects
 from .tasks import TASKS, Problem, ProblemSet, Template, load_gsm8k, make_problem_set
 
 __version__ = "0.1.0"
@@ -15,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Encoded", "ModelInfo", "Problem", "ProblemSet", "Run", "SecondOrderEngine", "TASKS", "Template",
     "accuracy_table", "check_classes", "encode", "label", "load_gsm8k", "load_model",
-    "make_problem_set", "second_order_effects", "single_token_subset",
+    "make_problem_set", "projected_effects", "second_order_effects", "UnsupportedModelError", "single_token_subset",
 ]

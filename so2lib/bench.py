@@ -1,19 +1,26 @@
-"""Benchmark: the second-order engine against a naive per-neuron ablation baseline.
+"""Benchmark: the second-order engine against a plain forward pass and a naive per-neuron
+ablation baseline, and its memory on a billion-parameter shape.
 
-    python -m so2lib.bench                       # embedded model + GPT-2-small-shaped model, CPU
-    python -m so2lib.bench --models gpt2-small-shaped --device cuda --problems 5000
+    python -m so2lib.bench                       # everything below, CPU (about 10 min on 2 cores)
+    python -m so2lib.bench --device cuda --problems 5000 --llama-layers 16   # on a GPU
 
-On the same problems it times
+Sections (all in one run):
 
-- **engine**: projected second-order + direct effects of *every* neuron of *every* layer on
-  the logit difference and the correctness direction (one forward pass per batch + einsums);
-- **naive**: one frozen-path ablation forward pass per neuron (patterns, norm scales and later
-  MLPs frozen, neuron scaled), batched over problems, the way a straightforward port of the
-  CLIP code works; timed on a sample of neurons and reported per neuron-problem.
+- **projected** (per model): projected second-order + direct effects of *every* neuron of
+  *every* layer on the logit difference and the correctness direction, forward passes
+  included; the same problems through a plain forward pass (ratio = engine / forward time); and
+  the naive baseline, one frozen-path ablation forward pass per neuron (patterns, q/k, norm
+  scales and later MLPs frozen, neuron scaled), timed on a sample of neurons.
+- **full vectors** (GPT-2-small shape): ``second_order_effects`` for all neurons of layer 0 on
+  one batch against the naive per-neuron ablation of the same batch (one forward each),
+  extrapolated from a sample of neurons: the ratio.
+- **bfloat16**: the projected effects of a bfloat16 copy against float32 (relative error).
+- **memory** (random Llama-3.2-1B shape: 16 layers, d_model 2048, d_mlp 8192, 32 heads, 8 KV
+  heads, so2lib's 2,107-token vocabulary), in a fresh process: peak RSS after loading and after
+  all-neuron projected effects with a ``max_memory`` budget, against weights + budget.
 
-It prints problems/s, neuron-problems/s, the ratio and peak memory. The GPT-2-small-shaped model
-is randomly initialised (12 layers, d_model 768, d_mlp 3072, 12 heads; so2lib's 2,107-token
-vocabulary) and reads the few-shot prompts; the embedded model reads its compact prompts.
+The GPT-2-small-shaped model is randomly initialised (12 layers, d_model 768, d_mlp 3072, 12
+heads) and reads the few-shot prompts; the embedded model reads its compact prompts.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import argparse
 import json
 import platform
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +42,7 @@ from .bruteforce import _clean_run, frozen_path_effect
 from .capture import capture_batch
 from .labels import encode
 from .models import load_model
-from .second_order import SecondOrderEngine
+from .second_order import SecondOrderEngine, engine_for, second_order_effects
 from .tasks import Template, make_problem_set
 
 
@@ -81,7 +90,7 @@ def _time_engine(engine: SecondOrderEngine, model: Any, enc: Any, gold: torch.Te
 
 @torch.no_grad()
 def bench_model(model: Any, template: Template, n_problems: int, batch_size: int, naive_neurons: int,
-                device: str, label: str) -> dict[str, Any]:
+                device: str, label: str, approximations: bool = True) -> dict[str, Any]:
     probs = make_problem_set(n_problems, 0, seed=0, heldout=False).train
     enc = encode(model, probs, template)
     L, n_mlp = model.cfg.n_layers, model.cfg.d_mlp
@@ -96,13 +105,20 @@ def bench_model(model: Any, template: Template, n_problems: int, batch_size: int
     t_setup = time.perf_counter() - t_setup
     t_engine, exact = _time_engine(engine, model, enc, gold, alt, batch_size, device, f"engine {label}")
     peak_engine = _peak_mb(device)
+    # ---- plain forward passes over the same batches
+    t0 = time.perf_counter()
+    for _, x, T in enc.batches(batch_size, device=device, desc=None):
+        model(x)
+    _sync(device)
+    t_forward = time.perf_counter() - t0
     # ---- opt-in approximations on the same problems: error against exact, speed-up
     approx = {}
-    for name, kw, eng in (("low_rank_ov_r32", {}, SecondOrderEngine(model, correctness_dir=engine.correctness_dir, ov_rank=32)),
-                          ("skip_below_p95", {"skip_percentile": 95.0}, engine)):
-        t, vals = _time_engine(eng, model, enc, gold, alt, batch_size, device, f"{name} {label}", **kw)
-        approx[name] = {"rel_error": round(float((vals - exact).norm() / exact.norm()), 5),
-                        "speedup": round(t_engine / t, 2)}
+    if approximations:
+        for name, kw, eng in (("low_rank_ov_r32", {}, SecondOrderEngine(model, correctness_dir=engine.correctness_dir, ov_rank=32)),
+                              ("skip_below_p95", {"skip_percentile": 95.0}, engine)):
+            t, vals = _time_engine(eng, model, enc, gold, alt, batch_size, device, f"{name} {label}", **kw)
+            approx[name] = {"rel_error": round(float((vals - exact).norm() / exact.norm()), 5),
+                            "speedup": round(t_engine / t, 2)}
     # ---- naive: one frozen-path ablation forward per neuron, on the same problems
     g = torch.Generator().manual_seed(0)
     sample = [(int(l), int(n)) for l, n in zip(torch.randint(0, L - 1, (naive_neurons,), generator=g),
@@ -111,7 +127,7 @@ def bench_model(model: Any, template: Template, n_problems: int, batch_size: int
     for rows_idx, x, T in enc.batches(batch_size, device=device, desc=f"naive {label}"):
         clean = _clean_run(model, x)
         for l, n in sample:
-            frozen_path_effect(model, x, T, l, n, None, clean=clean)
+            frozen_path_effect(model, x, T, l, n, None, clean=clean, direct=False)
     _sync(device)
     t_naive = time.perf_counter() - t0
     n_neurons = L * n_mlp
@@ -121,6 +137,7 @@ def bench_model(model: Any, template: Template, n_problems: int, batch_size: int
         "model": label, "device": device, "problems": n_problems, "batch_size": batch_size,
         "layers": L, "d_mlp": n_mlp, "neurons": n_neurons, "mean_prompt_tokens": round(float(enc.answer_pos.float().mean()) + 1, 1),
         "engine_setup_s": round(t_setup, 3), "engine_s": round(t_engine, 3),
+        "forward_s": round(t_forward, 3), "engine_over_forward": round(t_engine / t_forward, 2),
         "engine_problems_per_s": round(n_problems / t_engine, 2),
         "engine_neuron_problems_per_s": round(engine_rate),
         "naive_neurons_timed": len(sample), "naive_s": round(t_naive, 3),
@@ -132,7 +149,158 @@ def bench_model(model: Any, template: Template, n_problems: int, batch_size: int
     }
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def llama_1b_shaped(folder: Path, n_layers: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a randomly initialised Llama-3.2-1B-shaped model (``n_layers`` of 16 layers, d_model
+    2048, d_mlp 8192, 32 heads, 8 KV heads) with so2lib's tokenizer to ``folder``."""
+    import transformers
+
+    from .tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=8192,
+                                   num_hidden_layers=n_layers, num_attention_heads=32, num_key_value_heads=8,
+                                   max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                   tie_word_embeddings=True)
+    with torch.device("cpu"):
+        m = transformers.LlamaForCausalLM(cfg).to(dtype)
+    m.save_pretrained(folder)
+    del m
+    tok.save_pretrained(folder)
+    return folder
+
+
+@torch.no_grad()
+def bench_full_vectors(model: Any, template: Template, n_problems: int, naive_neurons: int, device: str,
+                       layer: int = 0) -> dict[str, Any]:
+    """All neurons of ``layer``: ``second_order_effects`` on one batch of ``n_problems`` against one
+    naive frozen-path ablation forward pass per neuron on the same batch (sampled, extrapolated)."""
+    probs = make_problem_set(n_problems, 0, seed=1, heldout=False).train
+    enc = encode(model, probs, template)
+    _, x, T = next(iter(enc.batches(n_problems, device=device, desc=None)))
+    n_mlp = model.cfg.d_mlp
+    t0 = time.perf_counter()
+    eng = engine_for(model)
+    second_order_effects(model, x, T, layer)
+    _sync(device)
+    t_cold = time.perf_counter() - t0  # includes building the engine (self-check + products)
+    t0 = time.perf_counter()
+    v = second_order_effects(model, x, T, layer)
+    _sync(device)
+    t_warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model(x)
+    _sync(device)
+    t_fwd = time.perf_counter() - t0
+    clean = _clean_run(model, x)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randint(0, n_mlp, (naive_neurons,), generator=g).tolist()
+    t0 = time.perf_counter()
+    for n in sample:
+        frozen_path_effect(model, x, T, layer, n, None, clean=clean, direct=False)
+    _sync(device)
+    t_naive = (time.perf_counter() - t0) / len(sample) * n_mlp
+    assert v.shape == (len(T), n_mlp, model.cfg.d_model) and eng is engine_for(model)
+    return {"layer": layer, "problems": len(T), "neurons": n_mlp, "mean_prompt_tokens": round(float(T.float().mean()) + 1, 1),
+            "engine_first_call_s": round(t_cold, 3), "engine_s": round(t_warm, 3), "forward_s": round(t_fwd, 3),
+            "engine_over_forward": round(t_warm / t_fwd, 2),
+            "naive_neurons_timed": len(sample), "naive_all_neurons_est_s": round(t_naive, 1),
+            "ratio": round(t_naive / t_warm, 1), "ratio_first_call": round(t_naive / t_cold, 1)}
+
+
+@torch.no_grad()
+def bench_low_precision(folder: Path, template: Template, n_problems: int, device: str,
+                        dtype: str = "bfloat16") -> dict[str, Any]:
+    """Projected all-neuron effects of a ``dtype`` copy of the model against float32 (activations
+    accumulate in float32 either way): relative error of second-order and direct effects."""
+    out = {}
+    for dt in ("float32", dtype):
+        m = load_model(folder, device, dt)
+        probs = make_problem_set(n_problems, 0, seed=2, heldout=False).train
+        enc = encode(m, probs, template)
+        _, x, T = next(iter(enc.batches(n_problems, device=device, desc=None)))
+        gold = enc.gold.to(device)
+        eng = SecondOrderEngine(m)
+        rows = capture_batch(m, x, T, range(m.cfg.n_layers))
+        t0 = time.perf_counter()
+        out[dt] = eng.projected(rows, T, gold, (gold + 1) % m.cfg.d_vocab)
+        out[dt + "_s"] = time.perf_counter() - t0
+        del m, eng
+    err = {k: round(float((out[dtype][k] - out["float32"][k]).norm() / out["float32"][k].norm()), 5)
+           for k in ("second", "direct")}
+    return {"dtype": dtype, "problems": n_problems, "rel_error_second": err["second"], "rel_error_direct": err["direct"]}
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _rss_mb() -> float:
+    """Peak RSS of this process (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    return _status_mb("VmHWM")
+
+
+def _current_rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+@torch.no_grad()
+def memory_worker(folder: str, n_problems: int, batch_size: int, max_memory: str, dtype: str) -> dict[str, Any]:
+    """Run in a fresh process: peak RSS after loading, then after all-neuron projected effects."""
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    model = load_model(folder, "cpu", dtype)
+    t_load = time.perf_counter() - t0
+    peak_load = _rss_mb()
+    resident = _current_rss_mb()
+    try:  # reset the peak so that the effects' own peak is measured, not the loading peak
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    probs = make_problem_set(n_problems, 0, seed=0, heldout=False).train
+    enc = encode(model, probs, Template("fewshot", n_shots=3))
+    eng = SecondOrderEngine(model, correctness_dir=torch.randn(model.cfg.d_model), max_memory=max_memory)
+    gold = enc.gold
+    t0 = time.perf_counter()
+    for idx, x, T in enc.batches(batch_size, device="cpu", desc=None):
+        rows = capture_batch(model, x, T, range(model.cfg.n_layers))
+        eng.projected(rows, T, gold[idx.start:idx.stop], (gold[idx.start:idx.stop] + 1) % model.cfg.d_vocab)
+        del rows
+    t_eff = time.perf_counter() - t0
+    peak = _rss_mb()
+    budget_mb = eng.max_memory / 2**20
+    return {"layers": model.cfg.n_layers, "dtype": dtype, "problems": n_problems, "batch_size": batch_size,
+            "interpreter_mb": round(base), "weights_mb": round(weights_mb), "load_s": round(t_load, 1),
+            "peak_after_load_mb": round(peak_load), "resident_after_load_mb": round(resident),
+            "load_peak_over_weights": round(peak_load / weights_mb, 2),
+            "budget_mb": round(budget_mb), "cached_products_mb": round(eng._prod_bytes / 2**20),
+            "effects_s": round(t_eff, 1), "peak_after_effects_mb": round(peak),
+            "peak_over_resident_mb": round(peak - resident),
+            "within_resident_plus_budget": bool(peak <= resident + budget_mb + 512)}
+
+
+def bench_memory(n_layers: int, n_problems: int, batch_size: int, max_memory: str, dtype: str) -> dict[str, Any]:
+    folder = llama_1b_shaped(Path(tempfile.mkdtemp()) / "llama1b", n_layers, dtype=_torch_dtype(dtype))
+    r = subprocess.run([sys.executable, "-m", "so2lib.bench", "--memory-worker", str(folder), "--problems", str(n_problems),
+                        "--batch-size", str(batch_size), "--max-memory", max_memory, "--dtype", dtype],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"memory worker failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _torch_dtype(name: str | None) -> torch.dtype:
+    from .models import _dtype
+    return _dtype(name)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["embedded", "gpt2-small-shaped"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -140,10 +308,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--naive-neurons", type=int, default=8)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--no-approximations", action="store_true")
+    ap.add_argument("--vector-problems", type=int, default=32, help="batch for the full-vector ratio")
+    ap.add_argument("--llama-layers", type=int, default=16, help="layers of the Llama-3.2-1B shape (0: skip)")
+    ap.add_argument("--llama-problems", type=int, default=16)
+    ap.add_argument("--llama-dtype", default="float32")
+    ap.add_argument("--max-memory", default="1GiB", help="engine budget for the Llama shape")
+    ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     a = ap.parse_args(argv)
-    results = []
+    if a.memory_worker:
+        r = memory_worker(a.memory_worker, a.problems or 16, a.batch_size, a.max_memory, a.dtype or "float32")
+        print(json.dumps(r))
+        return r
+    results: dict[str, Any] = {"projected": []}
     cuda = a.device.startswith("cuda")
+    machine = torch.cuda.get_device_name(0) if cuda else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    results["machine"] = machine
     for name in a.models:
         if name == "gpt2-small-shaped":
             folder = gpt2_small_shaped(Path(tempfile.mkdtemp()))
@@ -152,14 +333,34 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         else:
             model, tmpl = load_model(None if name == "embedded" else name, a.device, a.dtype), Template("compact")
             n = a.problems or (5000 if cuda else 1000)
-        r = bench_model(model, tmpl, n, a.batch_size, a.naive_neurons, a.device, name)
-        r["machine"] = torch.cuda.get_device_name(0) if cuda else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        results.append(r)
+        r = bench_model(model, tmpl, n, a.batch_size, a.naive_neurons, a.device, name, not a.no_approximations)
+        r["machine"] = machine
+        results["projected"].append(r)
         print(json.dumps(r, indent=1), flush=True)
-    print("\nmodel              | problems/s | neuron-problems/s (engine) | naive  | ratio")
-    for r in results:
-        print(f"{r['model']:<18} | {r['engine_problems_per_s']:>10} | {r['engine_neuron_problems_per_s']:>26,} | "
-              f"{r['naive_neuron_problems_per_s']:>6,} | {r['ratio']:,}x")
+        if name == "gpt2-small-shaped":
+            results["full_vectors"] = bench_full_vectors(model, tmpl, a.vector_problems, a.naive_neurons, a.device)
+            print(json.dumps(results["full_vectors"], indent=1), flush=True)
+            del model
+            results["low_precision"] = bench_low_precision(folder, tmpl, 16, a.device, "bfloat16")
+            print(json.dumps(results["low_precision"], indent=1), flush=True)
+    if a.llama_layers:
+        results["memory_llama_1b_shape"] = bench_memory(a.llama_layers, a.llama_problems, min(a.batch_size, 16),
+                                                        a.max_memory, a.llama_dtype)
+        print(json.dumps(results["memory_llama_1b_shape"], indent=1), flush=True)
+    print("\nmodel              | problems/s | engine/forward | neuron-problems/s (engine) | naive  | ratio")
+    for r in results["projected"]:
+        print(f"{r['model']:<18} | {r['engine_problems_per_s']:>10} | {r['engine_over_forward']:>14} | "
+              f"{r['engine_neuron_problems_per_s']:>26,} | {r['naive_neuron_problems_per_s']:>6,} | {r['ratio']:,}x")
+    if "full_vectors" in results:
+        fv = results["full_vectors"]
+        print(f"full vectors, all {fv['neurons']} neurons of layer {fv['layer']}, {fv['problems']} problems: "
+              f"{fv['engine_s']} s vs naive {fv['naive_all_neurons_est_s']} s: {fv['ratio']:,}x "
+              f"({fv['ratio_first_call']:,}x on the first call)")
+    if "memory_llama_1b_shape" in results:
+        m = results["memory_llama_1b_shape"]
+        print(f"Llama-1B shape ({m['layers']} layers, {m['dtype']}): weights {m['weights_mb']} MB, load peak "
+              f"{m['peak_after_load_mb']} MB, peak after effects {m['peak_after_effects_mb']} MB "
+              f"(+{m['peak_over_resident_mb']} MB over resident; budget {m['budget_mb']} MB)")
     if a.out:
         a.out.write_text(json.dumps(results, indent=1))
     return results

@@ -25,7 +25,15 @@ class AnswerRows:
     - ``scale``: ``[b, L, S]`` input-norm scale of every layer at every position;
     - ``final_scale``: ``[b]`` final-norm scale at ``T``;
     - ``final_resid``: ``[b, d_model]`` residual before the final norm at ``T``;
-    - ``logits``: ``[b, d_vocab]`` at ``T`` (when asked for).
+    - ``logits``: ``[b, d_vocab]`` at ``T`` (when asked for);
+    - ``attn_out_scale``: ``[b, L]`` scale at ``T`` of each layer's post-attention norm (Gemma-2/3,
+      OLMo-2), or ``None`` when no layer has one;
+    - ``mlp_out_scale``: ``{l: [b, S]}`` scale of layer ``l``'s post-MLP norm at every position
+      (only for the requested layers that have one): neuron ``n`` writes
+      ``p_i^n / mlp_out_scale[i] * (w_n * gain)`` into the residual.
+
+    Blocks without an input norm (OLMo-2) get ``scale`` 1. Everything is gathered on the device
+    of the model's first layer, whatever the placement of the others.
     """
 
     mlp_post: dict[int, torch.Tensor]
@@ -34,6 +42,8 @@ class AnswerRows:
     final_scale: torch.Tensor
     final_resid: torch.Tensor
     logits: torch.Tensor | None
+    attn_out_scale: torch.Tensor | None = None
+    mlp_out_scale: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def _rows(t: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
@@ -47,26 +57,45 @@ def capture_batch(model: Any, tokens: torch.Tensor, T: torch.Tensor, mlp_layers:
     L = model.cfg.n_layers
     store: dict[str, torch.Tensor] = {}
 
+    dev = tokens.device
+
     def keep(name: str, fn: Callable[[torch.Tensor], torch.Tensor]):
         def hook(x: torch.Tensor, hook: Any) -> None:
-            store[name] = fn(x).float()
+            store[name] = fn(x).float().to(dev)
         return hook
 
-    ar = torch.arange(len(T), device=tokens.device)
+    def at_T(x: torch.Tensor) -> torch.Tensor:
+        return x[torch.arange(len(T), device=x.device), T.to(x.device)]
+
+    def pattern_T(x: torch.Tensor) -> torch.Tensor:
+        return x[torch.arange(len(T), device=x.device), :, T.to(x.device)]
+
+    has = model.hook_dict
     hooks = [(M.mlp_post(l), keep(M.mlp_post(l), lambda x: x)) for l in mlp_layers]
-    hooks += [(M.attn_pattern(l), keep(M.attn_pattern(l), lambda x: x[ar, :, T])) for l in range(L)]
-    hooks += [(M.ln1_scale(l), keep(M.ln1_scale(l), lambda x: x[..., 0])) for l in range(L)]
-    hooks += [(M.FINAL_SCALE, keep(M.FINAL_SCALE, lambda x: x[ar, T, 0])),
-              (M.FINAL_RESID, keep(M.FINAL_RESID, lambda x: x[ar, T]))]
+    hooks += [(M.ln2_post_scale(l), keep(M.ln2_post_scale(l), lambda x: x[..., 0]))
+              for l in mlp_layers if M.ln2_post_scale(l) in has]
+    hooks += [(M.attn_pattern(l), keep(M.attn_pattern(l), pattern_T)) for l in range(L)]
+    hooks += [(M.ln1_scale(l), keep(M.ln1_scale(l), lambda x: x[..., 0])) for l in range(L) if M.ln1_scale(l) in has]
+    post_attn = [l for l in range(L) if M.ln1_post_scale(l) in has]
+    hooks += [(M.ln1_post_scale(l), keep(M.ln1_post_scale(l), lambda x: at_T(x)[..., 0])) for l in post_attn]
+    hooks += [(M.FINAL_SCALE, keep(M.FINAL_SCALE, lambda x: at_T(x)[..., 0])),
+              (M.FINAL_RESID, keep(M.FINAL_RESID, at_T))]
     with model.hooks(fwd_hooks=hooks):
         logits = model(tokens)
+    b, S = tokens.shape
+    ones = torch.ones(b, S, device=dev)
+    attn_scale = None
+    if post_attn:
+        attn_scale = torch.stack([store.get(M.ln1_post_scale(l), ones[:, 0]) for l in range(L)], 1)
     return AnswerRows(
         mlp_post={l: store[M.mlp_post(l)] for l in mlp_layers},
         pattern=torch.stack([store[M.attn_pattern(l)] for l in range(L)], 1),
-        scale=torch.stack([store[M.ln1_scale(l)] for l in range(L)], 1),
+        scale=torch.stack([store.get(M.ln1_scale(l), ones) for l in range(L)], 1),
         final_scale=store[M.FINAL_SCALE],
         final_resid=store[M.FINAL_RESID],
-        logits=_rows(logits, T).float() if want_logits else None,
+        logits=_rows(logits, T.to(logits.device)).float().to(dev) if want_logits else None,
+        attn_out_scale=attn_scale,
+        mlp_out_scale={l: store[M.ln2_post_scale(l)] for l in mlp_layers if M.ln2_post_scale(l) in store},
     )
 
 
@@ -92,10 +121,13 @@ def answer_activations(model: Any, enc: Encoded, layers: Sequence[int], batch_si
 
 
 def final_normed(resid: torch.Tensor, scale: torch.Tensor, model: Any) -> torch.Tensor:
-    """The final norm's output (before unembedding): centred for LayerNorm, then / scale."""
+    """The final norm's output (before unembedding, ``ln_final.hook_out``): centred for LayerNorm,
+    then / scale, times the norm's gain where the bridge did not fold it into ``W_U`` (OLMo-2)."""
     if M.ModelInfo.of(model).norm == "LN":
         resid = resid - resid.mean(-1, keepdim=True)
-    return resid / scale[:, None]
+    out = resid / scale[:, None]
+    g = M.final_norm_gain(model)
+    return out if g is None else out * g.to(out)
 
 
 @torch.no_grad()

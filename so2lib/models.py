@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -62,7 +61,8 @@ def resolve_model_path(name: str | os.PathLike | None) -> str:
 
 
 def load_model(name: str | os.PathLike | None = None, device: str | None = None,
-               dtype: str | torch.dtype | None = None):
+               dtype: str | torch.dtype | None = None, device_map: str | dict | None = None,
+               n_devices: int | None = None, max_memory: dict | None = None):
     """Load a causal LM as a TransformerLens 4 ``TransformerBridge`` in compatibility mode.
 
     Args:
@@ -70,16 +70,38 @@ def load_model(name: str | os.PathLike | None = None, device: str | None = None,
             folder (config + weights + tokenizer), or ``None`` for the embedded default model.
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available.
         dtype: ``torch.float32`` (default), ``bfloat16``, ``float16`` or ``float64`` (or their names).
+            Weights are loaded directly in this dtype.
+        device_map, n_devices, max_memory: multi-device placement for models larger than one
+            device, passed to ``TransformerBridge.boot_transformers`` (accelerate-style:
+            ``device_map="auto"`` with ``max_memory={0: "70GiB", 1: "70GiB"}``, or an explicit
+            ``{"model.layers.0": "cuda:0", ...}`` map). Mutually exclusive with ``device``.
+            :class:`so2lib.SecondOrderEngine` computes each layer's products where its weights live.
 
     Raises a ``RuntimeError`` that says what to do when a hub model is neither reachable nor cached.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     dt = _dtype(dtype)
+    if name is not None and Path(name).expanduser().is_file() and not str(name).endswith(".gguf"):
+        raise FileNotFoundError(
+            f"{name} is a file, not a model folder: pass the folder that holds config.json, the "
+            "weights and the tokenizer (or a hub name)")
+    multi = device_map is not None or n_devices is not None
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device={device!r} was asked for but this machine has no CUDA GPU visible to torch "
+            f"(torch {torch.__version__}). Use device='cpu' (or leave device unset), or install a "
+            "CUDA build of torch on a GPU machine.")
+    if multi and device is not None:
+        raise ValueError("pass either device or device_map/n_devices, not both")
     path = resolve_model_path(name)
-    device = device or default_device()
+    kw: dict[str, Any] = {}
+    if multi:
+        kw.update(device_map=device_map, n_devices=n_devices, max_memory=max_memory)
+    else:
+        kw["device"] = device or default_device()
     try:
-        bridge = TransformerBridge.boot_transformers(path, device=device, dtype=dt)
+        bridge = TransformerBridge.boot_transformers(path, dtype=dt, **kw)
     except Exception as e:
         msg = str(e)
         offline = any(s in msg for s in ("resolve", "connect", "Connection", "offline", "couldn't",
@@ -175,3 +197,101 @@ def unembed_bias(model: Any) -> torch.Tensor:
     except Exception:
         b = None
     return torch.zeros(model.cfg.d_vocab, device=model.W_U.device) if b is None else b
+
+
+def ln1_post_scale(l: int) -> str:
+    """Scale of the norm applied to the attention output before it joins the residual (Gemma-2/3, OLMo-2)."""
+    return f"blocks.{l}.ln1_post.hook_scale"
+
+
+def ln2_post_scale(l: int) -> str:
+    """Scale of the norm applied to the MLP output before it joins the residual (Gemma-2/3, OLMo-2)."""
+    return f"blocks.{l}.ln2_post.hook_scale"
+
+
+def has_hook(model: Any, name: str) -> bool:
+    return name in model.hook_dict
+
+
+def _opt(obj: Any, attr: str) -> torch.Tensor | None:
+    try:
+        v = getattr(obj, attr)
+    except Exception:  # bias-free models: the bridge raises
+        return None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+@torch.no_grad()
+def post_norm_gain(model: Any, layer: int, which: str) -> torch.Tensor | None:
+    """``[d_model]`` float32 elementwise gain of post-norm ``which`` (``"ln1_post"``/``"ln2_post"``)
+    of ``layer``, or ``None`` when the block has none. Read by running the norm on a constant
+    vector (whose RMS is its value), so conventions such as Gemma's ``1 + weight`` need no
+    special case; the engine's self-check verifies it against the forward pass."""
+    mod = getattr(model.blocks[layer], which, None)
+    if mod is None:
+        return None
+    p = next(mod.parameters(), None)
+    dev = p.device if p is not None else layer_device(model, layer)
+    dt = p.dtype if p is not None else torch.float32
+    x = torch.full((1, 1, model.cfg.d_model), 1e3 if dt != torch.float16 else 10.0, device=dev, dtype=dt)
+    return mod(x)[0, 0].float()
+
+
+@torch.no_grad()
+def final_norm_gain(model: Any) -> torch.Tensor | None:
+    """``[d_model]`` float32 gain of the final norm when the bridge did not fold it into ``W_U``
+    (OLMo-2), else ``None``: the final normalized residual (``ln_final.hook_out``, what ``W_U``
+    reads) is ``centre(resid) / ln_final.hook_scale * gain``."""
+    if "RMS" not in str(model.cfg.normalization_type):
+        return None
+    mod = getattr(model, "ln_final", None)
+    if mod is None:
+        return None
+    p = next(mod.parameters(), None)
+    dt = p.dtype if p is not None else torch.float32
+    dev = p.device if p is not None else next(model.parameters()).device
+    x = torch.full((1, 1, model.cfg.d_model), 1e3 if dt != torch.float16 else 10.0, device=dev, dtype=dt)
+    g = mod(x)[0, 0].float()
+    return None if torch.allclose(g, torch.ones_like(g), atol=1e-6) else g
+
+
+def layer_device(model: Any, layer: int) -> torch.device:
+    """Device of ``layer``'s MLP weights (layers may live on different devices under a device_map)."""
+    return model.blocks[layer].mlp.W_out.device
+
+
+@dataclasses.dataclass
+class LayerWeights:
+    """Float32 weights of one block as the engine uses them, on the block's device.
+
+    ``W_V [n_kv_heads, d_model, d_head]`` (input-norm weights folded by the bridge),
+    ``W_O [n_heads, d_head, d_model]`` and ``W_out [d_mlp, d_model]`` with any post-norm gain
+    folded in (the post-norm *scale* is per position and applied to the activations).
+    """
+
+    W_V: torch.Tensor
+    W_O: torch.Tensor
+    W_out: torch.Tensor
+    b_V: torch.Tensor | None
+    b_O: torch.Tensor | None
+    b_out: torch.Tensor | None
+    attn_gain: torch.Tensor | None
+    mlp_gain: torch.Tensor | None
+    device: torch.device
+
+
+@torch.no_grad()
+def layer_weights(model: Any, layer: int, dtype: torch.dtype = torch.float32) -> LayerWeights:
+    """Read :class:`LayerWeights` of ``layer`` (one block at a time: no all-layer copies)."""
+    blk = model.blocks[layer]
+    W_V = blk.attn.W_V.detach().to(dtype)
+    W_O = blk.attn.W_O.detach().to(dtype)
+    W_out = blk.mlp.W_out.detach().to(dtype)
+    if W_out.shape[0] != model.cfg.d_mlp and W_out.shape[-1] == model.cfg.d_mlp:
+        W_out = W_out.T
+    ga, gm = post_norm_gain(model, layer, "ln1_post"), post_norm_gain(model, layer, "ln2_post")
+    b_O, b_out = _opt(blk.attn, "b_O"), _opt(blk.mlp, "b_out")
+    return LayerWeights(
+        W_V=W_V, W_O=W_O if ga is None else W_O * ga.to(W_O)[None, None], W_out=W_out if gm is None else W_out * gm.to(W_out)[None],
+        b_V=_opt(blk.attn, "b_V"), b_O=None if b_O is None else b_O.detach().to(dtype),
+        b_out=None if b_out is None else b_out.detach().to(dtype), attn_gain=ga, mlp_gain=gm, device=W_out.device)

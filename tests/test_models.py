@@ -69,3 +69,29 @@ def test_embedded_model_loads_and_numbers_are_single_tokens():
     for n in (0, 7, 57, 999, 1998):
         assert len(tok(f" {n}", add_special_tokens=False)["input_ids"]) == 1
     assert m.cfg.n_layers >= 2
+
+
+def test_cuda_without_gpu_gets_a_hint(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        load_model(None, device="cuda")
+
+
+def test_file_given_as_model_folder(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="is a file, not a model folder"):
+        load_model(str(f), device="cpu")
+
+
+def test_load_model_passes_placement_through(tiny_dirs, monkeypatch):
+    from transformer_lens.model_bridge import TransformerBridge
+    seen = {}
+    real = TransformerBridge.boot_transformers
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", spy)
+    load_model(tiny_dirs["gpt2"], device_map={"": "cpu"}, max_memory={"cpu": "2GiB"})
+    assert seen["device_map"] == {"": "cpu"} and seen["max_memory"] == {"cpu": "2GiB"} and "device" not in seen

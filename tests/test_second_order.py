@@ -124,3 +124,33 @@ def test_low_precision_activations_close_to_float32(tiny_dirs):
     b = second_order_effects(m16, tokens, T, 0)
     assert b.dtype == torch.float32
     assert rel_err(b, a) < 0.05
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_projected_effects_equal_projected_full_vectors(arch, tiny_models):
+    from so2lib import projected_effects
+    from so2lib.capture import final_normed
+    model = tiny_models[arch]
+    tokens, T = padded_batch(5)
+    g = torch.Generator().manual_seed(2)
+    dirs = torch.randn(4, 3, model.cfg.d_model, generator=g)  # per-problem directions
+    out = projected_effects(model, tokens, T, dirs, layers=[0, 2])
+    assert out["second"].shape == (4, 3, 2, model.cfg.d_mlp) == out["direct"].shape
+    rows = capture_batch(model, tokens, T, [0, 2])
+    for j, l in enumerate([0, 2]):
+        vec = second_order_effects(model, tokens, T, l)  # [b, n, dm]
+        for r in range(4):
+            normed = final_normed(vec[r], rows.final_scale[r].expand(vec.shape[1]), model)
+            torch.testing.assert_close(out["second"][r, :, j], dirs[r] @ normed.T, atol=1e-5, rtol=1e-4)
+    shared = projected_effects(model, tokens, T, dirs[0], layers=[1])
+    torch.testing.assert_close(shared["second"][0], projected_effects(model, tokens, T, dirs[:, :, :] * 0 + dirs[0], layers=[1])["second"][0])
+
+
+def test_second_order_effects_reuses_its_engine(tiny_models):
+    from so2lib.second_order import engine_for
+    model = tiny_models["llama"]
+    tokens, T = padded_batch()
+    second_order_effects(model, tokens, T, 0, [1])
+    eng = engine_for(model)
+    second_order_effects(model, tokens, T, 1, [1])
+    assert engine_for(model) is eng and (0, 1) in eng._prod and (1, 2) in eng._prod
