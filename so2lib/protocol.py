@@ -2,7 +2,7 @@
 layer, memory-bounded through each neuron's K x K coefficient covariance.
 
 Neuron ``n`` of layer ``l``: ``phi_n = sum_k c_k M_nk`` with ``c [K]`` its per-problem
-coefficients (:func:`second_order.coefficients`) and ``M_nk = (w_n W_V[k]) W_O[k]`` in
+coefficients (:func:`coefficients`) and ``M_nk = (w_n W_V[k]) W_O[k]`` in
 ``R^d_model``. So ``||phi_n||^2 = c^T G_n c`` with ``G_n = M_n M_n^T [K, K]``, and principal
 components live in the K-dim coefficient space under the metric ``G_n``. A residual edit
 ``sum_n sum_k x[k, n] M_nk`` is computed as ``sum_k ((x[:, k, :] @ W_out) @ W_V[k]) @ W_O[k]``,
@@ -20,21 +20,36 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import models as M
-from .capture import capture_batch
+from .capture import AnswerRows, capture_batch
 from .labels import Encoded
-from .second_order import coefficients
+from .second_order import SecondOrderEngine, engine_for
 from .stats import paired_bootstrap, mcnemar_exact
 
 
-class LayerWeights:
-    """Weight-only factors of one source layer: ``W_out [n, dm]``, ``W_V [K, dm, dh]``, ``W_O [K, dh, dm]``."""
+def coefficients(engine: SecondOrderEngine, rows: AnswerRows, layer: int) -> torch.Tensor:
+    """``c [b, K, n]`` (CPU, float32): the coefficient of every neuron of ``layer`` on every head
+    ``k = (l' - layer - 1) * H + h`` of every later layer ``l'``: attention from T, divided by the
+    input-norm scale (and any post-attention / post-MLP norm scale), as the engine computes them."""
+    p = engine._acts(rows, layer, None)
+    return torch.cat([engine._coef(rows, p, lp).float().cpu() for lp in range(layer + 1, engine.info.n_layers)], 1)
 
-    def __init__(self, model: Any, layer: int):
-        self.layer = layer
-        self.W_out = model.W_out.detach().float()[layer]
-        self.W_V = M.value_weights_per_query_head(model).detach().float()[layer + 1:].flatten(0, 1)
-        self.W_O = model.W_O.detach().float()[layer + 1:].flatten(0, 1)
+
+class LayerWeights:
+    """Weight-only factors of one source layer, read through the engine (post-norm gains folded,
+    key/value heads repeated per query head): ``W_out [n, dm]``, ``W_V [K, dm, dh]``, ``W_O [K, dh, dm]``."""
+
+    def __init__(self, model: Any, layer: int, engine: SecondOrderEngine | None = None):
+        eng = engine or engine_for(model)
+        self.engine, self.layer = eng, layer
+        self.W_out = eng.weights(layer).W_out.float().cpu()
+        WV, WO = [], []
+        for lp in range(layer + 1, eng.info.n_layers):
+            w = eng.weights(lp)
+            G = w.W_O.shape[0] // w.W_V.shape[0]
+            WV.append((w.W_V.repeat_interleave(G, 0) if G > 1 else w.W_V).float().cpu())
+            WO.append(w.W_O.float().cpu())
+        self.W_V = torch.cat(WV)
+        self.W_O = torch.cat(WO)
         self.K = self.W_V.shape[0]
 
     def edit(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +103,7 @@ def fit_layer(model: Any, enc_train: Encoded, layer: int, share: float = 0.02, b
     cs = []
     for _, x, T in enc_train.batches(batch_size):
         rows = capture_batch(model, x, T, [layer])
-        cs.append(coefficients(rows, layer).float().cpu())
+        cs.append(coefficients(w.engine, rows, layer))
     c = torch.cat(cs)  # [N, K, n]  (memory: N K n floats)
     mean = c.mean(0)
     dc = c - mean
@@ -128,7 +143,7 @@ def layer_protocol(model: Any, enc_val: Encoded, gold_val: torch.Tensor, layer: 
     out: dict[str, list] = {}
     for rows_idx, x, T in enc_val.batches(batch_size):
         rows = capture_batch(model, x, T, [layer])
-        dc = (coefficients(rows, layer).float().cpu() - mean) * keep  # [b, K, n]
+        dc = (coefficients(w.engine, rows, layer) - mean) * keep  # [b, K, n]
         sig = quad(dc, G).sqrt() > thr  # [b, n]
         a = torch.einsum("bkn,kn->bn", dc, Gv)  # projection coefficient on u_n
         edits = {"clean": torch.zeros(len(T), w.W_out.shape[1]),

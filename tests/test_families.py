@@ -274,3 +274,19 @@ def test_engine_is_reused_and_rebuilt_after_an_edit(tiny_dirs):
     with torch.no_grad():
         model.blocks[2].attn.o.weight.mul_(2.0)
     assert engine_for(model) is not eng
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_family_clip_protocol_path_matches_full_vectors(fam, fam_models):
+    """The all-neuron CLIP protocol's coefficient path (Gram norms, residual edits) reproduces the
+    engine's full vectors on sandwich-norm, QK-norm and MQA blocks too."""
+    from so2lib import protocol as P
+    model, layer = fam_models[fam], 0
+    tokens, T = padded_batch(2)
+    eng = engine_for(model)
+    rows = capture_batch(model, tokens, T, [layer])
+    full = eng.vectors(rows, layer).float().cpu()
+    w = P.LayerWeights(model, layer, eng)
+    c = P.coefficients(eng, rows, layer)
+    torch.testing.assert_close(P.quad(c, w.gram(chunk=13)), full.pow(2).sum(-1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.edit(c), full.sum(1), rtol=1e-4, atol=1e-5)

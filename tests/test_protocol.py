@@ -6,7 +6,7 @@ import torch
 
 from so2lib import protocol as P
 from so2lib.capture import capture_batch
-from so2lib.second_order import SecondOrderEngine, coefficients
+from so2lib.second_order import SecondOrderEngine
 
 from conftest import ARCHS
 
@@ -28,8 +28,8 @@ def test_gram_and_edit_match_full_vectors(arch, tiny_models):
     rows = capture_batch(model, tokens, T, [layer])
     eng = SecondOrderEngine(model, layers=[layer])
     full = eng.vectors(rows, layer).float().cpu()  # [b, n, d]
-    w = P.LayerWeights(model, layer)
-    c = coefficients(rows, layer).float().cpu()
+    w = P.LayerWeights(model, layer, eng)
+    c = P.coefficients(eng, rows, layer)
     torch.testing.assert_close(P.quad(c, w.gram(chunk=7)), full.pow(2).sum(-1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w.edit(c), full.sum(1), rtol=1e-4, atol=1e-5)
     mask = torch.zeros(c.shape[-1], dtype=torch.bool)
