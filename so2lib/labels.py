@@ -224,6 +224,31 @@ def encode(model: Any, problems: Sequence[Problem], template: Template | None = 
 
 POSITIONS = ("decide", "first")
 
+_CONTINUATION: dict[int, torch.Tensor] = {}
+
+
+def continuation_mask(tok: Any) -> torch.Tensor:
+    """``[V]`` bool: tokens that would extend an answer they follow (``57`` + ``8`` reads ``578``).
+
+    Each token ``t`` is decoded after a probe digit ``1``: it continues the answer when the text
+    it adds starts with a letter or digit, or with ``.``/``,`` followed by a digit (``57`` +
+    ``.5``). A token that adds whitespace, a newline or other punctuation first ends the answer,
+    and so do special tokens; a word-level tokenizer whose decoder puts spaces between tokens
+    therefore has no continuation tokens. Cached per tokenizer."""
+    key = id(tok)
+    if key not in _CONTINUATION:
+        special = set(getattr(tok, "all_special_ids", []) or [])
+        probe = tok("1", add_special_tokens=False)["input_ids"][-1:]
+        head = len(tok.decode(probe))
+        V = len(tok)
+        texts = tok.batch_decode([probe + [i] for i in range(V)])
+        m = torch.zeros(V, dtype=torch.bool)
+        for i, t in enumerate(texts):
+            r = t[head:]
+            m[i] = i not in special and bool(r) and (r[0].isalnum() or (r[0] in ".," and len(r) > 1 and r[1].isdigit()))
+        _CONTINUATION[key] = m
+    return _CONTINUATION[key]
+
 
 def deciding_index(margins: Sequence[float], position: str = "decide") -> int:
     """The deciding answer token ``k*`` from the margins ``d_k`` of one problem.
@@ -243,12 +268,17 @@ def deciding_index(margins: Sequence[float], position: str = "decide") -> int:
 
 @torch.no_grad()
 def label(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True,
-          hooks: Sequence[tuple[str, Any]] = (), position: str = "decide") -> pd.DataFrame:
+          hooks: Sequence[tuple[str, Any]] = (), position: str = "decide", stop: bool = True) -> pd.DataFrame:
     """Label every problem correct or not with one teacher-forced forward pass per batch.
 
     Answer token ``a_k`` is predicted at ``T_k`` with margin ``d_k = logit(a_k) - max_{v != a_k}
-    logit(v)``; a problem is correct iff every ``d_k > 0``, which is exactly when greedy decoding
-    produces the gold tokens. The per-problem columns describe the **deciding token** ``k*``
+    logit(v)``; a problem is correct iff every ``d_k > 0`` and (with ``stop``) greedy decoding
+    then ends the answer: at the position after the last gold token the best token that ends it
+    scores above the best token that would extend it (:func:`continuation_mask`; ``57`` followed
+    by ``8`` is ``578``, wrong). That is exactly when greedy decoding writes the gold answer and
+    nothing glued to it. The stop margin is ``stop_margin`` and ``stopped``; a problem whose answer
+    tokens are all right but which does not stop keeps its deciding token at the smallest margin
+    (there is no gold token to read there). The per-problem columns describe the **deciding token** ``k*``
     (:func:`deciding_index` with ``position``; for an analysis view, its own ``k*``, so that a
     hooked run is read at the clean run's position):
 
@@ -259,6 +289,7 @@ def label(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True,
     ``d_k <= 0``, -1 if none), ``first_logit_diff`` (``d_0``) and ``first_token`` (``a_0``).
     """
     device = next(model.parameters()).device
+    cont = continuation_mask(model.tokenizer).to(device) if stop else None
     rows: list[dict[str, Any]] = []
     for idx, x, T in enc.batches(batch_size, with_answer=True, device=device,
                                  desc="labelling" if progress else None):
@@ -277,7 +308,14 @@ def label(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True,
             d = (g - alt_logit).tolist()
             k = enc.prefix(i) if enc.n_prefix is not None else deciding_index(d, position)
             wrong = [j for j, dj in enumerate(d) if dj <= 0]
-            rows.append({"correct": not wrong, "pred_token": int(lt[k].argmax()), "gold_token": ans[k],
+            if cont is not None:
+                nxt = logits[r, t0 + len(ans)].float()
+                c = torch.zeros(nxt.shape[0], dtype=torch.bool, device=device)
+                c[: min(len(cont), len(c))] = cont[: len(c)]
+                ds = float(nxt[~c].max() - nxt[c].max()) if c.any() else float("inf")
+            else:
+                ds = float("inf")
+            rows.append({"correct": not wrong and ds > 0, "stopped": ds > 0, "stop_margin": ds, "pred_token": int(lt[k].argmax()), "gold_token": ans[k],
                          "alt_token": int(alt[k]), "answer_logit": float(g[k]), "logit_diff": d[k],
                          "answer_pos": t0 + k, "decide_k": k, "prompt_pos": t0,
                          "n_answer_tokens": len(ans), "margin_min": min(d),

@@ -165,7 +165,8 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
             "to False); untokenizable_answer: the tokenizer cannot write the answer. Or leave the "
             "task out (tasks=[...]).")
     prompt_enc = {s: encode(model, problems.split(s), tmpl) for s in ("train", "val")}
-    lparams = {"position": opts["position"], "cot": opts["cot"], "cot_max_tokens": opts["cot_max_tokens"]}
+    lparams = {"position": opts["position"], "cot": opts["cot"], "cot_max_tokens": opts["cot_max_tokens"],
+               "stop": True}  # correct = gold tokens and the answer ends there (labels.label)
     if opts["cot"]:
         from . import cot as C
 

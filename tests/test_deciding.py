@@ -112,3 +112,33 @@ def test_analysis_view_roundtrip():
     assert x[0].tolist() == [0, 5, 6, 8, 9, 10] and T.tolist() == [4, 1]
     with pytest.raises(ValueError, match="out of range"):
         enc.analysis_view([3, 0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_correct_needs_the_answer_to_stop(arch, digit_models):
+    """Greedy generation one token past the gold answer (digit tokenizer): correct iff the gold
+    tokens come out and the next token does not glue onto them (``57`` then ``8`` is ``578``)."""
+    from so2lib.labels import continuation_mask
+    model = load_model(str(digit_models[arch]), device="cpu")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(digit_models[arch]).eval()
+    tok = model.tokenizer
+    cont = continuation_mask(tok)
+    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    assert cont[digits].all() and not cont[tok.convert_tokens_to_ids(" ")]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, len(tok), (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (60,), generator=g)]
+    golds, nexts = [], []
+    for p in prompts:
+        seq = list(p)
+        with torch.no_grad():  # plain greedy decoding on the Hugging Face weights (no EOS stop)
+            for _ in range(3):
+                seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+        out = seq[len(p):]
+        golds.append(out[:2])
+        nexts.append(out[2])
+    enc = Encoded(prompts, golds, pad_id=0)
+    lab = label(model, enc, batch_size=8, progress=False)
+    expect = [not bool(cont[t]) for t in nexts]
+    assert lab.correct.tolist() == expect and lab.stopped.tolist() == expect
+    assert 0 < sum(expect) < len(expect), "the stop check must be able to go both ways on this sample"
+    assert label(model, enc, batch_size=8, progress=False, stop=False).correct.all()

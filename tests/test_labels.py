@@ -31,7 +31,7 @@ def test_teacher_forced_labels_equal_greedy_generation(arch, tiny_dirs, tiny_mod
             gold[0] = (gold[0] + 1) % 400 + 2  # wrong from the first step
         golds.append(gold)
     enc = Encoded(prompts, golds, pad_id=0)
-    lab = label(model, enc, batch_size=7, progress=False)  # padded batches
+    lab = label(model, enc, batch_size=7, progress=False, stop=False)  # padded batches
     expect = [gen == gold for gen, gold in zip(generated, golds)]
     assert lab.correct.tolist() == expect
     assert sum(expect) == 8
@@ -48,7 +48,7 @@ def test_teacher_forced_labels_equal_greedy_generation(arch, tiny_dirs, tiny_mod
     assert ((lab.logit_diff > 0) == (lab.pred_token == lab.gold_token)).all()
     assert (lab.logit_diff >= lab.margin_min).all()
     # "first" keeps today's first-token reading
-    first = label(model, enc, batch_size=7, progress=False, position="first")
+    first = label(model, enc, batch_size=7, progress=False, position="first", stop=False)
     assert (first.pred_token.values == [g[0] for g in generated]).all()
     assert (first.correct == lab.correct).all() and (first.decide_k == 0).all()
 
