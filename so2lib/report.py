@@ -191,20 +191,54 @@ def section_layers(run: Run) -> Section | None:
     return s
 
 
+def _verdicts(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    if "verdict" not in df.columns and "pass" in df.columns:  # older runs
+        df["verdict"] = df["pass"].map({True: "pass", False: "fail"}).fillna("not testable")
+        df = df.drop(columns="pass")
+    return df
+
+
+VERDICT_TABLES = (("validation_table", "Characterization (notebook 03)"),
+                  ("decomposition_table", "Sparse decomposition (notebook 04)"),
+                  ("applications_table", "Applications (notebook 05)"))
+
+
 def section_validation(run: Run) -> Section | None:
-    vt = _get(run, "validation_table")
-    if vt is None:
+    found = [(name, title, _verdicts(run.load(name))) for name, title in VERDICT_TABLES if run.has(name)]
+    if not found:
         return None
-    vt = vt.copy()
-    if "verdict" not in vt.columns and "pass" in vt.columns:  # older runs
-        vt["verdict"] = vt["pass"].map({True: "pass", False: "fail"}).fillna("not testable")
-        vt = vt.drop(columns="pass")
     s = Section("Validation table", "Each claim of the method measured on held-out problems against its null, "
                 "with a 95% interval: a pass needs the interval to exclude the null and the value to meet the "
-                "target; 'not testable' says the data cannot resolve the question.")
-    s.tables.append(("", vt))
-    counts = vt.verdict.value_counts()
-    s.notes.append(", ".join(f"{fmt(int(v))} {k}" for k, v in counts.items()))
+                "target; 'not testable' (or 'not measurable') says the data cannot resolve the question, and why.")
+    verdicts = pd.concat([df.verdict for _, _, df in found if "verdict" in df.columns])
+    s.notes.append("Verdicts: " + ", ".join(f"{fmt(int(v))} {k}" for k, v in verdicts.value_counts().items()))
+    for _, title, df in found:
+        s.tables.append((title if len(found) > 1 else "", df))
+    return s
+
+
+def section_protocol(run: Run) -> Section | None:
+    clip = _get(run, "clip_protocol")
+    if clip is None or not len(clip):
+        return None
+    df = clip.copy()
+    df["label"] = "layer " + df.layer.astype(str) + " (" + df.neurons.astype(str) + ")"
+    fig = px.bar(df, x="label", y="accuracy_change_points", color="edit", barmode="group",
+                 error_y=df.ci_high_points - df.accuracy_change_points,
+                 error_y_minus=df.accuracy_change_points - df.ci_low_points,
+                 title="CLIP protocol per source layer: validation accuracy change (points, 95% paired bootstrap)")
+    fig.update_layout(height=420, xaxis_title="", yaxis_title="accuracy change (points)")
+    s = Section("The CLIP protocol, per layer", "Every neuron's second-order effect of a layer is replaced by its "
+                "training mean ('mean'), only the significant or only the insignificant ones are, or each is "
+                "replaced by its rank-1 (PC1) version; bars are accuracy changes against the clean model on "
+                "validation problems. Rank-1 is faithful when it recovers most of the mean-ablation drop.",
+                figures=[fig])
+    cols = [c for c in ("layer", "neurons", "edit", "accuracy", "accuracy_change_points", "ci_low_points",
+                        "ci_high_points", "logit_diff_change", "mcnemar_p", "gained", "lost", "n",
+                        "recovered_share", "recovered_ci_low", "recovered_ci_high", "recovered_note")
+            if c in df.columns]
+    s.tables.append(("", df[cols]))
     return s
 
 
@@ -243,7 +277,7 @@ def section_applications(run: Run) -> Section | None:
 
 
 SECTIONS: tuple[Callable[[Run], Section | None], ...] = (
-    section_run, section_accuracy, section_layers, section_validation, section_applications)
+    section_run, section_accuracy, section_layers, section_validation, section_protocol, section_applications)
 
 
 def sections(run: Run) -> list[Section]:
@@ -291,7 +325,7 @@ p.lead{color:#444} p.note{color:#555;font-size:14px}
 table{border-collapse:collapse;margin:.6em 0 1.2em 0;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top;text-align:left;white-space:normal}
 th{background:#f4f4f4} caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0}
-tr.v-pass td{background:#e8f6e8} tr.v-fail td{background:#fbe9e9} tr.v-not-testable td{background:#f3f3f3}
+tr.v-pass td{background:#e8f6e8} tr.v-fail td{background:#fbe9e9} tr.v-not-testable td,tr.v-not-measurable td{background:#f3f3f3}
 nav a{margin-right:1em}
 """
 
