@@ -20,7 +20,7 @@ from pathlib import Path
 from .tasks import TASKS
 
 # small counts: the whole profile takes minutes on 2 CPU cores
-SMOKE_PARAMS = {"n_train": 60, "n_val": 24, "n_shots": 1, "chat": False, "batch_size": 24,
+SMOKE_PARAMS = {"n_train": 60, "n_val": 30, "n_shots": 1, "chat": False, "batch_size": 24,
                 "top_n_neurons": 16, "device": "cpu"}
 
 
