@@ -109,8 +109,15 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], Callable[[], str]]] = {
     "template": (lambda v: v is None or v in _styles(), lambda: f"None or one of {list(_styles())}"),
     "dtype": (lambda v: v is None or v in DTYPES, lambda: f"None or one of {list(DTYPES)}"),
     "device": (lambda v: v is None or isinstance(v, str), lambda: 'None or a device name such as "cpu" or "cuda"'),
+    "chat": (lambda v: v in ("auto", True, False) and not isinstance(v, int) or isinstance(v, bool),
+             lambda: '"auto" (the chat template when the tokenizer has one), True or False'),
+    "position": (lambda v: v in ("decide", "first"), lambda: '"decide" (the deciding answer token) or "first"'),
+    "cot_max_tokens": (_int_at_least(1), lambda: "an integer >= 1"),
     "model_name": (lambda v: v is None or isinstance(v, str), lambda: "None (the embedded model), a hub name or a folder"),
 }
+
+
+MIXED_TYPES = {"chat"}  # parameters whose valid values have several types: CHECKS alone decides
 
 
 def _type_ok(default: Any, value: Any) -> bool:
@@ -162,7 +169,7 @@ def validate(params: dict[str, Any], declared: dict[str, dict[str, Any]],
         elif k not in defaults:
             problems.append(f"unknown parameter {k!r}: the notebooks run here ({', '.join(sorted(declared))}) "
                             f"declare {', '.join(sorted(x for x in defaults if x not in reserved))}")
-        elif not _type_ok(defaults[k], v):
+        elif k not in MIXED_TYPES and not _type_ok(defaults[k], v):
             problems.append(f"{k}={v!r} has the wrong type: it must be {_type_name(defaults[k])} "
                             f"(the notebook's default is {defaults[k]!r})")
         else:

@@ -34,6 +34,8 @@ def check(run_dir: str | Path, min_kept: float = 0.9) -> list[str]:
 
     run = Run(run_dir)
     m = run.manifest
+    if "model" not in m:
+        return [f"run {run_dir} has no model: notebook 01 did not get far (see the runner's error above)"]
     bad: list[str] = []
     per = m.get("data", {}).get("per_task", {})
     if not per:
@@ -108,10 +110,13 @@ def main(argv: list[str] | None = None) -> None:
         try:
             run_all(a.run, a.model, dict(SMOKE_PARAMS))
         except Exception as e:  # the checks below say which notebook failed and why
-            print(f"the notebooks stopped: {type(e).__name__}", flush=True)
+            print(f"the notebooks stopped: {type(e).__name__}: {e}", flush=True)
         print(f"smoke run: {time.perf_counter() - t0:.0f} s", flush=True)
     bad = check(run_dir, a.min_kept)
-    print(json.dumps(summary(run_dir), indent=1, default=str))
+    try:
+        print(json.dumps(summary(run_dir), indent=1, default=str))
+    except Exception as e:  # a run that stopped early has no summary
+        print(f"no summary: {type(e).__name__}: {e}")
     if bad:
         print("SMOKE CHECK FAILED:\n- " + "\n- ".join(bad))
         sys.exit(1)

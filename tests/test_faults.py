@@ -181,6 +181,8 @@ def test_poisoned_cache_is_refused_and_never_saved(clean, copy):
     ({"n_train": 10}, "n_train=10 is not valid: it must be an integer >= 50"),
     ({"select_by": "loudness"}, "select_by='loudness'"),
     ({"run_dir": "x"}, "set by the runner"),
+    ({"chat": "off"}, "chat='off' is not valid"),
+    ({"position": "last"}, "position='last' is not valid"),
 ])
 def test_invalid_parameters_are_refused_before_any_work(tmp_path, params, match):
     with pytest.raises(ParameterError, match=match):
@@ -266,3 +268,10 @@ def test_failed_notebook_keeps_the_good_copy_and_the_times(tmp_path, monkeypatch
     assert set(m["notebook_seconds"]) == {"01_setup_and_selection.ipynb", "02_second_order_effects.ipynb"}
     assert m["notebook_status"]["02_second_order_effects.ipynb"] == "failed"
     assert not any(p.name.endswith(".running.ipynb") for p in out.iterdir())
+
+
+def test_chat_and_position_values_a_user_may_give_are_accepted():
+    from so2lib.params import check_value
+    for v in ("auto", True, False):
+        assert check_value("chat", v) is None
+    assert check_value("position", "first") is None and check_value("chat", 1)
