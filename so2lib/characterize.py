@@ -337,30 +337,30 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
 
     # the CLIP protocol, every layer with later heads: all neurons, and the selected ones
     layers = list(range(L - 1))
-    fits: dict[int, Any] = {}
+    done: dict[str, Any] = {}
 
-    def fit(l: int) -> Any:
-        if l not in fits:
-            fits[l] = P.fit_layer(model, setup.enc["train"], l, share, bs)
-        return fits[l]
-
-    def protocol(l: int) -> pd.DataFrame:
-        frames = []
-        for scope, ns in [("all", None)] + ([("selected", torch.tensor(selected[l]))] if l in selected else []):
-            per = P.layer_protocol(model, setup.enc["val"], gold_val, l, fit(l), bs, ns)
-            frames.append(P.protocol_table(per, l, scope, n_boot))
-        f = fit(l)
-        out = pd.concat(frames, ignore_index=True)
-        out["pc1_share_topk_mean"] = float(f["pc1_share"].mean())
-        out["pc1_share_shuffled_mean"] = float(f["pc1_share_shuffled"].mean())
-        out["K"] = int(f["v"].shape[0])
-        return out
-    clip = run.step("clip_protocol", lambda: pd.concat([protocol(l) for l in layers], ignore_index=True), "03",
+    def protocol() -> dict[str, Any]:  # one grouped pass computes both artifacts below
+        if not done:
+            scopes = {l: {"all": None, **({"selected": torch.tensor(selected[l])} if l in selected else {})}
+                      for l in layers}
+            per, st = P.run_protocol(model, setup.enc["train"], setup.enc["val"], gold_val, layers, scopes,
+                                     share, bs, seed=setup.run.config.get("seed", 0), progress=progress)
+            frames = []
+            for (l, scope), pp in per.items():
+                f = P.protocol_table(pp, l, scope, n_boot)
+                f["pc1_share_topk_mean"] = float(st[l]["pc1_share"].mean())
+                f["pc1_share_shuffled_mean"] = float(st[l]["pc1_share_shuffled"].mean())
+                f["K"], f["n_fit"] = int(st[l]["K"]), int(st[l]["n_fit"])
+                frames.append(f)
+            done["clip"] = pd.concat(frames, ignore_index=True)
+            done["pc1"] = pd.concat([pd.DataFrame({
+                "layer": l, "neuron": np.arange(len(st[l]["pc1_share"])), "pc1_share_topk": st[l]["pc1_share"],
+                "pc1_share_shuffled": st[l]["pc1_share_shuffled"], "K": st[l]["K"]}) for l in layers],
+                ignore_index=True)
+        return done
+    clip = run.step("clip_protocol", lambda: protocol()["clip"], "03",
                     params={"share": share, "n_boot": n_boot}, deps=["labels_train", "labels_val", "selection"])
-    pc1 = run.step("pc1_by_neuron", lambda: pd.concat([pd.DataFrame({
-        "layer": l, "neuron": np.arange(fit(l)["pc1_share"].shape[0]), "pc1_share_topk": fit(l)["pc1_share"].numpy(),
-        "pc1_share_shuffled": fit(l)["pc1_share_shuffled"].numpy(), "K": fit(l)["v"].shape[0]})
-        for l in layers], ignore_index=True), "03", params={"share": share}, deps=["labels_train"])
+    pc1 = run.step("pc1_by_neuron", lambda: protocol()["pc1"], "03", params={"share": share}, deps=["labels_train"])
 
     table = run.step("validation_table", lambda: _validation_table(
         setup, crit, vt, vv, pc1, clip, H, L, share, mags), "03",

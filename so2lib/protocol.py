@@ -14,7 +14,7 @@ split; :func:`layer_protocol` measures on the validation split.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -92,19 +92,13 @@ def fit_pc1(top: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def fit_layer(model: Any, enc_train: Encoded, layer: int, share: float = 0.02, batch_size: int = 64,
-              weights: LayerWeights | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Training-split statistics of every neuron of ``layer``: mean coefficients ``mean [K, n]``,
-    significance thresholds ``threshold [n]`` (k-th largest centred-effect norm, ``k = max(1,
-    round(share N))``), PC1 ``v [K, n]`` of the top-``max(2, k)`` centred effects and its share
-    ``pc1_share [n]``, and the centred energies ``energy [N, n]`` (squared norms)."""
-    w = weights or LayerWeights(model, layer)
-    G = w.gram()
-    cs = []
-    for _, x, T in enc_train.batches(batch_size):
-        rows = capture_batch(model, x, T, [layer])
-        cs.append(coefficients(w.engine, rows, layer))
-    c = torch.cat(cs)  # [N, K, n]  (memory: N K n floats)
+def fit_from_coefficients(c: torch.Tensor, G: torch.Tensor, share: float = 0.02, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Training-split statistics of every neuron of a layer from its coefficients ``c [N, K, n]``
+    and Gram matrices ``G [n, K, K]``: mean coefficients ``mean [K, n]``, significance thresholds
+    ``threshold [n]`` (k-th largest centred-effect norm, ``k = max(1, round(share N))``), PC1
+    ``v [K, n]`` of the top-``max(2, k)`` centred effects and its share ``pc1_share [n]``, the same
+    share with each head's coefficients shuffled across problems (``pc1_share_shuffled``), and
+    the centred energies ``energy [N, n]`` (squared norms)."""
     mean = c.mean(0)
     dc = c - mean
     energy = quad(dc, G)  # [N, n]
@@ -127,6 +121,48 @@ def fit_layer(model: Any, enc_train: Encoded, layer: int, share: float = 0.02, b
 
 
 @torch.no_grad()
+def fit_layer(model: Any, enc_train: Encoded, layer: int, share: float = 0.02, batch_size: int = 64,
+              weights: LayerWeights | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """:func:`fit_from_coefficients` of ``layer`` over the training problems ``enc_train``
+    (one forward pass per batch; memory ``N K n`` floats)."""
+    w = weights or LayerWeights(model, layer)
+    cs = []
+    for _, x, T in enc_train.batches(batch_size):
+        rows = capture_batch(model, x, T, [layer])
+        cs.append(coefficients(w.engine, rows, layer))
+    return fit_from_coefficients(torch.cat(cs), w.gram(), share, seed)
+
+
+def _edit_batch(model: Any, w: LayerWeights, fit: dict[str, torch.Tensor], c: torch.Tensor,
+                final_resid: torch.Tensor, gold: torch.Tensor, keep: torch.Tensor, out: dict[str, list]) -> None:
+    """Append one batch's clean and edited readouts (see :func:`layer_protocol`) to ``out``."""
+    from .characterize import answer_metrics, final_logits  # shared final-norm readout
+    G, mean, thr, v = fit["G"], fit["mean"], fit["threshold"], fit["v"]
+    Gv = fit.get("Gv")
+    if Gv is None:
+        Gv = fit["Gv"] = torch.einsum("nkj,jn->kn", G, v)  # [K, n]
+    dc = (c - mean) * keep  # [b, K, n]
+    sig = quad(dc, G).sqrt() > thr  # [b, n]
+    a = torch.einsum("bkn,kn->bn", dc, Gv)  # projection coefficient on u_n
+    edits = {"clean": torch.zeros(len(gold), w.W_out.shape[1]),
+             "mean": -w.edit(dc),
+             "ablate_significant": -w.edit(dc * sig[:, None]),
+             "ablate_insignificant": -w.edit(dc * ~sig[:, None]),
+             "rank1": w.edit(a[:, None] * v[None] - dc)}
+    for name, e in edits.items():
+        ok, ld = answer_metrics(final_logits(model, final_resid + e), gold)
+        out.setdefault(f"{name}_correct", []).append(ok.numpy())
+        out.setdefault(f"{name}_logit_diff", []).append(ld.numpy())
+    out.setdefault("significant_share", []).append(sig[:, keep].float().mean(1).numpy())
+
+
+def _keep(n: int, neurons: torch.Tensor | None) -> torch.Tensor:
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[neurons if neurons is not None else slice(None)] = True
+    return keep
+
+
+@torch.no_grad()
 def layer_protocol(model: Any, enc_val: Encoded, gold_val: torch.Tensor, layer: int, fit: dict[str, torch.Tensor],
                    batch_size: int = 64, neurons: torch.Tensor | None = None,
                    weights: LayerWeights | None = None) -> dict[str, np.ndarray]:
@@ -134,30 +170,90 @@ def layer_protocol(model: Any, enc_val: Encoded, gold_val: torch.Tensor, layer: 
     every neuron of ``layer`` (or only ``neurons``) edited as CLIP does: ``mean`` (all effects
     replaced by their training mean), ``ablate_significant``, ``ablate_insignificant`` and ``rank1``
     (mean + projection on PC1). Edits act on the residual at T before the final norm."""
-    from .characterize import answer_metrics, final_logits  # shared final-norm readout
     w = weights or LayerWeights(model, layer)
-    G, mean, thr, v = fit["G"], fit["mean"], fit["threshold"], fit["v"]
-    Gv = torch.einsum("nkj,jn->kn", G, v)  # [K, n]
-    keep = torch.zeros(mean.shape[1], dtype=torch.bool)
-    keep[neurons if neurons is not None else slice(None)] = True
+    keep = _keep(fit["mean"].shape[1], neurons)
     out: dict[str, list] = {}
     for rows_idx, x, T in enc_val.batches(batch_size):
         rows = capture_batch(model, x, T, [layer])
-        dc = (coefficients(w.engine, rows, layer) - mean) * keep  # [b, K, n]
-        sig = quad(dc, G).sqrt() > thr  # [b, n]
-        a = torch.einsum("bkn,kn->bn", dc, Gv)  # projection coefficient on u_n
-        edits = {"clean": torch.zeros(len(T), w.W_out.shape[1]),
-                 "mean": -w.edit(dc),
-                 "ablate_significant": -w.edit(dc * sig[:, None]),
-                 "ablate_insignificant": -w.edit(dc * ~sig[:, None]),
-                 "rank1": w.edit(a[:, None] * v[None] - dc)}
-        g = gold_val[rows_idx.start:rows_idx.stop]
-        for name, e in edits.items():
-            ok, ld = answer_metrics(final_logits(model, rows.final_resid.cpu() + e), g)
-            out.setdefault(f"{name}_correct", []).append(ok.numpy())
-            out.setdefault(f"{name}_logit_diff", []).append(ld.numpy())
-        out.setdefault("significant_share", []).append(sig[:, keep].float().mean(1).numpy())
+        _edit_batch(model, w, fit, coefficients(w.engine, rows, layer), rows.final_resid.cpu(),
+                    gold_val[rows_idx.start:rows_idx.stop], keep, out)
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def layer_groups(layers: Sequence[int], n_problems: int, K: dict[int, int], d_mlp: int,
+                 budget_bytes: int) -> list[list[int]]:
+    """Consecutive groups of ``layers`` whose coefficients (``n_problems K_l d_mlp`` floats) and
+    Gram matrices (``d_mlp K_l^2``) fit in ``budget_bytes`` together (at least one layer each)."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for l in layers:
+        size = 4 * d_mlp * K[l] * (n_problems + K[l])
+        if groups[-1] and used + size > budget_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(l)
+        used += size
+    return [g for g in groups if g]
+
+
+@torch.no_grad()
+def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: torch.Tensor, layers: Sequence[int],
+                 scopes: dict[int, dict[str, torch.Tensor | None]], share: float = 0.02, batch_size: int = 64,
+                 budget: int | str = "2GiB", max_fit_problems: int = 4000, seed: int = 0,
+                 progress: bool = True) -> tuple[dict[tuple[int, str], dict[str, np.ndarray]], dict[int, dict]]:
+    """The CLIP protocol for several source layers with few forward passes.
+
+    Layers are processed in groups that fit ``budget`` (:func:`layer_groups`); per group, one
+    forward pass per training batch fits every layer of the group (:func:`fit_from_coefficients`,
+    on at most ``max_fit_problems`` training problems, the first ones of a fixed random order)
+    and one pass per validation batch measures every layer and scope of ``scopes``
+    (``{layer: {scope name: neurons or None for all}}``). Returns the per-problem readouts
+    ``{(layer, scope): ...}`` (as :func:`layer_protocol`) and per layer the PC1 statistics
+    ``{"pc1_share", "pc1_share_shuffled", "K", "n_fit"}``."""
+    from .progress import tqdm
+    from .second_order import _bytes
+    eng = engine_for(model)
+    L, H, n = eng.info.n_layers, eng.info.n_heads, eng.info.d_mlp
+    K = {l: (L - l - 1) * H for l in layers}
+    N = len(enc_train)
+    idx = list(range(N))
+    if N > max_fit_problems:
+        g = torch.Generator().manual_seed(seed)
+        idx = sorted(torch.randperm(N, generator=g)[:max_fit_problems].tolist())
+    train = enc_train.subset(idx) if len(idx) < N else enc_train
+    groups = layer_groups(list(layers), len(idx), K, n, _bytes(budget))
+    per: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    stats: dict[int, dict] = {}
+    bar = tqdm(total=len(list(layers)), desc="CLIP protocol, source layers", disable=not progress)
+    for group in groups:
+        ws = {l: LayerWeights(model, l, eng) for l in group}
+        cs: dict[int, list] = {l: [] for l in group}
+        for _, x, T in train.batches(batch_size):
+            rows = capture_batch(model, x, T, group)
+            for l in group:
+                cs[l].append(coefficients(eng, rows, l))
+        fits = {}
+        for l in group:
+            fits[l] = fit_from_coefficients(torch.cat(cs.pop(l)), ws[l].gram(), share, seed)
+            stats[l] = {"pc1_share": fits[l]["pc1_share"].numpy(), "pc1_share_shuffled":
+                        fits[l]["pc1_share_shuffled"].numpy(), "K": K[l], "n_fit": len(idx)}
+            del fits[l]["energy"]
+        outs: dict[tuple[int, str], dict[str, list]] = {(l, sc): {} for l in group for sc in scopes.get(l, {})}
+        keeps = {(l, sc): _keep(n, ns) for l in group for sc, ns in scopes.get(l, {}).items()}
+        for rows_idx, x, T in enc_val.batches(batch_size):
+            rows = capture_batch(model, x, T, group)
+            fr = rows.final_resid.cpu()
+            gold = gold_val[rows_idx.start:rows_idx.stop]
+            for l in group:
+                c = coefficients(eng, rows, l)
+                for sc in scopes.get(l, {}):
+                    _edit_batch(model, ws[l], fits[l], c, fr, gold, keeps[(l, sc)], outs[(l, sc)])
+        for key, o in outs.items():
+            per[key] = {k: np.concatenate(v) for k, v in o.items()}
+        del fits, ws
+        bar.update(len(group))
+    bar.close()
+    return per, stats
 
 
 def protocol_table(per_problem: dict[str, np.ndarray], layer: int, scope: str, n_boot: int = 2000,

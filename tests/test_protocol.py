@@ -64,3 +64,30 @@ def test_recovered_share_not_testable_without_a_drop():
     rank1[:50] = True
     r = P.recovered_share(clean, mean, rank1)
     assert r["share"] == pytest.approx(0.5) and r["ci_low"] < 0.5 < r["ci_high"]
+
+
+def test_grouped_protocol_equals_one_layer_at_a_time(tiny_models):
+    """run_protocol (layers grouped, one forward pass per batch and group) gives the per-layer
+    path's numbers exactly, whatever the memory budget's grouping."""
+    from so2lib.labels import Encoded
+    model = tiny_models["llama"]
+    g = torch.Generator().manual_seed(4)
+    prompts = [[0] + torch.randint(2, 400, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (40,), generator=g)]
+    enc = Encoded(prompts, [[int(t)] for t in torch.randint(2, 400, (40,), generator=g)], pad_id=0)
+    tr, va = enc.subset(range(24)), enc.subset(range(24, 40))
+    gold = va.gold
+    layers = [0, 1, 2]
+    scopes = {l: {"all": None, "some": torch.tensor([1, 5, 9])} for l in layers}
+    ref = {}
+    for l in layers:
+        f = P.fit_layer(model, tr, l, 0.1, 7)
+        for sc, ns in scopes[l].items():
+            ref[(l, sc)] = P.layer_protocol(model, va, gold, l, f, 5, ns)
+    for budget in (1, 10**9):  # one layer per group, and all layers in one group
+        per, st = P.run_protocol(model, tr, va, gold, layers, scopes, 0.1, 7, budget=budget, progress=False)
+        assert set(per) == set(ref)
+        for k in ref:
+            for name in ref[k]:
+                np.testing.assert_allclose(per[k][name], ref[k][name], rtol=1e-5, atol=1e-6, err_msg=str((k, name)))
+        assert st[0]["K"] == 3 * model.cfg.n_heads and st[0]["n_fit"] == 24
+    assert P.layer_groups([0, 1, 2], 24, {0: 12, 1: 8, 2: 4}, 64, 1) == [[0], [1], [2]]
