@@ -16,6 +16,7 @@ import torch
 
 from . import models as M
 from .capture import answer_activations, position_means
+from .progress import tqdm
 from .labels import Encoded, label
 from .runs import Run
 from .study import Setup, accuracy
@@ -42,7 +43,7 @@ def layer_ablation(model: Any, enc: Encoded, means: torch.Tensor, clean: pd.Data
     the clean run ``clean`` (the labels of the same problems).
     """
     rows = []
-    for l in range(model.cfg.n_layers):
+    for l in tqdm(range(model.cfg.n_layers), desc="layer ablation", disable=not progress):
         for kind, value in (("mean", means[l]), ("zero", None)):
             lab = label(model, enc, batch_size, progress=False,
                         hooks=[(M.mlp_out(l), ablation_hook(value))])
