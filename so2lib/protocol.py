@@ -53,10 +53,13 @@ class LayerWeights:
         self.K = self.W_V.shape[0]
 
     def edit(self, x: torch.Tensor) -> torch.Tensor:
-        """``[b, dm]`` = ``sum_n sum_k x[b, k, n] M_nk`` for coefficients ``x [b, K, n]``."""
-        z = torch.einsum("bkn,nm->bkm", x, self.W_out.to(x.device))
-        z = torch.einsum("bkm,kmh->bkh", z, self.W_V.to(x.device))
-        return torch.einsum("bkh,khd->bd", z, self.W_O.to(x.device))
+        """``[b, dm]`` = ``sum_n sum_k x[b, k, n] M_nk`` for coefficients ``x [b, K, n]``, through the
+        per-head products ``w_n W_V[k]`` (``[K, n, dh]``, built once): ``d_model / d_head`` times
+        less arithmetic than going through ``d_model``."""
+        if not hasattr(self, "_P"):
+            self._P = torch.einsum("nm,kmh->knh", self.W_out, self.W_V).contiguous()
+        z = torch.bmm(x.permute(1, 0, 2).to(self._P.device), self._P)  # [K, b, dh]
+        return torch.einsum("kbh,khd->bd", z, self.W_O.to(z.device))
 
     def gram(self, chunk: int = 256) -> torch.Tensor:
         """``G [n, K, K]``, ``G_n = M_n M_n^T``, built ``chunk`` neurons at a time."""
@@ -69,7 +72,8 @@ class LayerWeights:
 
 def quad(c: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """``[b, n]`` squared effect norms ``c_n^T G_n c_n`` for coefficients ``c [b, K, n]``."""
-    return torch.einsum("bkn,nkj,bjn->bn", c, G, c).clamp_min(0)
+    cp = c.permute(2, 0, 1).contiguous()  # [n, b, K]: contiguous makes the batched product 10x faster
+    return (torch.bmm(cp, G) * cp).sum(-1).T.clamp_min(0)
 
 
 def fit_pc1(top: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,12 +186,13 @@ def layer_protocol(model: Any, enc_val: Encoded, gold_val: torch.Tensor, layer: 
 
 def layer_groups(layers: Sequence[int], n_problems: int, K: dict[int, int], d_mlp: int,
                  budget_bytes: int) -> list[list[int]]:
-    """Consecutive groups of ``layers`` whose coefficients (``n_problems K_l d_mlp`` floats) and
-    Gram matrices (``d_mlp K_l^2``) fit in ``budget_bytes`` together (at least one layer each)."""
+    """Consecutive groups of ``layers`` whose coefficients (``n_problems K_l d_mlp`` floats), Gram
+    matrices (``d_mlp K_l^2``) and head products (``d_mlp K_l d_head``, counted as ``64``) fit in
+    ``budget_bytes`` together (at least one layer each)."""
     groups: list[list[int]] = [[]]
     used = 0
     for l in layers:
-        size = 4 * d_mlp * K[l] * (n_problems + K[l])
+        size = 4 * d_mlp * K[l] * (n_problems + K[l] + 64)
         if groups[-1] and used + size > budget_bytes:
             groups.append([])
             used = 0
