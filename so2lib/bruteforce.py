@@ -1,6 +1,6 @@
 """Brute-force frozen-path ablation: the independent check of the engine, and the naive baseline.
 
-Follows ``shared/docs/second_order.md``: scale one neuron by ``1 + K`` (the model is linear in
+Follows ``docs/method.md``: scale one neuron by ``1 + K`` (the model is linear in
 it once everything else is frozen), freeze every attention pattern, query and key (some adapters
 ignore an edit of the pattern alone) and every norm scale (input, post-attention, post-MLP,
 q/k norms), freeze the MLP outputs after the neuron's layer and, for the exact per-layer path,

@@ -99,7 +99,8 @@ def output_space_ablation(model: Any, train: dict[str, torch.Tensor], val: dict[
                           gold_val: torch.Tensor, total: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per layer: validation accuracy and mean logit difference when the layer's summed
     second-order effects (or its direct effects) are replaced by their training means, as an
-    edit of the residual at T. ``total``: Phase 1's forward-pass mean-ablation, joined in."""
+    edit of the residual at T. ``total``: Phase 1's forward-pass mean-ablation, joined in (it is
+    measured on the training split, where the critical layers are chosen: column ``split``)."""
     acc0, ld0 = _eval(model, val["resid"], gold_val)
     rows = []
     for l in range(model.cfg.n_layers):
@@ -107,11 +108,12 @@ def output_space_ablation(model: Any, train: dict[str, torch.Tensor], val: dict[
             edited = val["resid"] - val[what][:, l] + train[what][:, l].mean(0)
             acc, ld = _eval(model, edited, gold_val)
             rows.append({"layer": l, "ablation": f"{what}_order" if what == "second" else "direct",
-                         "accuracy": acc, "mean_logit_diff": ld, "accuracy_drop": acc0 - acc,
+                         "split": "val", "accuracy": acc, "mean_logit_diff": ld, "accuracy_drop": acc0 - acc,
                          "logit_diff_drop": ld0 - ld})
         if total is not None:
             t = total[(total.layer == l) & (total.kind == "mean")].iloc[0]
-            rows.append({"layer": l, "ablation": "total (forward pass)", "accuracy": t.accuracy,
+            rows.append({"layer": l, "ablation": "total (forward pass, training split)", "split": "train",
+                         "accuracy": t.accuracy,
                          "mean_logit_diff": t.mean_logit_diff, "accuracy_drop": t.accuracy_drop,
                          "logit_diff_drop": t.logit_diff_drop})
     df = pd.DataFrame(rows)

@@ -51,7 +51,7 @@ def notebook_parameters(path: str | Path) -> dict[str, Any]:
 def _tasks() -> tuple[str, ...]:
     from . import tasks
 
-    return tuple(getattr(tasks, "ALL_TASKS", tasks.TASKS))
+    return tuple(tasks.TASKS) + tuple(tasks.WORD_TASKS)
 
 
 def _styles() -> tuple[str, ...]:

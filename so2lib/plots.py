@@ -35,7 +35,7 @@ def accuracy_by_task(table: pd.DataFrame, title: str = "Accuracy per task") -> g
 def ablation_drop(ablation: pd.DataFrame, critical: list[int] | None = None) -> go.Figure:
     fig = px.bar(ablation, x="layer", y="accuracy_drop", color="kind", barmode="group",
                  hover_data=["accuracy", "mean_logit_diff", "logit_diff_drop"],
-                 title="Accuracy drop when each MLP layer's output is ablated (validation)")
+                 title="Accuracy drop when each MLP layer's output is ablated (training split)")
     fig.update_yaxes(tickformat=".0%")
     for l in critical or []:
         fig.add_vline(x=l, line_dash="dot", line_color="gray")

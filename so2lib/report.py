@@ -181,8 +181,8 @@ def section_layers(run: Run) -> Section | None:
         f2 = px.bar(out, x="layer", y="accuracy_drop", color="ablation", barmode="group",
                     error_y=(out.ci_high - out.accuracy_drop) if "ci_high" in out.columns else None,
                     error_y_minus=(out.accuracy_drop - out.ci_low) if "ci_low" in out.columns else None,
-                    title="Per layer: accuracy drop when the second-order part, the direct part or the whole "
-                          "output is mean-replaced (validation)")
+                    title="Per layer: accuracy drop when the second-order or the direct part is mean-replaced "
+                          "(validation), or the whole output (forward pass, training split)")
         f2.update_layout(yaxis_tickformat=".0%", height=400)
         s.figures.append(f2)
         s.notes.append("Second order vs first order: where a layer's influence on the answer flows. A small "

@@ -1,4 +1,4 @@
-"""The exact second-order effect of MLP neurons (``shared/docs/second_order.md``).
+"""The exact second-order effect of MLP neurons (``docs/method.md``).
 
 For neuron ``n`` of MLP layer ``l`` at answer position ``T``::
 

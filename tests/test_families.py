@@ -1,6 +1,6 @@
 """The engine on every decoder family it claims: sandwich/post-norm blocks (Gemma-2, Gemma-3,
 OLMo-2, which also has no input norm), QK-norm (Qwen3, OLMo-2, Gemma-3) and multi-query
-attention; each against the brute force of shared/docs/second_order.md. Also: the load-time
+attention; each against the brute force of docs/method.md. Also: the load-time
 self-check, the brute force's freezing hooks, the memory budget, device maps and API errors."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The engine against the brute-force frozen-path ablation of shared/docs/second_order.md."""
+"""The engine against the brute-force frozen-path ablation of docs/method.md."""
 
 import pytest
 import torch
