@@ -90,7 +90,7 @@ def failure_report(second: np.ndarray, direct: np.ndarray, correct: np.ndarray, 
             rows.append({"problem": int(i), "task": problems[i].task, "prompt": problems[i].compact,
                          "gold": problems[i].answer, "order": order, "layer": int(jj // n),
                          "neuron": int(jj % n), "effect": float(both[j])})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["problem", "task", "prompt", "gold", "order", "layer", "neuron", "effect"])
 
 
 # ----------------------------------------------------------------------------- polysemanticity
