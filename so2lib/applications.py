@@ -1,14 +1,22 @@
-"""Phase 5 applications, each ending in a measured result on held-out problems against a baseline.
+"""Phase 5 applications, each a row of ``applications_table`` (the columns of ``validation_table``:
+measure, measured, ci_low, ci_high, null, target, verdict, how), measured against a null.
 
-- error analysis: neurons whose second-order effects separate incorrect from correct problems
-  (Mann-Whitney U per neuron, Benjamini-Hochberg FDR across neurons), discovered on the
-  training split and checked on validation; per failing problem, the neurons pushing most
-  toward the wrong answer;
-- polysemanticity from the concept decompositions;
-- adversarial problems built from polysemantic neurons' number concepts, against random edits
-  of the same budget;
-- neuron editing: scale chosen neurons' activations with hooks to fix a systematic error
-  class, against random neuron sets of the same size.
+- error analysis (:func:`stratified_error_analysis`): a readout that does not depend on the label
+  (each neuron's second-order effect on the correctness direction, cross-fitted on two halves of
+  the training split), a Van Elteren rank test within task x difficulty strata, BH across
+  neurons, a permutation null (labels permuted within strata) and replication on validation
+  p-values; per failing problem, the neurons pushing most toward the wrong answer (description);
+- the correctness direction's validation AUROC against a task-only baseline (:func:`direction_auroc`);
+- polysemanticity against random directions in each neuron's span and random dictionaries
+  (:func:`polysemanticity_nulls`);
+- adversarial problems as CLIP builds them (:func:`clip_adversarial_pairs`): a neuron's input
+  trigger F inserted into problems whose gold answer is not its output concept X, against
+  difficulty-matched random edits of the same source problems (McNemar, paired bootstrap);
+- neuron editing: scale chosen neurons (factor grid with 1.0) to fix a systematic error class,
+  against random neuron sets of the same size in the same layers, with paired CIs.
+
+Whatever the data cannot measure is a ``not testable`` row whose ``how`` starts the reason with
+"not measurable", never an exception.
 """
 
 from __future__ import annotations
@@ -213,6 +221,8 @@ def neuron_push(model: Any, engine: Any, problems: Sequence[Problem], template: 
     each problem (negative = pushing toward the incorrect side). Uses no answer information."""
     from .capture import capture_batch
 
+    if not problems or not neurons:
+        return np.zeros(len(problems), np.float32)
     enc = encode(model, problems, template)
     layers = sorted(neurons)
     idx = {l: torch.tensor(list(neurons[l]), device=engine.device) for l in layers}
