@@ -153,6 +153,22 @@ DATA_CATEGORY = {"carry": "procedure", "borrow": "procedure", "answer even": "nu
                  "truth true": "logic connectives and quantifiers", "logic depth 3": "logic connectives and quantifiers"}
 
 
+# which lexicon category a ``task=`` data concept belongs to (word problems: several operations)
+TASK_CATEGORY = {"addition": "operations", "subtraction": "operations", "multiplication": "operations",
+                 "comparison": "comparison", "algebra": "algebra", "logic": "logic connectives and quantifiers",
+                 "gsm8k": "procedure", "svamp": "procedure", "mawps": "procedure"}
+
+
+def data_category(col: str) -> str:
+    """The category of a data concept (metadata flag): its own for ``task=...`` flags (comparison,
+    algebra and logic are not "operations"), :data:`DATA_CATEGORY` otherwise."""
+    if col.startswith("task="):
+        return TASK_CATEGORY.get(col.split("=", 1)[1], "other")
+    if col.startswith("has "):
+        return "logic connectives and quantifiers"
+    return DATA_CATEGORY.get(col, "other")
+
+
 def data_directions(final_resid: torch.Tensor, flags: pd.DataFrame, layer_norm: bool = True,
                     min_count: int = 5) -> tuple[list[Concept], torch.Tensor]:
     """``[n, d_model]``: ``mean(resid | flag) - mean(resid | not flag)`` for every flag with at
@@ -164,8 +180,7 @@ def data_directions(final_resid: torch.Tensor, flags: pd.DataFrame, layer_norm: 
         has = ~np.isnan(f)
         pos, neg = has & (f == 1), has & (f == 0)
         if pos.sum() >= min_count and neg.sum() >= min_count:
-            cat = DATA_CATEGORY.get(col, "operations" if col.startswith("task=") else
-                                    "logic connectives and quantifiers" if col.startswith("has ") else "other")
+            cat = data_category(col)
             kept.append(Concept(col, cat, "data"))
             dirs.append(R[torch.as_tensor(pos)].mean(0) - R[torch.as_tensor(neg)].mean(0))
     return kept, torch.stack(dirs) if dirs else torch.zeros(0, final_resid.shape[1])
@@ -250,23 +265,127 @@ def predictive_auroc(significant: np.ndarray, flags: pd.DataFrame, codes: np.nda
     return pd.DataFrame(rows)
 
 
+# ----------------------------------------------------------------------------- phase 4 checks against nulls
+
+
+def pc1_validation(vec_train: np.ndarray, vec_val: np.ndarray, pc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per neuron (``vec_* [N, n, d]``, ``pc [n, d]`` fitted on training): share of the variance of
+    the centred effects (training mean) explained by the training PC1, on training and on validation."""
+    tr = np.asarray(vec_train, np.float64)
+    va = np.asarray(vec_val, np.float64)
+    mean = tr.mean(0)
+    u = pc / np.maximum(np.linalg.norm(pc, axis=-1, keepdims=True), 1e-12)
+    out = []
+    for X in (tr - mean, va - mean):
+        num = (np.einsum("Nnd,nd->Nn", X, u) ** 2).sum(0)
+        den = (X ** 2).sum((0, 2))
+        out.append(np.where(den > 0, num / np.where(den > 0, den, 1), np.nan))
+    return out[0], out[1]
+
+
+def _boot_mean(x: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return (float("nan"), float("nan"))
+    b = x[np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))].mean(1)
+    lo, hi = np.quantile(b, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataFrame, recovered: dict[str, Any],
+                       attribution: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows of ``decomposition_table`` (columns of ``validation_table``)."""
+    from .applications import not_measurable, row
+
+    rows = []
+    m = "sparse decomposition: cosine minus random dictionary (read-out + data)"
+    how = ("per selected neuron, cosine of PC1 with its m-sparse OMP reconstruction over read-out + data concepts "
+           "minus the same with a random Gaussian dictionary of as many atoms; mean over neurons, bootstrap CI")
+    q = quality[quality.dictionary == "read-out + data"] if len(quality) else quality
+    if len(q) >= 2:
+        d = (q.cosine - q.cosine_random).values
+        rows.append(row(m, d.mean(), _boot_mean(d), 0.0, 0.05, how))
+    else:
+        rows.append(not_measurable(m, how, "fewer than 2 selected neurons or too few concepts for m", 0.05))
+    m = "sparse decomposition: math/logic concepts minus vocabulary pool"
+    how = ("per selected neuron, reconstruction cosine with read-out + data concepts minus with the model's whole "
+           "vocabulary (generic pool, many more atoms); mean over neurons, bootstrap CI")
+    if len(quality) and {"read-out + data", "vocabulary (generic pool)"} <= set(quality.dictionary):
+        a = quality[quality.dictionary == "read-out + data"].set_index(["layer", "neuron"]).cosine
+        b = quality[quality.dictionary == "vocabulary (generic pool)"].set_index(["layer", "neuron"]).cosine
+        d = (a - b.reindex(a.index)).dropna().values
+        rows.append(row(m, d.mean(), _boot_mean(d), 0.0, 0.0, how) if len(d) >= 2 else
+                    not_measurable(m, how, "fewer than 2 neurons", 0.0))
+    else:
+        rows.append(not_measurable(m, how, "a dictionary has fewer atoms than m", 0.0))
+    m = "sparse replacement: share of the mean-ablation drop recovered (selected neurons)"
+    how = ("validation accuracy when every selected neuron's effect is replaced by its training mean plus its "
+           "projection on the sparse reconstruction: (acc(sparse) - acc(mean)) / (acc(clean) - acc(mean)); "
+           "paired bootstrap")
+    if recovered.get("share") == recovered.get("share"):
+        rows.append(row(m, recovered["share"], (recovered["ci_low"], recovered["ci_high"]), 0.0, 0.8, how))
+    else:
+        rows.append(not_measurable(m, how, recovered.get("note", "nothing to recover"), 0.8))
+    m = "predictive check: top data concept predicts significance, minus random concepts"
+    how = ("per selected neuron, |AUROC - 0.5| of its top data concept's flag for the validation problems on "
+           "which it is significant, minus the mean for random data concepts; mean over neurons, bootstrap CI")
+    if len(pred) >= 2 and pred.strength.notna().sum() >= 2:
+        d = (pred.strength - pred.strength_random).dropna().values
+        rows.append(row(m, d.mean(), _boot_mean(d), 0.0, 0.05, how))
+    else:
+        rows.append(not_measurable(m, how, "fewer than 2 neurons with a data concept and both significance classes",
+                                   0.05))
+    m = "PC1: validation variance explained by the training PC1 (selected neurons)"
+    how = ("share of the variance of each selected neuron's validation centred effects (training mean) along its "
+           "training PC1; mean over neurons, bootstrap CI; null: mean 1/K (a random direction in the K-dim span "
+           "of later heads)")
+    if len(pc1v) >= 2:
+        rows.append(row(m, pc1v.val_share.mean(), _boot_mean(pc1v.val_share.values), float((1 / pc1v.K).mean()),
+                        0.35, how + f"; training share {pc1v.train_share.mean():.3f}"))
+    else:
+        rows.append(not_measurable(m, how, "fewer than 2 selected neurons", 0.35))
+    m = "token attribution: share on the question's operand tokens"
+    how = ("per validation arithmetic problem, the share of |per-position second-order attribution| (logit "
+           "difference) of the selected neurons on the final question's operand tokens, averaged over neurons; "
+           "null: operand tokens / positions up to T (position count); bootstrap over problems")
+    if len(attribution) and attribution.problem.nunique() >= 2:
+        per = attribution.groupby("problem")[["share", "null"]].mean()
+        rows.append(row(m, per.share.mean(), _boot_mean(per.share.values), float(per.null.mean()),
+                        float(per.null.mean()), how + f" (n={len(per)} problems)"))
+    else:
+        rows.append(not_measurable(m, how, "no validation arithmetic problem whose operand tokens could be located",
+                                   0.0))
+    return rows
+
+
 # ----------------------------------------------------------------------------- the phase, for notebooks
 
 
-def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True) -> dict[str, Any]:
+def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_attribution_problems: int = 200
+                        ) -> dict[str, Any]:
     """Phase 4: each selected neuron's principal direction (PC1 of its centred effects, training
     split) decomposed by OMP over math/logic concept directions, compared with the model's
     vocabulary as a generic pool and with random dictionaries; replacement accuracy against
-    rank-1; and whether the top data concept predicts where the neuron is significant."""
+    rank-1; whether the top data concept predicts where the neuron is significant; validation
+    variance of the training PC1; token-level attribution against operand positions. Every claim
+    is a row of ``decomposition_table`` (the columns of ``validation_table``)."""
     from . import characterize as C
+    from . import attribution as At
+    from .applications import table
+    from .protocol import recovered_share
     run, model = setup.run, setup.model
     crit, selected = load_selection(run)
     ln = ModelInfo.of(model).norm == "LN"
+    L, H = model.cfg.n_layers, model.cfg.n_heads
     nd = run.load("neuron_directions")  # PC1 and significance from Phase 3
     pc1 = {l: nd["pc1"][str(l)].numpy() for l in crit}
-    centred_val = {l: np.asarray(load_effects(run, "val", f"vectors_L{l}"), dtype=np.float32)
-                   - np.asarray(load_effects(run, "train", f"vectors_L{l}"), dtype=np.float32).mean(0) for l in crit}
-    dirs = np.concatenate([pc1[l] for l in crit]).astype(np.float64)  # [n_sel_total, d]
+    vec_deps = [f"{s}_vectors_L{l}" for s in ("train", "val") for l in crit]
+    vt = {l: np.asarray(load_effects(run, "train", f"vectors_L{l}"), dtype=np.float32) for l in crit}
+    vv = {l: np.asarray(load_effects(run, "val", f"vectors_L{l}"), dtype=np.float32) for l in crit}
+    centred_val = {l: vv[l] - vt[l].mean(0) for l in crit}
+    dirs = (np.concatenate([pc1[l] for l in crit]).astype(np.float64) if crit
+            else np.zeros((0, model.cfg.d_model)))  # [n_sel_total, d]
     owners = [(l, n) for l in crit for n in selected[l]]
     resid_train = run.load("correctness_direction")["final_resid_train"]  # written by Phase 2
     flags = {s: metadata_flags(setup.problems.split(s)) for s in ("train", "val")}
@@ -280,35 +399,85 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True) -> dic
     voc = vocabulary_directions(model)
     toks = model.tokenizer.convert_ids_to_tokens(list(range(voc.shape[0])))
     dictionaries["vocabulary (generic pool)"] = ([Concept(str(t), "vocabulary", "read-out") for t in toks], voc)
-    quality, decs = [], {}
-    for name, (cs, D) in dictionaries.items():
-        if len(cs) < m:
-            continue
-        dec = decompose(dirs, prepare_dictionary(D), cs, m)
-        decs[name] = dec
-        for (l, n), c, cr in zip(owners, dec["cosine"], dec["cosine_random"]):
-            quality.append({"dictionary": name, "atoms": len(cs), "layer": l, "neuron": n,
-                            "cosine": float(c), "cosine_random": float(cr)})
-    quality = pd.DataFrame(quality)
-    run.save("decomposition_quality", quality, "04")
-    main = decs["read-out + data"]
+    deps = ["selection", "neuron_directions", "correctness_direction"] + vec_deps
+    decs: dict[str, Any] = {}
+
+    def decompose_all() -> pd.DataFrame:
+        quality = []
+        for name, (cs, D) in dictionaries.items():
+            if len(cs) < m or not len(dirs):
+                continue
+            dec = decompose(dirs, prepare_dictionary(D), cs, m)
+            decs[name] = dec
+            for (l, n), c, cr in zip(owners, dec["cosine"], dec["cosine_random"]):
+                quality.append({"dictionary": name, "atoms": len(cs), "layer": l, "neuron": n,
+                                "cosine": float(c), "cosine_random": float(cr)})
+        return pd.DataFrame(quality, columns=["dictionary", "atoms", "layer", "neuron", "cosine", "cosine_random"])
+    quality = decompose_all()  # the codes are needed below; the table is the step's artifact
+    run.step("decomposition_quality", lambda: quality, "04", params={"m": m}, deps=deps)
+    main = decs.get("read-out + data")
+    main_c, main_D = dictionaries["read-out + data"]
+    run.step("concept_dictionary", lambda: {
+        "atoms": torch.from_numpy(prepare_dictionary(main_D)).float(), "names": [c.name for c in main_c],
+        "categories": [c.category for c in main_c], "kinds": [c.kind for c in main_c], "m": m}, "04",
+        params={"m": m}, deps=["correctness_direction"])
     # replacement accuracy: mean + projection on the sparse reconstruction vs on PC1
     offs = np.cumsum([0] + [len(selected[l]) for l in crit])
-    edits = {l: {"rank1": C.projection_edit(centred_val[l], pc1[l]),
-                 "sparse": C.projection_edit(centred_val[l], main["recon"][offs[i]:offs[i + 1]])}
-             for i, l in enumerate(crit)}
     resid_val = run.load("layer_sums_val")["resid"]  # written by Phase 3
     gold_val = torch.tensor(setup.labels["val"].gold_token.values)
-    repl = C.replacement_accuracy(model, resid_val, gold_val, edits)
-    run.save("decomposition_replacement", repl, "04")
-    sig = np.concatenate([nd["significant"][str(l)].numpy() for l in crit], axis=1)
-    pred = predictive_auroc(sig, flags["val"], main["codes"], main["concepts"])
-    if len(pred):
-        pred["layer"] = [owners[j][0] for j in pred.neuron_slot]
-        pred["neuron"] = [owners[j][1] for j in pred.neuron_slot]
-    run.save("predictive_check", pred, "04")
-    cards = {owners[j]: concept_card(main["codes"][j], main["concepts"]) for j in range(len(owners))}
-    run.save("concept_cards", {f"{l}:{n}": c.to_dict("records") for (l, n), c in cards.items()}, "04")
+    edits = {l: {"mean": -centred_val[l].sum(1), "rank1": C.projection_edit(centred_val[l], pc1[l]),
+                 **({"sparse": C.projection_edit(centred_val[l], main["recon"][offs[i]:offs[i + 1]])} if main else {})}
+             for i, l in enumerate(crit)}
+    repl = run.step("decomposition_replacement", lambda: C.replacement_accuracy(model, resid_val, gold_val, edits),
+                    "04", params={"m": m}, deps=deps + ["layer_sums_val"])
+
+    def recovered() -> dict[str, Any]:
+        if not main or not crit:
+            return {"share": float("nan"), "note": "no sparse reconstruction (too few concepts or neurons)"}
+        per = {}
+        for kind in ("mean", "sparse"):
+            delta = sum(torch.as_tensor(edits[l][kind]) for l in crit)
+            per[kind] = C.answer_metrics(C.final_logits(model, resid_val + delta), gold_val)[0].numpy()
+        clean = C.answer_metrics(C.final_logits(model, resid_val), gold_val)[0].numpy()
+        r = recovered_share(clean, per["mean"], per["sparse"])
+        return {k: (float(v) if not isinstance(v, str) else v) for k, v in r.items()}
+    rec = run.step("sparse_recovered_share", recovered, "04", params={"m": m}, deps=deps + ["layer_sums_val"])
+    sig = np.concatenate([nd["significant"][str(l)].numpy() for l in crit], axis=1) if crit else np.zeros((0, 0))
+    pred = run.step("predictive_check", lambda: _predictive(sig, flags["val"], main, owners), "04",
+                    params={"m": m}, deps=deps)
+    cards = {owners[j]: concept_card(main["codes"][j], main["concepts"]) for j in range(len(owners))} if main else {}
+    run.step("concept_cards", lambda: {f"{l}:{n}": c.to_dict("records") for (l, n), c in cards.items()}, "04",
+             params={"m": m}, deps=deps)
+
+    def pc1_table() -> pd.DataFrame:
+        rows = []
+        for l in crit:
+            tr, va = pc1_validation(vt[l], vv[l], pc1[l])
+            K = min((L - 1 - l) * H, model.cfg.d_model)
+            for j, n in enumerate(selected[l]):
+                rows.append({"layer": l, "neuron": n, "train_share": float(tr[j]), "val_share": float(va[j]), "K": K})
+        return pd.DataFrame(rows, columns=["layer", "neuron", "train_share", "val_share", "K"])
+    pc1v = run.step("pc1_validation", pc1_table, "04", deps=deps)
+    attr = run.step("token_attribution", lambda: At.operand_share_check(
+        setup, selected, max_attribution_problems, setup.batch_size), "04",
+        params={"max_problems": max_attribution_problems}, deps=["selection", "labels_val"])
+    tab = run.step("decomposition_table", lambda: table(decomposition_rows(quality, pred, pc1v, rec, attr)), "04",
+                   params={"m": m}, deps=["decomposition_quality", "predictive_check", "pc1_validation",
+                                          "sparse_recovered_share", "token_attribution"])
     run.record("phase4", {"m": m, "dictionary_sizes": {k: len(v[0]) for k, v in dictionaries.items()}})
-    return {"quality": quality, "replacement": repl, "predictive": pred, "cards": cards,
-            "decompositions": decs, "owners": owners, "critical_layers": crit}
+    return {"quality": quality, "replacement": repl, "predictive": pred, "cards": cards, "decompositions": decs,
+            "owners": owners, "critical_layers": crit, "table": tab, "pc1_validation": pc1v,
+            "attribution": attr, "recovered": rec}
+
+
+def _predictive(sig: np.ndarray, flags: pd.DataFrame, main: dict[str, Any] | None,
+                owners: Sequence[tuple[int, int]]) -> pd.DataFrame:
+    cols = ["neuron_slot", "concept", "auroc", "auroc_random", "strength", "strength_random", "layer", "neuron"]
+    if not main or not sig.size:
+        return pd.DataFrame(columns=cols)
+    pred = predictive_auroc(sig, flags, main["codes"], main["concepts"])
+    if not len(pred):
+        return pd.DataFrame(columns=cols)
+    pred["layer"] = [owners[j][0] for j in pred.neuron_slot]
+    pred["neuron"] = [owners[j][1] for j in pred.neuron_slot]
+    return pred

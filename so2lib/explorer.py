@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import html
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -78,17 +78,41 @@ def neuron_view(setup: Any, layer: int, neuron: int, cards: dict | None = None, 
         model(x)
     acts = store["p"].numpy()
     scale = float(np.abs(acts).max())
+    terms = token_attribution(setup, layer, neuron, top, x, T)  # [k, S]
+    tscale = float(np.abs(terms).max()) if terms.size else 0.0
     probs = setup.problems.val
     lines = []
     for r, i in enumerate(top):
         toks = model.tokenizer.convert_ids_to_tokens(enc.prompt_ids[i])
         verdict = "✓" if ok[i] else "✗"
         lines.append(f"<div>{verdict} <b>{so[i]:+.3f}</b> (direct {fo[i]:+.3f}) {token_html(toks, acts[r, : len(toks)], scale)}"
-                     f" → gold <code>{html.escape(probs[i].answer)}</code></div>")
+                     f" → gold <code>{html.escape(probs[i].answer)}</code><br>"
+                     f"<small>attribution</small> {token_html(toks, terms[r, : len(toks)], tscale)}</div>")
     mags = {"mean |first-order|": float(np.abs(fo).mean()), "mean |second-order|": float(np.abs(so).mean()),
             "second / first": float(np.abs(so).mean() / max(np.abs(fo).mean(), 1e-12))}
     card = (cards or {}).get((layer, neuron))
     return {"figure": fig, "top_html": "".join(lines), "magnitudes": mags, "card": card}
+
+
+@torch.no_grad()
+def token_attribution(setup: Any, layer: int, neuron: int, idx: Sequence[int], x: torch.Tensor,
+                      T: torch.Tensor) -> np.ndarray:
+    """``[len(idx), S]``: per-source-position terms of the neuron's second-order effect on the
+    logit difference (gold minus the clean run's alternative) for validation problems ``idx``
+    (:func:`so2lib.attribution.position_terms`; they sum to the effect)."""
+    from .attribution import position_terms
+    from .capture import capture_batch
+    from .second_order import engine_for
+
+    model = setup.model
+    if layer >= model.cfg.n_layers - 1:
+        return np.zeros(tuple(x.shape))
+    eng = engine_for(model)
+    lab = setup.labels["val"]
+    rows = capture_batch(model, x, T, [layer])
+    U = eng.directions(torch.as_tensor(lab.gold_token.values[list(idx)]),
+                       torch.as_tensor(lab.alt_token.values[list(idx)]))[:, :1]
+    return position_terms(eng, rows, U, layer, [neuron])[:, 0, :, 0].cpu().numpy()
 
 
 def show_neuron(setup: Any, layer: int, neuron: int, cards: dict | None = None) -> None:
@@ -100,7 +124,9 @@ def show_neuron(setup: Any, layer: int, neuron: int, cards: dict | None = None) 
     display(HTML(f"<h4>Layer {layer}, neuron {neuron}</h4>"))
     display(pd.DataFrame([v["magnitudes"]]).round(5))
     v["figure"].show()
-    display(HTML("<p>Top validation problems by |second-order effect| (token shading = activation):</p>"
+    display(HTML("<p>Top validation problems by |second-order effect| (first line: token shading = activation; "
+                 "second line: per-position attribution of the second-order effect on the logit difference, "
+                 "blue = toward the gold answer; the terms sum to the effect):</p>"
                  + v["top_html"]))
     if v["card"] is not None:
         display(HTML("<p>Concept decomposition (OMP over read-out + data concepts):</p>"))

@@ -121,6 +121,26 @@ def test_phases_3_and_4_run_and_report(phase2):
     assert set(res4["replacement"].replacement) >= {"clean", "rank1", "sparse"}
 
 
+def test_phase4_and_phase5_tables_never_crash(phase2):
+    """Small data: most phase-5 checks cannot be measured here; each must be a row that says why."""
+    from so2lib import applications
+
+    setup, _, _ = phase2
+    if not setup.run.has("validation_table"):
+        characterize.characterization_phase(setup, share=0.05, progress=False)
+    cols = ["measure", "measured", "ci_low", "ci_high", "null", "target", "verdict", "how"]
+    res4 = concepts.decomposition_phase(setup, m=8, progress=False)
+    assert list(res4["table"].columns) == cols and len(res4["table"]) == 6
+    assert list(setup.run.load("decomposition_table").columns) == cols
+    res5 = applications.applications_phase(setup, k_edit=2, n_random_sets=2, n_perm=50, n_draws=3, progress=False)
+    t = res5["table"]
+    assert list(t.columns) == cols and len(t) >= 10
+    assert set(t.verdict) <= {"pass", "fail", "not testable"}
+    assert all("not measurable" in h for h, v in zip(t.how, t.verdict) if v == "not testable")
+    assert setup.run.has("applications_table")
+    assert res5["editing"].get("reason") or 1.0 in set(res5["editing_curve"].factor)
+
+
 def test_explorer_static_and_interactive(phase2, monkeypatch):
     from so2lib import explorer
 
