@@ -95,3 +95,86 @@ def test_load_model_passes_placement_through(tiny_dirs, monkeypatch):
     monkeypatch.setattr(TransformerBridge, "boot_transformers", spy)
     load_model(tiny_dirs["gpt2"], device_map={"": "cpu"}, max_memory={"cpu": "2GiB"})
     assert seen["device_map"] == {"": "cpu"} and seen["max_memory"] == {"cpu": "2GiB"} and "device" not in seen
+
+
+def _load_both_ways(folder, dtype="float32"):
+    """The model loaded with so2lib's lean weight processing and exactly as TransformerLens does."""
+    import so2lib.models as M
+
+    out = []
+    for lean in (True, False):
+        old, M.LEAN_WEIGHT_PROCESSING = M.LEAN_WEIGHT_PROCESSING, lean
+        try:
+            out.append(load_model(folder, device="cpu", dtype=dtype))
+        finally:
+            M.LEAN_WEIGHT_PROCESSING = old
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS + ("gemma2", "gemma3", "olmo2", "qwen3", "mqa"))
+def test_lean_loading_is_bit_identical(arch, tiny_dirs, tmp_path):
+    """Handing each processing stage its input (load_model's memory saving) changes no weight
+    and no logit, in float32 and in bfloat16 (which TransformerLens upcasts to process)."""
+    from test_families import build_family
+
+    folder = tiny_dirs[arch] if arch in ARCHS else build_family(arch, tmp_path / arch)
+    x = torch.randint(2, 100, (2, 7))
+    for dtype in ("float32", "bfloat16"):
+        lean, plain = _load_both_ways(folder, dtype)
+        sl, sp = lean.state_dict(), plain.state_dict()
+        assert sl.keys() == sp.keys()
+        for k in sl:
+            assert torch.equal(sl[k], sp[k]), k
+        assert torch.equal(lean(x), plain(x))
+
+
+def test_lean_loading_patches_only_during_the_load(tiny_dirs, monkeypatch):
+    from transformer_lens.weight_processing import ProcessWeights
+
+    import so2lib.models as M
+
+    before = {n: ProcessWeights.__dict__[n] for n in M._DEEP_COPYING_STAGES}
+    # the stages so2lib relies on still begin by deep-copying their input (else nothing is saved)
+    assert all(M._begins_with_deep_copy(s.__func__) for s in before.values())
+    seen = {}
+    orig = ProcessWeights.process_weights
+
+    def spy(*a, **kw):
+        seen.update({n: ProcessWeights.__dict__[n] for n in M._DEEP_COPYING_STAGES})
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(ProcessWeights, "process_weights", staticmethod(spy))
+    load_model(tiny_dirs["llama"], device="cpu")
+    assert all(seen[n] is not before[n] for n in before)  # patched while processing
+    assert all(ProcessWeights.__dict__[n] is before[n] for n in before)  # and restored
+
+
+def test_hand_over_frees_each_input_as_it_is_copied():
+    """The first stage's clone frees the previous stage's tensors one by one: at no point do two
+    copies of the whole state dict exist."""
+    import weakref
+
+    import so2lib.models as M
+
+    sd = {f"w{i}": torch.randn(10) for i in range(5)}
+    refs = [weakref.ref(v) for v in sd.values()]
+    alive = []
+
+    def stage(state_dict):
+        """A stage that deep-copies its input first, as TransformerLens's do."""
+        state_dict = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+        return state_dict
+
+    assert M._begins_with_deep_copy(stage)
+    orig_clone = torch.Tensor.clone
+
+    def counting_clone(self, *a, **kw):
+        alive.append(sum(r() is not None for r in refs))
+        return orig_clone(self, *a, **kw)
+
+    torch.Tensor.clone = counting_clone
+    try:
+        out = M._hand_over(stage)(sd)
+    finally:
+        torch.Tensor.clone = orig_clone
+    assert sd == {} and alive == [5, 4, 3, 2, 1] and len(out) == 5
