@@ -243,7 +243,8 @@ def section_protocol(run: Run) -> Section | None:
 
 
 def section_applications(run: Run) -> Section | None:
-    names = [n for n in ("error_analysis", "adversarial", "editing_curve", "polysemanticity_summary",
+    names = [n for n in ("error_analysis", "correctness_direction_auroc", "polysemanticity_null", "adversarial",
+                         "adversarial_guided", "editing", "editing_curve", "polysemanticity_summary",
                          "applications_summary") if run.has(n)]
     if not names:
         return None

@@ -194,7 +194,7 @@ def test_parameter_checks_are_generic():
     declared = {"nb": {"tasks": ["addition"], "n_shots": 3, "template": None, "chat": False, "share": 0.02}}
     validate({"tasks": ["addition", "logic"], "n_shots": 0, "template": "fewshot", "chat": True}, declared)
     for bad, match in [({"tasks": ["comparisonn"]}, "task names"), ({"n_shots": -1}, "n_shots"),
-                       ({"chat": "yes"}, "wrong type"), ({"template": "weird"}, "template")]:
+                       ({"chat": "yes"}, "chat='yes' is not valid"), ({"template": "weird"}, "template")]:
         with pytest.raises(ParameterError, match=match):
             validate(bad, declared)
 
