@@ -9,7 +9,7 @@ unknown name, a wrong type or an impossible value stops the run with the list of
 The runner locks the run directory (a second runner gets "run ... is in use by PID ...").
 Executed copies land in ``RUN_DIR/notebooks/``: each notebook runs into a temporary copy that
 replaces the previous good one only when it succeeds; a failed one is kept beside it as
-``NN_name.failed.ipynb``. Each notebook's wall time is recorded in the run's manifest as soon
+``NN_name.failed.ipynb`` until the notebook next succeeds. Each notebook's wall time is recorded in the run's manifest as soon
 as it ends. Progress (steps and long loops, from ``RUN_DIR/progress.log``) is printed as it
 comes. Finished steps inside a notebook are skipped on a re-run (resume).
 """
@@ -135,6 +135,7 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
                                      f"  the executed copy with the error is {failed}{kept}") from None
             os.replace(tmp, final)
             os.chmod(final, 0o644)
+            (out_dir / f"{nb.stem}.failed.ipynb").unlink(missing_ok=True)  # superseded by this good copy
             times[nb.name] = round(time.perf_counter() - t0, 1)
             tail.poll()
             print(f"   {nb.name}: {times[nb.name]} s", flush=True)
