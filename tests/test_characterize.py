@@ -158,3 +158,17 @@ def test_sparsity_check_dense_fails_planted_sparse_passes():
     sparse[:10] += 20 * rng.normal(size=(10, 3, 8)).astype(np.float32)
     r = C.sparsity_check({1: tr * 0.01}, {1: sparse}, {1: 8})
     assert C.validation_row("s", r["measured"], r["ci"], r["null"], 0.2, "h")["verdict"] == "pass"
+
+
+def test_sparsity_dense_rank1_effect_fails():
+    """A dense effect along one direction (what a rank-1 neuron does on every problem) is not
+    sparse: the chi^2_1 null catches it, where an isotropic chi^2_K null would let it pass."""
+    rng = np.random.default_rng(1)
+    d, n, N = 8, 20, 500
+    u = rng.normal(size=(n, d)).astype(np.float32)
+    tr = rng.normal(size=(N, 1, 1)).astype(np.float32) * u[None]
+    val = rng.normal(size=(N, 1, 1)).astype(np.float32) * u[None]
+    r = C.sparsity_check({1: tr}, {1: val}, {1: d})
+    assert r["null_isotropic"] < r["measured"] < r["null"] or r["ci"][0] <= r["null"]
+    assert C.validation_row("s", r["measured"], r["ci"], r["null"], 0.05, "h")["verdict"] == "fail"
+    assert r["ci"][0] <= r["measured"] <= r["ci"][1]

@@ -138,6 +138,9 @@ def test_phase4_and_phase5_tables_never_crash(phase2):
     assert set(t.verdict) <= {"pass", "fail", "not testable"}
     assert all("not measurable" in h for h, v in zip(t.how, t.verdict) if v == "not testable")
     assert setup.run.has("applications_table")
+    for tab in (res4["table"], t, setup.run.load("validation_table")):  # an estimate lies in its own interval
+        ok = tab.dropna(subset=["measured", "ci_low", "ci_high"])
+        assert ((ok.ci_low <= ok.measured + 1e-9) & (ok.measured <= ok.ci_high + 1e-9)).all(), ok[["measure", "measured", "ci_low", "ci_high"]]
     assert res5["editing"].get("reason") or 1.0 in set(res5["editing_curve"].factor)
 
 
