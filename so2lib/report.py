@@ -169,7 +169,7 @@ def section_layers(run: Run) -> Section | None:
     sel = _get(run, "selection") or {}
     crit = sel.get("critical_layers", [])
     fig = px.bar(abl, x="layer", y="accuracy_drop", color="kind", barmode="group",
-                 title="Accuracy drop when one MLP layer's output is replaced (forward pass)")
+                 title="Accuracy drop when one MLP layer's output is replaced (forward pass, training split)")
     fig.update_layout(yaxis_tickformat=".0%", height=380)
     for l in crit:
         fig.add_vline(x=l, line_dash="dot", line_color="gray")
