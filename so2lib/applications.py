@@ -34,7 +34,8 @@ from .effects import load_effects
 from .labels import encode, label
 from .second_order import SecondOrderEngine
 from .selection import load_selection
-from .stats import benjamini_hochberg, wilson_interval  # noqa: F401  (re-exported)
+from .stats import TABLE_COLUMNS, benjamini_hochberg, not_measurable, validation_row as row, wilson_interval  # noqa: F401
+from .stats import verdict_table as table
 from .study import Setup, difficulty
 from .tasks import Problem, Template, arithmetic_problem
 
@@ -269,31 +270,6 @@ def edited_accuracy(model: Any, enc: Any, in_class: np.ndarray, neurons: dict[in
 
 
 # ----------------------------------------------------------------------------- not measurable
-
-
-def row(measure: str, measured: float, ci: tuple[float, float], null: float, target: float, how: str,
-        higher_is_better: bool = True, reason: str = "") -> dict[str, Any]:
-    """One row of a phase table (the columns of ``validation_table``)."""
-    from .characterize import validation_row
-
-    return validation_row(measure, float(measured), (float(ci[0]), float(ci[1])), float(null), float(target),
-                          how, higher_is_better, reason)
-
-
-def not_measurable(measure: str, how: str, reason: str, target: float = float("nan"),
-                   higher_is_better: bool = True) -> dict[str, Any]:
-    """A row for something the data cannot measure: verdict ``not testable``, the reason in ``how``."""
-    nan = float("nan")
-    r = row(measure, nan, (nan, nan), nan, 0.0 if target != target else target, how, higher_is_better,
-            reason=f"not measurable: {reason}")
-    return r
-
-
-TABLE_COLUMNS = ["measure", "measured", "ci_low", "ci_high", "null", "target", "verdict", "how"]
-
-
-def table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    return pd.DataFrame(list(rows), columns=TABLE_COLUMNS)
 
 
 def _guard(measure: str, how: str, fn: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ from .second_order import SecondOrderEngine
 from .effects import load_effects
 from .selection import load_selection
 from . import protocol as P
-from .stats import min_detectable_change, top_share, top_share_null, verdict
+from .stats import bootstrap_ci as _boot, min_detectable_change, top_share, top_share_null, validation_row
 from .study import Setup
 
 # ----------------------------------------------------------------------------- pure functions
@@ -252,27 +252,6 @@ def _r2(y: np.ndarray, yhat: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------- the phase, for notebooks
-
-
-def validation_row(measure: str, measured: float, ci: tuple[float, float], null: float, target: float,
-                   how: str, higher_is_better: bool = True, reason: str = "") -> dict[str, Any]:
-    """One row of the validation table. ``pass`` needs the CI to exclude ``null`` AND the point
-    estimate to meet ``target``; NaNs (nothing to measure) give ``not testable`` with ``reason``."""
-    v = verdict(measured, ci[0], ci[1], null, target, higher_is_better)
-    op = ">=" if higher_is_better else "<="
-    return {"measure": measure, "measured": measured, "ci_low": ci[0], "ci_high": ci[1], "null": null,
-            "target": f"{op} {target:g}", "verdict": v, "how": how + (f" [{reason}]" if reason and v == "not testable" else "")}
-
-
-def _boot(values: np.ndarray, stat: Any, n_boot: int = 500, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``stat(values[idx])`` over the first axis."""
-    values = np.asarray(values)
-    if len(values) < 2:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    b = [stat(values[rng.integers(0, len(values), len(values))]) for _ in range(n_boot)]
-    lo, hi = np.nanquantile(np.asarray(b, float), [0.025, 0.975])
-    return float(lo), float(hi)
 
 
 def sparsity_check(vec_train: dict[int, np.ndarray], vec_val: dict[int, np.ndarray], heads: dict[int, int],

@@ -28,6 +28,7 @@ from sklearn.metrics import roc_auc_score
 from .effects import load_effects
 from .models import ModelInfo
 from .selection import load_selection
+from .stats import bootstrap_ci, not_measurable, validation_row as row, verdict_table as table
 from .study import Setup
 from .tasks import Problem
 
@@ -283,20 +284,9 @@ def pc1_validation(vec_train: np.ndarray, vec_val: np.ndarray, pc: np.ndarray) -
     return out[0], out[1]
 
 
-def _boot_mean(x: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    x = np.asarray(x, float)
-    x = x[np.isfinite(x)]
-    if len(x) < 2:
-        return (float("nan"), float("nan"))
-    b = x[np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))].mean(1)
-    lo, hi = np.quantile(b, [0.025, 0.975])
-    return float(lo), float(hi)
-
-
 def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataFrame, recovered: dict[str, Any],
                        attribution: pd.DataFrame) -> list[dict[str, Any]]:
     """The rows of ``decomposition_table`` (columns of ``validation_table``)."""
-    from .applications import not_measurable, row
 
     rows = []
     m = "sparse decomposition: cosine minus random dictionary (read-out + data)"
@@ -305,7 +295,7 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
     q = quality[quality.dictionary == "read-out + data"] if len(quality) else quality
     if len(q) >= 2:
         d = (q.cosine - q.cosine_random).values
-        rows.append(row(m, d.mean(), _boot_mean(d), 0.0, 0.05, how))
+        rows.append(row(m, d.mean(), bootstrap_ci(d), 0.0, 0.05, how))
     else:
         rows.append(not_measurable(m, how, "fewer than 2 selected neurons or too few concepts for m", 0.05))
     m = "sparse decomposition: math/logic concepts minus vocabulary pool"
@@ -315,7 +305,7 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
         a = quality[quality.dictionary == "read-out + data"].set_index(["layer", "neuron"]).cosine
         b = quality[quality.dictionary == "vocabulary (generic pool)"].set_index(["layer", "neuron"]).cosine
         d = (a - b.reindex(a.index)).dropna().values
-        rows.append(row(m, d.mean(), _boot_mean(d), 0.0, 0.0, how) if len(d) >= 2 else
+        rows.append(row(m, d.mean(), bootstrap_ci(d), 0.0, 0.0, how) if len(d) >= 2 else
                     not_measurable(m, how, "fewer than 2 neurons", 0.0))
     else:
         rows.append(not_measurable(m, how, "a dictionary has fewer atoms than m", 0.0))
@@ -332,7 +322,7 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
            "which it is significant, minus the mean for random data concepts; mean over neurons, bootstrap CI")
     if len(pred) >= 2 and pred.strength.notna().sum() >= 2:
         d = (pred.strength - pred.strength_random).dropna().values
-        rows.append(row(m, d.mean(), _boot_mean(d), 0.0, 0.05, how))
+        rows.append(row(m, d.mean(), bootstrap_ci(d), 0.0, 0.05, how))
     else:
         rows.append(not_measurable(m, how, "fewer than 2 neurons with a data concept and both significance classes",
                                    0.05))
@@ -341,7 +331,7 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
            "training PC1; mean over neurons, bootstrap CI; null: mean 1/K (a random direction in the K-dim span "
            "of later heads)")
     if len(pc1v) >= 2:
-        rows.append(row(m, pc1v.val_share.mean(), _boot_mean(pc1v.val_share.values), float((1 / pc1v.K).mean()),
+        rows.append(row(m, pc1v.val_share.mean(), bootstrap_ci(pc1v.val_share.values), float((1 / pc1v.K).mean()),
                         0.35, how + f"; training share {pc1v.train_share.mean():.3f}"))
     else:
         rows.append(not_measurable(m, how, "fewer than 2 selected neurons", 0.35))
@@ -351,7 +341,7 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
            "null: operand tokens / positions up to T (position count); bootstrap over problems")
     if len(attribution) and attribution.problem.nunique() >= 2:
         per = attribution.groupby("problem")[["share", "null"]].mean()
-        rows.append(row(m, per.share.mean(), _boot_mean(per.share.values), float(per.null.mean()),
+        rows.append(row(m, per.share.mean(), bootstrap_ci(per.share.values), float(per.null.mean()),
                         float(per.null.mean()), how + f" (n={len(per)} problems)"))
     else:
         rows.append(not_measurable(m, how, "no validation arithmetic problem whose operand tokens could be located",
@@ -372,7 +362,6 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
     is a row of ``decomposition_table`` (the columns of ``validation_table``)."""
     from . import characterize as C
     from . import attribution as At
-    from .applications import table
     from .protocol import recovered_share
     run, model = setup.run, setup.model
     crit, selected = load_selection(run)

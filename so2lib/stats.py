@@ -4,8 +4,10 @@ concentration measures and their nulls. Inputs are numpy arrays; nothing here to
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 
@@ -116,3 +118,48 @@ def verdict(measured: float, ci_low: float, ci_high: float, null: float, target:
     else:
         ok = ci_high < null and measured <= target
     return "pass" if ok else "fail"
+
+
+# ----------------------------------------------------------------------------- verdict tables
+
+TABLE_COLUMNS = ["measure", "measured", "ci_low", "ci_high", "null", "target", "verdict", "how"]
+
+
+def bootstrap_ci(values: np.ndarray, stat: Any = np.mean, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% CI of ``stat(values[idx])`` over the first axis; non-finite rows
+    of a 1-d ``values`` are dropped; NaNs when fewer than 2 values remain."""
+    values = np.asarray(values)
+    if values.ndim == 1 and values.dtype.kind == "f":
+        values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    b = [stat(values[rng.integers(0, len(values), len(values))]) for _ in range(n_boot)]
+    lo, hi = np.nanquantile(np.asarray(b, float), [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def validation_row(measure: str, measured: float, ci: tuple[float, float], null: float, target: float,
+                   how: str, higher_is_better: bool = True, reason: str = "") -> dict[str, Any]:
+    """One row of a verdict table (:data:`TABLE_COLUMNS`). ``pass`` needs the CI to exclude
+    ``null`` AND the point estimate to meet ``target`` (:func:`verdict`); NaNs (nothing to
+    measure) give ``not testable`` with ``reason`` appended to ``how``."""
+    measured, lo, hi, null = float(measured), float(ci[0]), float(ci[1]), float(null)
+    v = verdict(measured, lo, hi, null, float(target), higher_is_better)
+    op = ">=" if higher_is_better else "<="
+    return {"measure": measure, "measured": measured, "ci_low": lo, "ci_high": hi, "null": null,
+            "target": f"{op} {float(target):g}", "verdict": v,
+            "how": how + (f" [{reason}]" if reason and v == "not testable" else "")}
+
+
+def not_measurable(measure: str, how: str, reason: str, target: float = float("nan"),
+                   higher_is_better: bool = True) -> dict[str, Any]:
+    """A row for something the data cannot measure: verdict ``not testable``, the reason in ``how``."""
+    nan = float("nan")
+    return validation_row(measure, nan, (nan, nan), nan, 0.0 if target != target else target, how,
+                          higher_is_better, reason=f"not measurable: {reason}")
+
+
+def verdict_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Rows of :func:`validation_row` as a table with :data:`TABLE_COLUMNS`."""
+    return pd.DataFrame(list(rows), columns=TABLE_COLUMNS)
