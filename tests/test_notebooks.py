@@ -35,3 +35,17 @@ def test_every_notebook_runs_under_plain_papermill(tmp_path):
         assert "0%|" not in text, f"{nb.name} keeps a stale progress bar"
         assert "application/vnd.jupyter.widget-view+json" not in text, f"{nb.name} left a widget"
     assert (run_dir / "manifest.json").exists()
+
+
+def test_notebooks_are_committed_clean():
+    """Without outputs or execution counts, every cell with an id (nbformat 4.5), and a first
+    markdown cell that names the notebooks it needs."""
+    for nb_path in runner.notebooks():
+        nb = json.loads(Path(nb_path).read_text())
+        assert (nb["nbformat"], nb["nbformat_minor"]) >= (4, 5), nb_path
+        for c in nb["cells"]:
+            assert c.get("id"), f"{nb_path.name}: a cell without an id"
+            if c["cell_type"] == "code":
+                assert not c.get("outputs") and c.get("execution_count") is None, f"{nb_path.name} has outputs"
+        first = nb["cells"][0]
+        assert first["cell_type"] == "markdown" and "need" in "".join(first["source"]).lower(), nb_path.name
