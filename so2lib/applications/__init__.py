@@ -1,0 +1,37 @@
+"""Phase 5 applications, each a row of ``applications_table`` (the columns of ``validation_table``:
+measure, measured, ci_low, ci_high, null, target, verdict, how), measured against a null.
+
+- :mod:`.errors`: stratified error analysis with its permutation null and validation replication,
+  failure reports, the correctness direction's AUROC against a task-only baseline;
+- :mod:`.polysemantic`: polysemanticity against random directions and random dictionaries;
+- :mod:`.adversarial`: adversarial problems as CLIP builds them and a neuron-guided variant,
+  against difficulty-matched random edits;
+- :mod:`.editing`: neuron editing for a systematic error class against random neuron sets;
+- :mod:`.phase`: :func:`applications_phase`, all of them on a study's run, for notebook 05.
+
+Whatever the data cannot measure is a ``not testable`` row whose ``how`` starts the reason with
+"not measurable", never an exception. Every public name is importable from here.
+"""
+
+from ..stats import TABLE_COLUMNS, benjamini_hochberg, not_measurable, validation_row as row, wilson_interval
+from ..stats import verdict_table as table
+from .adversarial import (ARITHMETIC, adversarial_variants, answers_value, clip_adversarial_pairs, flip_rate,
+                          input_trigger, neuron_push, output_concept, paired_rows, random_variants, rebuild, solved)
+from .editing import edit_labels, edited_accuracy, editing_rows, error_class, random_sets_like, scaling_hooks
+from .errors import (NotMeasurable, direction_auroc, direction_rows, error_analysis_rows, failure_report,
+                     final_normalized, null_discoveries, project_on_direction, separating_neurons,
+                     stratified_error_analysis, stratified_scan)
+from .phase import applications_phase
+from .polysemantic import (RELATED, category_group, polysemantic_flags, polysemanticity, polysemanticity_nulls,
+                           polysemanticity_rows, random_in_span, span_basis)
+
+__all__ = [
+    "ARITHMETIC", "NotMeasurable", "RELATED", "TABLE_COLUMNS", "adversarial_variants", "answers_value",
+    "applications_phase", "benjamini_hochberg", "category_group", "clip_adversarial_pairs", "direction_auroc",
+    "direction_rows", "edit_labels", "edited_accuracy", "editing_rows", "error_analysis_rows", "error_class",
+    "failure_report", "final_normalized", "flip_rate", "input_trigger", "neuron_push", "not_measurable",
+    "null_discoveries", "output_concept", "paired_rows", "polysemantic_flags", "polysemanticity",
+    "polysemanticity_nulls", "polysemanticity_rows", "project_on_direction", "random_in_span", "random_sets_like",
+    "random_variants", "rebuild", "row", "scaling_hooks", "separating_neurons", "solved", "span_basis",
+    "stratified_error_analysis", "stratified_scan", "table", "wilson_interval",
+]

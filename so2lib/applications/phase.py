@@ -1,0 +1,401 @@
+"""Phase 5 for notebooks: :func:`applications_phase` runs every application on a :class:`Setup`
+as steps of its run and builds ``applications_table``; the private helpers load what each
+application needs from the run.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..effects import load_effects
+from ..second_order import SecondOrderEngine
+from ..selection import load_selection
+from ..stats import not_measurable, verdict_table as table
+from ..study import Setup, difficulty
+from .adversarial import ARITHMETIC, answers_value, clip_adversarial_pairs, input_trigger, neuron_push, \
+    output_concept, paired_rows, random_variants, solved
+from .editing import edit_labels, editing_rows, error_class, random_sets_like
+from .errors import NotMeasurable, direction_auroc, direction_rows, error_analysis_rows, failure_report, \
+    final_normalized, project_on_direction, stratified_error_analysis
+from .polysemantic import polysemanticity, polysemanticity_nulls, polysemanticity_rows, span_basis
+
+
+def _by_layer(flat: Sequence[int], n_mlp: int) -> dict[int, list[int]]:
+    """Flat ``layer * d_mlp + neuron`` indices grouped as ``{layer: [neurons]}`` (order kept)."""
+    out: dict[int, list[int]] = {}
+    for j in flat:
+        out.setdefault(int(j // n_mlp), []).append(int(j % n_mlp))
+    return out
+
+
+def _cards(run: Any) -> dict[tuple[int, int], pd.DataFrame]:
+    if not run.has("concept_cards"):
+        return {}
+    return {tuple(map(int, k.split(":"))): pd.DataFrame(v) for k, v in run.load("concept_cards").items()}
+
+
+def _error_analysis(setup: Setup, q: float, n_perm: int, seed: int) -> dict[str, Any]:
+    """Cross-fitted: the correctness direction is refitted on the even-indexed training problems
+    (fold A) and the discoveries are made on the odd-indexed ones (fold B), so that the readout
+    was not fitted on the labels it is tested against; validation uses Phase 2's direction (all
+    training problems), fitted without any validation label."""
+    from ..effects import correctness_direction
+
+    run, model = setup.run, setup.model
+    ok_all = setup.labels["train"].correct.values.astype(bool)
+    ok_va = setup.labels["val"].correct.values.astype(bool)
+    last = model.cfg.n_layers - 1  # the last layer has no second-order effect
+    n = model.cfg.d_mlp
+    names = pd.DataFrame({"layer": np.repeat(np.arange(last), n), "neuron": np.tile(np.arange(n), last)})
+    fold_a = np.arange(len(ok_all)) % 2 == 0
+    fold_b = np.flatnonzero(~fold_a)
+    tasks_all = np.array([p.task for p in setup.problems.train])
+    try:
+        fn = run.load("correctness_direction")["final_normed_train"]
+        d_a = correctness_direction(fn[torch.as_tensor(fold_a)], ok_all[fold_a], tasks_all[fold_a])
+    except ValueError:
+        d_a = None
+    if d_a is None or last < 1 or not len(fold_b):
+        so_tr = np.zeros((0, max(last, 0), n), np.float32)
+        fold_b = fold_b[:0]
+    else:
+        so_tr = project_on_direction(model, setup.enc["train"].subset(fold_b), d_a, range(last), setup.batch_size)
+    so_va = load_effects(run, "val", "second_cd")
+    ok_tr = ok_all[fold_b]
+    ptr, pva = [setup.problems.train[i] for i in fold_b], setup.problems.val
+    scopes, out = [], {}
+    tasks_tr, tasks_va = np.array([p.task for p in ptr], dtype=object), np.array([p.task for p in pva])
+    for scope in ["overall"] + sorted(set(tasks_all)):
+        mt = np.ones(len(ptr), bool) if scope == "overall" else tasks_tr == scope
+        mv = np.ones(len(pva), bool) if scope == "overall" else tasks_va == scope
+        it, iv = np.flatnonzero(mt), np.flatnonzero(mv)
+        st = [(p.task, difficulty(p)) for p in (ptr[i] for i in it)]
+        sv = [(p.task, difficulty(p)) for p in (pva[i] for i in iv)]
+        if last < 1 or not len(it):
+            summ = {"tests": 0, "informative_strata": 0, "discoveries": 0, "null_mean": np.nan, "null_q95": np.nan,
+                    "n_perm": 0, "replicated": 0, "replicated_share": np.nan}
+        else:
+            res = stratified_error_analysis([np.asarray(so_tr[it, l]) for l in range(last)], ok_tr[it], st,
+                                            [np.asarray(so_va[iv, l]) for l in range(last)], ok_va[iv], sv, q,
+                                            n_perm if scope == "overall" else min(n_perm, 100), seed, names)
+            summ = res["summary"]
+            if scope == "overall":
+                out["neurons"] = res["neurons"]
+        scopes.append({"scope": scope, "strata": "task x difficulty" if scope == "overall" else "difficulty",
+                       "fold": "B (odd training problems; direction from fold A)",
+                       "n_train": int(len(it)), "n_val": int(len(iv)), **summ})
+    out["summary"] = pd.DataFrame(scopes)
+    out.setdefault("neurons", names.assign(z=np.nan, p=np.nan, p_bh=np.nan, discovery=False))
+    return out
+
+
+def _direction(setup: Setup) -> dict[str, Any]:
+    run, model = setup.run, setup.model
+    if not run.has("layer_sums_val"):
+        return {"reason": "no validation residuals (run notebook 03)"}
+    d = run.load("correctness_direction")["d"].float()
+    score = (final_normalized(model, run.load("layer_sums_val")["resid"]) @ d).numpy()
+    tasks_tr = [p.task for p in setup.problems.train]
+    acc = pd.Series(setup.labels["train"].correct.values.astype(float)).groupby(tasks_tr).mean().to_dict()
+    try:
+        res = direction_auroc(score, setup.labels["val"].correct.values, [p.task for p in setup.problems.val], acc)
+    except NotMeasurable as e:
+        return {"reason": str(e)}
+    return {k: (list(map(float, v)) if isinstance(v, tuple) else v) for k, v in res.items()}
+
+
+def _poly_null(setup: Setup, threshold: float, n_draws: int, seed: int) -> dict[str, Any]:
+    run, model = setup.run, setup.model
+    if not run.has("concept_dictionary") or not run.has("neuron_directions"):
+        return {"reason": "no concept dictionary or neuron directions (run notebooks 03 and 04)"}
+    crit, selected = load_selection(run)
+    cd = run.load("concept_dictionary")
+    nd = run.load("neuron_directions")
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    dirs, bases = [], []
+    for l in crit:
+        vt = load_effects(run, "train", f"vectors_L{l}")
+        pc = nd["pc1"][str(l)].numpy()
+        for j in range(len(selected[l])):
+            dirs.append(pc[j])
+            bases.append(span_basis(np.asarray(vt[:, j], np.float64), (L - 1 - l) * H))
+    if not dirs:
+        return {"reason": "no selected neurons"}
+    atoms = cd["atoms"].numpy().astype(np.float64)
+    m = int(cd["m"])
+    if atoms.shape[0] < m:
+        return {"reason": f"dictionary has {atoms.shape[0]} atoms < m={m}"}
+    res = polysemanticity_nulls(np.asarray(dirs, np.float64), bases, atoms, cd["categories"], m, threshold,
+                                n_draws, seed)
+    return {"flags": res["flags"].tolist(), "share": res["share"], "null_span": res["null_span"].tolist(),
+            "null_dictionary": res["null_dictionary"].tolist()}
+
+
+def _adversarial_clip(setup: Setup, cards: dict, max_sources: int, max_neurons: int, seed: int) -> pd.DataFrame:
+    run, model = setup.run, setup.model
+    crit, selected = load_selection(run)
+    ok_va = setup.labels["val"].correct.values.astype(bool)
+    sources = [p for p, ok in zip(setup.problems.val, ok_va) if ok and p.task in ARITHMETIC]
+    rng = random.Random(seed)
+    recs, reasons = [], {"no number output concept": 0, "no trigger operand": 0, "no source admits the edit": 0}
+    used = 0
+    for l in crit:
+        if used >= max_neurons:
+            break
+        vt = np.asarray(load_effects(run, "train", f"vectors_L{l}"), np.float32)
+        norms = np.linalg.norm(vt - vt.mean(0), axis=-1)  # [N, n_sel]
+        for j, n in enumerate(selected[l]):
+            if used >= max_neurons:
+                break
+            X = output_concept(cards.get((l, n)))
+            if X is None:
+                reasons["no number output concept"] += 1
+                continue
+            trig = input_trigger(norms[:, j], setup.problems.train)
+            if trig is None:
+                reasons["no trigger operand"] += 1
+                continue
+            F = trig[0]
+            pairs = clip_adversarial_pairs(sources, F, X, rng)[:max_sources]
+            if not pairs:
+                reasons["no source admits the edit"] += 1
+                continue
+            used += 1
+            for i, t, r in pairs:
+                recs.append({"layer": l, "neuron": n, "concept_X": X, "trigger_F": F, "source": sources[i].compact,
+                             "targeted": t.compact, "random": r.compact, "_t": t, "_r": r})
+    cols = ["layer", "neuron", "concept_X", "trigger_F", "source", "targeted", "random", "targeted_answers_X",
+            "random_answers_X", "targeted_wrong", "random_wrong"]
+    if not recs:  # one row that says why (a saved table keeps no attributes)
+        return pd.DataFrame([{**{c: None for c in cols}, "reason": (
+            "no selected neuron has both a number output concept X and an input trigger F admitting a "
+            f"difficulty-preserving edit ({reasons}; {len(sources)} correct arithmetic validation sources)")}])
+    t, r = [x["_t"] for x in recs], [x["_r"] for x in recs]
+    Xs = [x["concept_X"] for x in recs]
+    bs = setup.batch_size
+    df = pd.DataFrame([{k: v for k, v in x.items() if not k.startswith("_")} for x in recs])
+    df["targeted_answers_X"] = answers_value(model, t, Xs, setup.template, bs)
+    df["random_answers_X"] = answers_value(model, r, Xs, setup.template, bs)
+    df["targeted_wrong"] = ~solved(model, t, setup.template, bs)
+    df["random_wrong"] = ~solved(model, r, setup.template, bs)
+    df["reason"] = ""
+    return df[cols + ["reason"]]
+
+
+def _adversarial_guided(setup: Setup, cards: dict, poly: pd.DataFrame, k_candidates: int, seed: int) -> pd.DataFrame:
+    run, model = setup.run, setup.model
+    crit, _ = load_selection(run)
+    cols = ["source", "guided", "random", "guided_wrong", "random_wrong"]
+    keys = [(int(l), int(n)) for l, n in poly[poly.polysemantic][["layer", "neuron"]].values] if len(poly) else []
+    keys = keys or list(cards)
+    if not keys:
+        return pd.DataFrame(columns=cols)
+    rng = random.Random(seed + 1)
+    ok_va = setup.labels["val"].correct.values.astype(bool)
+    sources = [p for p, ok in zip(setup.problems.val, ok_va) if ok]
+    cand = [(p, c) for p, c in ((p, random_variants(p, rng, k_candidates)) for p in sources) if len(c) >= 2]
+    if not cand:
+        return pd.DataFrame(columns=cols)
+    neurons: dict[int, list[int]] = {}
+    for l, n in keys:
+        neurons.setdefault(l, []).append(n)
+    engine = SecondOrderEngine(model, layers=sorted(neurons), correctness_dir=run.load("correctness_direction")["d"])
+    flat = [c for _, cs in cand for c in cs]
+    push = neuron_push(model, engine, flat, setup.template, neurons, setup.batch_size)
+    starts = np.cumsum([0] + [len(cs) for _, cs in cand])
+    g, r = [], []
+    for (p, cs), s in zip(cand, starts):
+        k = int(np.argmin(push[s:s + len(cs)]))
+        others = [j for j in range(len(cs)) if j != k]
+        g.append(cs[k])
+        r.append(cs[rng.choice(others)])
+    df = pd.DataFrame({"source": [p.compact for p, _ in cand], "guided": [x.compact for x in g],
+                       "random": [x.compact for x in r]})
+    df["guided_wrong"] = ~solved(model, g, setup.template, setup.batch_size)
+    df["random_wrong"] = ~solved(model, r, setup.template, setup.batch_size)
+    return df
+
+
+def _editing(setup: Setup, k_edit: int, factors: Sequence[float], n_random_sets: int, seed: int
+             ) -> dict[str, Any]:
+    from ..stats import mcnemar_exact, paired_bootstrap
+
+    run, model = setup.run, setup.model
+    ok_tr = setup.labels["train"].correct.values.astype(bool)
+    cls_tr = [(p.task, difficulty(p)) for p in setup.problems.train]
+    cls_va = [(p.task, difficulty(p)) for p in setup.problems.val]
+    target, reason = error_class(cls_tr, ok_tr, cls_va)
+    last = model.cfg.n_layers - 1
+    if target is None or last < 1:
+        return {"reason": reason or "the model has no layer with a second-order effect", "curve": pd.DataFrame()}
+    in_tr = np.array([c == target for c in cls_tr])
+    in_va = np.array([c == target for c in cls_va])
+    eff = np.asarray(load_effects(run, "train", "second_cd")[np.flatnonzero(in_tr)][:, :last])  # [n, L-1, d_mlp]
+    ok_c = ok_tr[in_tr]
+    diff = eff[ok_c].mean(0) - eff[~ok_c].mean(0)  # pushes toward the correct side more when correct
+    n_mlp = model.cfg.d_mlp
+    chosen = _by_layer(np.argsort(-diff.ravel())[:k_edit], n_mlp)
+    bs = setup.batch_size
+    enc_tr = setup.enc["train"].subset(np.flatnonzero(in_tr))
+    train_acc = {float(f): float(edit_labels(model, enc_tr, chosen, f, bs).correct.mean()) for f in factors}
+    moving = {f: a for f, a in train_acc.items() if f != 1.0} or train_acc
+    best = max(moving, key=lambda f: (moving[f], -abs(f - 1.0)))
+    rand_sets = random_sets_like(chosen, n_mlp, n_random_sets, seed)
+    enc_va = setup.enc["val"]
+    clean = edit_labels(model, enc_va, chosen, 1.0, bs)
+    ok0, ld0 = clean.correct.values.astype(bool), clean.logit_diff.values.astype(float)
+    curve, at_best = [], {}
+    for f in factors:
+        ch = edit_labels(model, enc_va, chosen, f, bs)
+        ok1, ld1 = ch.correct.values.astype(bool), ch.logit_diff.values.astype(float)
+        acc = paired_bootstrap(ok0[in_va].astype(float), ok1[in_va].astype(float), seed=seed)
+        ldb = paired_bootstrap(ld0[in_va], ld1[in_va], seed=seed)
+        rest = paired_bootstrap(ok0[~in_va].astype(float), ok1[~in_va].astype(float), seed=seed)
+        mc = mcnemar_exact(ok0[in_va], ok1[in_va])
+        rc, rl, rr = [], [], []
+        for s in rand_sets:
+            rs = edit_labels(model, enc_va, s, f, bs)
+            rok, rld = rs.correct.values.astype(bool), rs.logit_diff.values.astype(float)
+            rc.append(float(rok[in_va].mean() - ok0[in_va].mean()))
+            rl.append(float((rld[in_va] - ld0[in_va]).mean()))
+            rr.append(float(rok[~in_va].mean() - ok0[~in_va].mean()) if (~in_va).any() else np.nan)
+        rec = {"factor": float(f), "train_class_accuracy": train_acc[float(f)],
+               "chosen_class": float(ok1[in_va].mean()), "chosen_rest": float(ok1[~in_va].mean()) if (~in_va).any() else np.nan,
+               "random_class_mean": float(ok0[in_va].mean() + np.mean(rc)) if rc else np.nan,
+               "random_class_max": float(ok0[in_va].mean() + np.max(rc)) if rc else np.nan,
+               "random_rest_mean": float(ok0[~in_va].mean() + np.nanmean(rr)) if rr and (~in_va).any() else np.nan,
+               "class_change": acc["change"], "ci_class_low": acc["ci_low"], "ci_class_high": acc["ci_high"],
+               "logit_diff_change": ldb["change"], "ci_ld_low": ldb["ci_low"], "ci_ld_high": ldb["ci_high"],
+               "rest_change": rest["change"], "ci_rest_low": rest["ci_low"], "ci_rest_high": rest["ci_high"],
+               "random_class_change_mean": float(np.mean(rc)) if rc else np.nan,
+               "random_class_change_max": float(np.max(rc)) if rc else np.nan,
+               "random_ld_change_mean": float(np.mean(rl)) if rl else np.nan,
+               "random_rest_change_mean": float(np.nanmean(rr)) if rr and (~in_va).any() else np.nan,
+               "gained": mc["gained"], "lost": mc["lost"], "p_mcnemar": mc["p"]}
+        curve.append(rec)
+        if float(f) == best:
+            at_best = rec
+    return {"reason": "", "curve": pd.DataFrame(curve), "error_class": f"{target[0]}, difficulty {target[1]}",
+            "n_val_class": int(in_va.sum()), "n_val_rest": int((~in_va).sum()),
+            "neurons": {str(k): v for k, v in chosen.items()}, "factor_chosen_on_train": best,
+            "val_class_accuracy_before": float(ok0[in_va].mean()), "n_random_sets": int(n_random_sets),
+            "at_best": at_best}
+
+
+def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.15, k_edit: int = 10,
+                       factors: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0), n_random_sets: int = 10,
+                       k_candidates: int = 8, n_perm: int = 200, n_draws: int = 20, max_sources: int = 40,
+                       max_adv_neurons: int = 10, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Phase 5: error analysis, correctness-direction AUROC, polysemanticity, adversarial problems
+    and neuron editing, each measured on validation problems against its null, with every claim
+    a row of ``applications_table`` (columns of ``validation_table``). What the data cannot
+    measure is a ``not testable`` row whose ``how`` says why, never an exception."""
+    run, model = setup.run, setup.model
+    factors = sorted({float(f) for f in factors} | {1.0})
+    base = ["labels_train", "labels_val", "selection"]
+    cache: dict[str, Any] = {}
+
+    def ea() -> dict[str, Any]:
+        if "ea" not in cache:
+            cache["ea"] = _error_analysis(setup, q, n_perm, seed)
+        return cache["ea"]
+    ea_deps = base + ["correctness_direction", "val_second_cd"]
+    ea_params = {"q": q, "n_perm": n_perm, "seed": seed, "readout": "second_cd, cross-fitted",
+                 "strata": "task x difficulty"}
+    ea_sum = run.step("error_analysis", lambda: ea()["summary"], "05", params=ea_params, deps=ea_deps)
+    ea_neurons = run.step("error_analysis_neurons", lambda: ea()["neurons"], "05", params=ea_params, deps=ea_deps)
+    failures = run.step("failure_report", lambda: failure_report(
+        load_effects(run, "val", "second_ld"), load_effects(run, "val", "direct_ld"),
+        setup.labels["val"].correct.values, setup.problems.val, k=5), "05", deps=base + ["val_second_ld"])
+    direction = run.step("correctness_direction_auroc", lambda: _direction(setup), "05",
+                         deps=base + ["correctness_direction", "layer_sums_val"])
+    cards = _cards(run)
+    poly = run.step("polysemanticity", lambda: polysemanticity(cards, poly_threshold).assign(
+        categories=lambda d: d.categories.map(", ".join)) if cards else pd.DataFrame(
+        columns=["layer", "neuron", "n_strong", "groups", "categories", "polysemantic"]), "05",
+        params={"threshold": poly_threshold}, deps=["concept_cards"] if run.has("concept_cards") else [])
+    pnull = run.step("polysemanticity_null", lambda: _poly_null(setup, poly_threshold, n_draws, seed), "05",
+                     params={"threshold": poly_threshold, "n_draws": n_draws, "seed": seed},
+                     deps=[d for d in ("concept_dictionary", "neuron_directions") if run.has(d)])
+    adv = run.step("adversarial", lambda: _adversarial_clip(setup, cards, max_sources, max_adv_neurons, seed),
+                   "05", params={"max_sources": max_sources, "max_neurons": max_adv_neurons, "seed": seed},
+                   deps=base + (["concept_cards"] if run.has("concept_cards") else []))
+    adv_why = "; ".join(sorted({str(x) for x in adv.reason if x})) if "reason" in adv else ""
+    adv = adv[adv.reason == ""].reset_index(drop=True) if "reason" in adv else adv
+    guided = run.step("adversarial_guided", lambda: _adversarial_guided(setup, cards, poly, k_candidates, seed),
+                      "05", params={"k_candidates": k_candidates, "seed": seed},
+                      deps=base + ["polysemanticity", "correctness_direction"])
+    ed_cache: dict[str, Any] = {}
+
+    def ed() -> dict[str, Any]:
+        if "e" not in ed_cache:
+            ed_cache["e"] = _editing(setup, k_edit, factors, n_random_sets, seed)
+        return ed_cache["e"]
+    ed_params = {"k_edit": k_edit, "factors": factors, "n_random_sets": n_random_sets, "seed": seed}
+    curve = run.step("editing_curve", lambda: ed()["curve"], "05", params=ed_params, deps=base + ["train_second_cd"])
+    editing = run.step("editing", lambda: {k: v for k, v in ed().items() if k != "curve"}, "05", params=ed_params,
+                       deps=base + ["train_second_cd"])
+
+    def build_table() -> pd.DataFrame:
+        rows = error_analysis_rows(ea_sum[ea_sum.scope == "overall"].iloc[0].to_dict(), q)
+        rows += direction_rows(None if "reason" in direction else
+                               {**direction, "diff_ci": tuple(direction["diff_ci"]),
+                                "within_ci": tuple(direction["within_ci"])}, direction.get("reason", ""))
+        rows += polysemanticity_rows(None if "reason" in pnull else
+                                     {"flags": np.asarray(pnull["flags"], bool), "share": pnull["share"],
+                                      "null_span": np.asarray(pnull["null_span"]),
+                                      "null_dictionary": np.asarray(pnull["null_dictionary"])},
+                                     pnull.get("reason", ""))
+        how_x = ("for neurons whose concept card has a number read-out concept X (largest positive coefficient) "
+                 "and an input trigger F (the operand value with the largest mean training centred-effect norm): "
+                 "correct validation problems with one operand set to F (gold answer != X) vs the same operand set "
+                 "to a random number of the same digit count (same task, digit counts and carry class); share of "
+                 "problems on which the model answers X, targeted minus random")
+        how_w = how_x.replace("share of problems on which the model answers X", "error rate")
+        if len(adv):
+            rows.append(paired_rows("adversarial (CLIP): answers the output concept X, trigger F vs random edit",
+                                    adv.random_answers_X.values.astype(bool), adv.targeted_answers_X.values.astype(bool),
+                                    how_x + f" ({adv.groupby(['layer', 'neuron']).ngroups} neurons)", 0.02))
+            rows.append(paired_rows("adversarial (CLIP): error rate, trigger F vs random edit",
+                                    adv.random_wrong.values.astype(bool), adv.targeted_wrong.values.astype(bool),
+                                    how_w, 0.02))
+        else:
+            why = adv_why or "no selected neuron has a number output concept X and an input trigger F"
+            rows += [not_measurable("adversarial (CLIP): answers the output concept X, trigger F vs random edit",
+                                    how_x, why, 0.02),
+                     not_measurable("adversarial (CLIP): error rate, trigger F vs random edit", how_w, why, 0.02)]
+        how_g = (f"correct validation problems; of {k_candidates} random one-operand edits (same class), the one on "
+                 "which the polysemantic neurons' second-order effects push most toward the incorrect side of the "
+                 "correctness direction vs another of the same candidates; error rate, guided minus random")
+        if len(guided):
+            rows.append(paired_rows("adversarial (neuron-guided): error rate vs random candidate",
+                                    guided.random_wrong.values.astype(bool), guided.guided_wrong.values.astype(bool),
+                                    how_g, 0.02))
+        else:
+            rows.append(not_measurable("adversarial (neuron-guided): error rate vs random candidate", how_g,
+                                       "no neuron with a concept card, or no source problem with two candidate edits",
+                                       0.02))
+        rows += editing_rows({**editing, "at_best": editing.get("at_best", {})})
+        return table(rows)
+    tab = run.step("applications_table", build_table, "05",
+                   params={"q": q, "threshold": poly_threshold, **ed_params},
+                   deps=["error_analysis", "correctness_direction_auroc", "polysemanticity_null", "adversarial",
+                         "adversarial_guided", "editing"])
+    summary = run.step("applications_summary", lambda: {
+        "verdicts": {str(k): int(v) for k, v in tab.verdict.value_counts().items()},
+        "error_analysis_discoveries": int(ea_sum[ea_sum.scope == "overall"].discoveries.iloc[0]),
+        "polysemantic_share": float(poly.polysemantic.mean()) if len(poly) else float("nan"),
+        "adversarial_pairs": int(len(adv)), "editing_error_class": editing.get("error_class", editing.get("reason")),
+        "editing_factor": editing.get("factor_chosen_on_train", float("nan")),
+    }, "05", deps=["applications_table", "polysemanticity"])
+    examples = adv[["layer", "neuron", "concept_X", "trigger_F", "source", "targeted", "random"]].head(10) \
+        if len(adv) else pd.DataFrame()
+    return {"table": tab, "error_analysis": {"summary": ea_sum, "neurons": ea_neurons}, "failures": failures,
+            "direction": direction, "polysemanticity": poly, "polysemanticity_null": pnull, "adversarial": adv,
+            "adversarial_examples": examples, "adversarial_guided": guided, "editing_curve": curve,
+            "editing": editing, "summary": summary}
