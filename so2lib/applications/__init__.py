@@ -15,9 +15,9 @@ Whatever the data cannot measure is a ``not testable`` row whose ``how`` starts 
 
 from ..stats import TABLE_COLUMNS, benjamini_hochberg, not_measurable, validation_row as row, wilson_interval
 from ..stats import verdict_table as table
-from .adversarial import (ARITHMETIC, adversarial_variants, answers_value, clip_adversarial_pairs, flip_rate,
+from .adversarial import (ARITHMETIC, adversarial_variants, answers_value, clip_adversarial_pairs,
                           input_trigger, neuron_push, output_concept, paired_rows, random_variants, rebuild, solved)
-from .editing import edit_labels, edited_accuracy, editing_rows, error_class, random_sets_like, scaling_hooks
+from .editing import edit_labels, editing_rows, error_class, random_sets_like, scaling_hooks
 from .errors import (NotMeasurable, direction_auroc, direction_rows, error_analysis_rows, failure_report,
                      final_normalized, null_discoveries, project_on_direction, separating_neurons,
                      stratified_error_analysis, stratified_scan)
@@ -28,8 +28,8 @@ from .polysemantic import (RELATED, category_group, polysemantic_flags, polysema
 __all__ = [
     "ARITHMETIC", "NotMeasurable", "RELATED", "TABLE_COLUMNS", "adversarial_variants", "answers_value",
     "applications_phase", "benjamini_hochberg", "category_group", "clip_adversarial_pairs", "direction_auroc",
-    "direction_rows", "edit_labels", "edited_accuracy", "editing_rows", "error_analysis_rows", "error_class",
-    "failure_report", "final_normalized", "flip_rate", "input_trigger", "neuron_push", "not_measurable",
+    "direction_rows", "edit_labels", "editing_rows", "error_analysis_rows", "error_class",
+    "failure_report", "final_normalized", "input_trigger", "neuron_push", "not_measurable",
     "null_discoveries", "output_concept", "paired_rows", "polysemantic_flags", "polysemanticity",
     "polysemanticity_nulls", "polysemanticity_rows", "project_on_direction", "random_in_span", "random_sets_like",
     "random_variants", "rebuild", "row", "scaling_hooks", "separating_neurons", "solved", "span_basis",

@@ -125,14 +125,6 @@ def neuron_push(model: Any, engine: Any, problems: Sequence[Problem], template: 
     return torch.cat(out).numpy()
 
 
-def flip_rate(model: Any, problems: Sequence[Problem], template: Template, batch_size: int = 128) -> tuple[int, int]:
-    """(number of problems the model gets wrong, number of problems)."""
-    if not problems:
-        return 0, 0
-    lab = label(model, encode(model, problems, template), batch_size, progress=False)
-    return int((~lab.correct).sum()), len(lab)
-
-
 def output_concept(card: pd.DataFrame) -> int | None:
     """The neuron's output concept X: its number read-out concept with the largest positive
     coefficient (what its effect writes toward), or ``None``."""

@@ -30,14 +30,6 @@ def scaling_hooks(neurons: dict[int, Sequence[int]], factor: float) -> list[tupl
     return hooks
 
 
-def edited_accuracy(model: Any, enc: Any, in_class: np.ndarray, neurons: dict[int, Sequence[int]],
-                    factor: float, batch_size: int = 128) -> tuple[float, float]:
-    """(accuracy on the error class, accuracy on everything else) with the edit applied."""
-    lab = label(model, enc, batch_size, progress=False, hooks=scaling_hooks(neurons, factor))
-    ok = lab.correct.values
-    return float(ok[in_class].mean()), float(ok[~in_class].mean()) if (~in_class).any() else float("nan")
-
-
 def edit_labels(model: Any, enc: Any, neurons: dict[int, Sequence[int]], factor: float,
                 batch_size: int = 64) -> pd.DataFrame:
     """Labels (``correct``, ``logit_diff`` at the clean run's deciding token) with the chosen

@@ -64,14 +64,6 @@ class NotMeasurable(Exception):
     """Raised inside a measurement when the data cannot answer it (the message says why)."""
 
 
-def _guard(measure: str, how: str, fn: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Rows from ``fn()``; a failure that means "nothing to measure" becomes one not-measurable row."""
-    try:
-        return fn()
-    except NotMeasurable as e:
-        return [not_measurable(measure, how, str(e))]
-
-
 def _codes(strata: Sequence[Any]) -> np.ndarray:
     return pd.factorize(pd.Series([str(s) for s in strata]))[0]
 

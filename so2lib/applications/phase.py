@@ -14,6 +14,7 @@ import torch
 
 from ..effects import load_effects
 from ..second_order import SecondOrderEngine
+from ..progress import tqdm
 from ..selection import load_selection
 from ..stats import not_measurable, verdict_table as table
 from ..study import Setup, difficulty
@@ -250,7 +251,7 @@ def _editing(setup: Setup, k_edit: int, factors: Sequence[float], n_random_sets:
     clean = edit_labels(model, enc_va, chosen, 1.0, bs)
     ok0, ld0 = clean.correct.values.astype(bool), clean.logit_diff.values.astype(float)
     curve, at_best = [], {}
-    for f in factors:
+    for f in tqdm(factors, desc=f"editing: factors x (chosen + {len(rand_sets)} random sets)"):
         ch = edit_labels(model, enc_va, chosen, f, bs)
         ok1, ld1 = ch.correct.values.astype(bool), ch.logit_diff.values.astype(float)
         acc = paired_bootstrap(ok0[in_va].astype(float), ok1[in_va].astype(float), seed=seed)
@@ -289,7 +290,7 @@ def _editing(setup: Setup, k_edit: int, factors: Sequence[float], n_random_sets:
 
 def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.15, k_edit: int = 10,
                        factors: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0), n_random_sets: int = 10,
-                       k_candidates: int = 8, n_perm: int = 200, n_draws: int = 20, max_sources: int = 40,
+                       k_candidates: int = 8, n_perm: int = 200, n_draws: int = 5, max_sources: int = 40,
                        max_adv_neurons: int = 10, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Phase 5: error analysis, correctness-direction AUROC, polysemanticity, adversarial problems
     and neuron editing, each measured on validation problems against its null, with every claim

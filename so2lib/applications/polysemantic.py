@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..stats import not_measurable, validation_row as row, wilson_interval
+from ..progress import tqdm
 
 
 RELATED = [{"digits and number words", "number properties"}, {"operations", "procedure", "symbols"},
@@ -70,7 +71,7 @@ def span_basis(vectors: np.ndarray, k: int, tol: float = 1e-6) -> np.ndarray:
 
 
 def polysemanticity_nulls(directions: np.ndarray, bases: Sequence[np.ndarray], dictionary: np.ndarray,
-                          categories: Sequence[str], m: int, threshold: float = 0.15, n_draws: int = 20,
+                          categories: Sequence[str], m: int, threshold: float = 0.15, n_draws: int = 5,
                           seed: int = 0) -> dict[str, Any]:
     """Polysemantic share of the neurons' directions (``[n, d]``, OMP with ``m`` atoms over the
     prepared ``dictionary``) against (a) random directions in each neuron's span, same dictionary,
@@ -80,7 +81,7 @@ def polysemanticity_nulls(directions: np.ndarray, bases: Sequence[np.ndarray], d
     rng = np.random.default_rng(seed)
     real = polysemantic_flags(sparse_codes(directions, dictionary, m), categories, threshold)
     span, rdict = [], []
-    for k in range(n_draws):
+    for k in tqdm(range(n_draws), desc="polysemanticity nulls (draws)"):
         span.append(polysemantic_flags(sparse_codes(random_in_span(bases, rng), dictionary, m), categories,
                                        threshold).mean())
         D = random_dictionary(*dictionary.shape, seed=seed + 1000 + k)
