@@ -346,7 +346,33 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
     else:
         rows.append(not_measurable(m, how, "no validation arithmetic problem whose operand tokens could be located",
                                    0.0))
+    rows.append(carry_attribution_row(attribution))
     return rows
+
+
+def carry_attribution_row(attribution: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Token attribution against carry positions: does the effect draw more on the operand tokens
+    when the problem needs a carry (or borrow), where the answer digit depends on both operands'
+    lower digits? Mean operand share (in excess of its position-count null) on carry problems minus
+    on no-carry problems, two-sample bootstrap over problems, null 0."""
+    m = "token attribution: operand share, carry minus no-carry problems"
+    how = ("per validation addition/subtraction/multiplication problem, the operand share of the selected "
+           "neurons' attribution minus its position-count null; mean over carry problems minus mean over "
+           "no-carry problems; two-sample bootstrap over problems; null: 0 (carries change nothing)")
+    if not len(attribution) or "carry" not in attribution:
+        return not_measurable(m, how, "no attribution table", 0.0)
+    per = attribution.dropna(subset=["carry"]).groupby("problem").agg(
+        carry=("carry", "first"), excess=("share", "mean"), null=("null", "mean"))
+    per["excess"] -= per["null"]
+    a = per.excess[per.carry.astype(bool)].values
+    b = per.excess[~per.carry.astype(bool)].values
+    if len(a) < 5 or len(b) < 5:
+        return not_measurable(m, how, f"{len(a)} carry and {len(b)} no-carry problems (need 5 of each)", 0.0)
+    rng = np.random.default_rng(seed)
+    boots = [a[rng.integers(0, len(a), len(a))].mean() - b[rng.integers(0, len(b), len(b))].mean()
+             for _ in range(n_boot)]
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return row(m, a.mean() - b.mean(), (lo, hi), 0.0, 0.0, how + f" (n={len(a)} carry, {len(b)} no-carry)")
 
 
 # ----------------------------------------------------------------------------- the phase, for notebooks

@@ -67,3 +67,20 @@ def test_operand_positions_and_share(tiny_models):
     share, null = At.operand_share(terms, pos, len(ids) - 1)
     assert share == 1.0 and null == len(pos) / len(ids)
     assert At.operand_positions(tok, ids, len(ids) - 1, arithmetic_problem("addition", 55, 66)) == []
+
+
+def test_carry_attribution_row_can_pass_fail_and_be_not_measurable():
+    import numpy as np
+    import pandas as pd
+    from so2lib.concepts import carry_attribution_row
+    rng = np.random.default_rng(0)
+    n = 60
+    carry = np.arange(n) % 2 == 0
+    def table(shift):
+        share = 0.3 + 0.02 * rng.normal(size=n) + shift * carry
+        return pd.DataFrame({"problem": np.arange(n), "task": "addition", "carry": carry, "layer": 0, "neuron": 1,
+                             "share": share, "null": 0.2})
+    assert carry_attribution_row(table(0.1))["verdict"] == "pass"
+    assert carry_attribution_row(table(0.0))["verdict"] == "fail"
+    few = table(0.1).iloc[:6]
+    assert carry_attribution_row(few)["verdict"] == "not testable"
