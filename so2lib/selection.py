@@ -35,16 +35,21 @@ def ablation_hook(value: torch.Tensor | None):
 
 
 def layer_ablation(model: Any, enc: Encoded, means: torch.Tensor, clean: pd.DataFrame,
-                   batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+                   batch_size: int = 64, progress: bool = True,
+                   kinds: Sequence[str] = ("mean", "zero")) -> pd.DataFrame:
     """Accuracy and mean logit difference on ``enc`` (pass the training split when the result
     chooses layers) with each MLP layer mean- or zero-ablated.
 
     Returns one row per (layer, kind) with ``accuracy``, ``mean_logit_diff`` and the drops from
-    the clean run ``clean`` (the labels of the same problems).
+    the clean run ``clean`` (the labels of the same problems). ``kinds``: ``"mean"`` (what
+    chooses the critical layers) and/or ``"zero"``; each costs one labelling pass per layer.
     """
+    unknown = set(kinds) - {"mean", "zero"}
+    if "mean" not in kinds or unknown:
+        raise ValueError(f"kinds must include 'mean' and be among ('mean', 'zero'), got {tuple(kinds)}")
     rows = []
     for l in tqdm(range(model.cfg.n_layers), desc="layer ablation", disable=not progress):
-        for kind, value in (("mean", means[l]), ("zero", None)):
+        for kind, value in [(k, v) for k, v in (("mean", means[l]), ("zero", None)) if k in kinds]:
             lab = label(model, enc, batch_size, progress=False,
                         hooks=[(M.mlp_out(l), ablation_hook(value))])
             rows.append({"layer": l, "kind": kind, "accuracy": lab.correct.mean(),
@@ -121,16 +126,20 @@ def select_neurons(scores: pd.DataFrame, layers: Sequence[int], top_n: int = 100
 
 
 def setup_and_selection(setup: Setup, top_k_layers: int = 2, top_n_neurons: int = 100,
-                        select_by: str = "combined", progress: bool = True) -> dict[str, Any]:
-    """Phase 1 analysis: layer ablation study, critical layers, neuron scores and selection."""
+                        select_by: str = "combined", progress: bool = True,
+                        zero_ablation: bool = True) -> dict[str, Any]:
+    """Phase 1 analysis: layer ablation study, critical layers, neuron scores and selection.
+    ``zero_ablation=False`` skips the zero-ablation half of the layer study (the critical layers
+    come from mean-ablation either way): half the cost on deep models."""
     run, model, bs = setup.run, setup.model, setup.batch_size
     acc = run.step("accuracy", lambda: accuracy(setup), "01", deps=["labels_train", "labels_val"])
     means = run.step("mlp_out_means", lambda: mlp_out_means(model, setup.enc["train"], bs, progress), "01",
                      deps=["problems"])
     # critical layers are chosen on the training split (no leakage into the validation claims)
+    kinds = ("mean", "zero") if zero_ablation else ("mean",)
     ablation = run.step("layer_ablation", lambda: layer_ablation(
-        model, setup.enc["train"], means, setup.labels["train"], bs, progress), "01",
-        params={"split": "train"}, deps=["mlp_out_means", "labels_train"])
+        model, setup.enc["train"], means, setup.labels["train"], bs, progress, kinds), "01",
+        params={"split": "train", "kinds": list(kinds)}, deps=["mlp_out_means", "labels_train"])
     crit = critical_layers(ablation, top_k_layers, n_layers=model.cfg.n_layers)
     scores = run.step("neuron_scores", lambda: neuron_scores(
         model, setup.enc["train"], setup.labels["train"], None, bs, progress), "01", deps=["labels_train"])

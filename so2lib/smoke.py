@@ -21,7 +21,7 @@ from .tasks import TASKS
 
 # small counts: the whole profile takes minutes on 2 CPU cores
 SMOKE_PARAMS = {"n_train": 60, "n_val": 30, "n_shots": 1, "chat": False, "batch_size": 24,
-                "top_n_neurons": 16, "device": "cpu"}
+                "top_n_neurons": 16, "device": "cpu", "zero_ablation": False}
 
 
 def check(run_dir: str | Path, min_kept: float = 0.9) -> list[str]:

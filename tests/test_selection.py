@@ -1,6 +1,7 @@
 """Phase 1 ablation and scoring against a direct computation on the Hugging Face model."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import transformers
@@ -107,3 +108,17 @@ def test_selection_and_critical_layers():
     assert select_neurons(sc, [0], 1, "combined") == {0: [0]}  # ranks 1,5,1 -> best mean
     with pytest.raises(ValueError, match="unknown score"):
         select_neurons(sc, [0], 2, "magic")
+
+
+def test_mean_only_layer_ablation_is_the_mean_half(setting):
+    model, _, enc_tr, enc_va = setting
+    means = mlp_out_means(model, enc_tr, batch_size=5, progress=False)
+    clean = label(model, enc_va, progress=False)
+    both = layer_ablation(model, enc_va, means, clean, batch_size=5, progress=False)
+    mean_only = layer_ablation(model, enc_va, means, clean, batch_size=5, progress=False, kinds=("mean",))
+    assert set(mean_only.kind) == {"mean"}
+    pd.testing.assert_frame_equal(mean_only.reset_index(drop=True),
+                                  both[both.kind == "mean"].reset_index(drop=True))
+    assert critical_layers(mean_only, 2) == critical_layers(both, 2)
+    with pytest.raises(ValueError, match="must include 'mean'"):
+        layer_ablation(model, enc_va, means, clean, kinds=("zero",))
