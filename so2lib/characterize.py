@@ -61,9 +61,15 @@ def significance(train_norms: np.ndarray, share: float = 0.02) -> np.ndarray:
 
 def pc1(centred: np.ndarray) -> tuple[np.ndarray, float]:
     """First principal direction ``[d]`` of centred vectors ``[m, d]`` and its share of variance
-    (scikit-learn PCA; the data are already centred on the training mean)."""
+    (scikit-learn PCA; the data are already centred on the training mean). The sign is fixed by
+    majority, as CLIP does: most of the vectors project positively on the direction (scikit-learn's
+    own sign is arbitrary), so a positive concept coefficient means the neuron writes toward it."""
     p = PCA(n_components=1, svd_solver="full").fit(centred)
-    return p.components_[0], float(p.explained_variance_ratio_[0])
+    u = p.components_[0]
+    proj = np.asarray(centred) @ u
+    if (proj > 0).sum() < (proj < 0).sum():
+        u = -u
+    return u, float(p.explained_variance_ratio_[0])
 
 
 # ----------------------------------------------------------------------------- collection

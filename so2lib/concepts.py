@@ -316,7 +316,8 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
     if recovered.get("share") == recovered.get("share"):
         rows.append(row(m, recovered["share"], (recovered["ci_low"], recovered["ci_high"]), 0.0, 0.8, how))
     else:
-        rows.append(not_measurable(m, how, recovered.get("note", "nothing to recover"), 0.8))
+        rows.append(not_measurable(m, how, recovered.get("note", "nothing to recover").removeprefix("not testable: "),
+                                   0.8))
     m = "predictive check: top data concept predicts significance, minus random concepts"
     how = ("per selected neuron, |AUROC - 0.5| of its top data concept's flag for the validation problems on "
            "which it is significant, minus the mean for random data concepts; mean over neurons, bootstrap CI")

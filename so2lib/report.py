@@ -326,7 +326,7 @@ p.lead{color:#444} p.note{color:#555;font-size:14px}
 table{border-collapse:collapse;margin:.6em 0 1.2em 0;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top;text-align:left;white-space:normal}
 th{background:#f4f4f4} caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0}
-tr.v-pass td{background:#e8f6e8} tr.v-fail td{background:#fbe9e9} tr.v-not-testable td,tr.v-not-measurable td{background:#f3f3f3}
+tr.v-pass td{background:#e8f6e8} tr.v-fail td{background:#fbe9e9} tr.v-not-testable td{background:#f3f3f3}
 nav a{margin-right:1em}
 """
 

@@ -172,3 +172,15 @@ def test_sparsity_dense_rank1_effect_fails():
     assert r["null_isotropic"] < r["measured"] < r["null"] or r["ci"][0] <= r["null"]
     assert C.validation_row("s", r["measured"], r["ci"], r["null"], 0.05, "h")["verdict"] == "fail"
     assert r["ci"][0] <= r["measured"] <= r["ci"][1]
+
+
+def test_pc1_sign_is_fixed_by_majority():
+    rng = np.random.default_rng(3)
+    d = rng.normal(size=16)
+    X = np.abs(rng.normal(size=(200, 1))) * d + 0.01 * rng.normal(size=(200, 16))  # mostly along +d
+    for M in (X, X[:, ::-1].copy()):
+        u, share = C.pc1(M)
+        assert ((M @ u) > 0).mean() > 0.5 and share > 0.9
+    u1, _ = C.pc1(X)
+    u2, _ = C.pc1(-X)
+    np.testing.assert_allclose(u1, -u2, atol=1e-8)
