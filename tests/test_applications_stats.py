@@ -181,7 +181,7 @@ def test_pc1_validation_and_decomposition_rows():
     rows = Co.decomposition_rows(empty, pd.DataFrame(columns=["strength", "strength_random"]),
                                  pd.DataFrame(columns=["val_share", "train_share", "K"]), {"share": float("nan")},
                                  pd.DataFrame(columns=["problem", "share", "null"]))
-    assert len(rows) == 6 and {r["verdict"] for r in rows} == {"not testable"}
+    assert len(rows) == 7 and {r["verdict"] for r in rows} == {"not testable"}
     pc1v = pd.DataFrame({"val_share": b, "train_share": a, "K": [4, 4]})
     rows = Co.decomposition_rows(empty, pd.DataFrame(columns=["strength", "strength_random"]), pc1v,
                                  {"share": float("nan")}, pd.DataFrame(columns=["problem", "share", "null"]))
