@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 from .effects import load_effects
 from .models import ModelInfo
 from .selection import load_selection
-from .stats import bootstrap_ci, not_measurable, validation_row as row, verdict_table as table
+from .stats import bootstrap_ci, mean_row, not_measurable, validation_row as row, verdict_table as table
 from .study import Setup
 from .tasks import Problem
 
@@ -293,20 +293,15 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
     how = ("per selected neuron, cosine of PC1 with its m-sparse OMP reconstruction over read-out + data concepts "
            "minus the same with a random Gaussian dictionary of as many atoms; mean over neurons, bootstrap CI")
     q = quality[quality.dictionary == "read-out + data"] if len(quality) else quality
-    if len(q) >= 2:
-        d = (q.cosine - q.cosine_random).values
-        rows.append(row(m, d.mean(), bootstrap_ci(d), 0.0, 0.05, how))
-    else:
-        rows.append(not_measurable(m, how, "fewer than 2 selected neurons or too few concepts for m", 0.05))
+    d = (q.cosine - q.cosine_random).values if len(q) else []
+    rows.append(mean_row(m, d, 0.0, 0.05, how, "fewer than 2 selected neurons or too few concepts for m"))
     m = "sparse decomposition: math/logic concepts minus vocabulary pool"
     how = ("per selected neuron, reconstruction cosine with read-out + data concepts minus with the model's whole "
            "vocabulary (generic pool, many more atoms); mean over neurons, bootstrap CI")
     if len(quality) and {"read-out + data", "vocabulary (generic pool)"} <= set(quality.dictionary):
         a = quality[quality.dictionary == "read-out + data"].set_index(["layer", "neuron"]).cosine
         b = quality[quality.dictionary == "vocabulary (generic pool)"].set_index(["layer", "neuron"]).cosine
-        d = (a - b.reindex(a.index)).dropna().values
-        rows.append(row(m, d.mean(), bootstrap_ci(d), 0.0, 0.0, how) if len(d) >= 2 else
-                    not_measurable(m, how, "fewer than 2 neurons", 0.0))
+        rows.append(mean_row(m, (a - b.reindex(a.index)).values, 0.0, 0.0, how, "fewer than 2 neurons"))
     else:
         rows.append(not_measurable(m, how, "a dictionary has fewer atoms than m", 0.0))
     m = "sparse replacement: share of the mean-ablation drop recovered (selected neurons)"
@@ -321,12 +316,9 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
     m = "predictive check: top data concept predicts significance, minus random concepts"
     how = ("per selected neuron, |AUROC - 0.5| of its top data concept's flag for the validation problems on "
            "which it is significant, minus the mean for random data concepts; mean over neurons, bootstrap CI")
-    if len(pred) >= 2 and pred.strength.notna().sum() >= 2:
-        d = (pred.strength - pred.strength_random).dropna().values
-        rows.append(row(m, d.mean(), bootstrap_ci(d), 0.0, 0.05, how))
-    else:
-        rows.append(not_measurable(m, how, "fewer than 2 neurons with a data concept and both significance classes",
-                                   0.05))
+    d = (pred.strength - pred.strength_random).values if len(pred) else []
+    rows.append(mean_row(m, d, 0.0, 0.05, how,
+                         "fewer than 2 neurons with a data concept and both significance classes"))
     m = "PC1: validation variance explained by the training PC1 (selected neurons)"
     how = ("share of the variance of each selected neuron's validation centred effects (training mean) along its "
            "training PC1; mean over neurons, bootstrap CI; null: mean 1/K (a random direction in the K-dim span "

@@ -160,6 +160,17 @@ def not_measurable(measure: str, how: str, reason: str, target: float = float("n
                           higher_is_better, reason=f"not measurable: {reason}")
 
 
+def mean_row(measure: str, values: np.ndarray, null: float, target: float, how: str, reason: str,
+             higher_is_better: bool = True) -> dict[str, Any]:
+    """A :func:`validation_row` for the mean of per-unit ``values`` (e.g. one per neuron) with a
+    bootstrap CI over them; :func:`not_measurable` with ``reason`` when fewer than 2 are finite."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return not_measurable(measure, how, reason, target, higher_is_better)
+    return validation_row(measure, float(v.mean()), bootstrap_ci(v), null, target, how, higher_is_better)
+
+
 def verdict_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Rows of :func:`validation_row` as a table with :data:`TABLE_COLUMNS`."""
     return pd.DataFrame(list(rows), columns=TABLE_COLUMNS)
