@@ -323,11 +323,9 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
     how = ("share of the variance of each selected neuron's validation centred effects (training mean) along its "
            "training PC1; mean over neurons, bootstrap CI; null: mean 1/K (a random direction in the K-dim span "
            "of later heads)")
-    if len(pc1v) >= 2:
-        rows.append(row(m, pc1v.val_share.mean(), bootstrap_ci(pc1v.val_share.values), float((1 / pc1v.K).mean()),
-                        0.35, how + f"; training share {pc1v.train_share.mean():.3f}"))
-    else:
-        rows.append(not_measurable(m, how, "fewer than 2 selected neurons", 0.35))
+    null = float((1 / pc1v.K.astype(float)).mean()) if len(pc1v) else float("nan")
+    train = f"; training share {pc1v.train_share.mean():.3f}" if len(pc1v) else ""
+    rows.append(mean_row(m, pc1v.val_share.values, null, 0.35, how + train, "fewer than 2 selected neurons"))
     m = "token attribution: share on the question's operand tokens"
     how = ("per validation arithmetic problem, the share of |per-position second-order attribution| (logit "
            "difference) of the selected neurons on the final question's operand tokens, averaged over neurons; "
