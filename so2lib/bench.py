@@ -2,7 +2,8 @@
 ablation baseline, and its memory on a billion-parameter shape.
 
     python -m so2lib.bench                       # everything below, CPU (about 10 min on 2 cores)
-    python -m so2lib.bench --device cuda --problems 5000 --llama-layers 16   # on a GPU
+    python -m so2lib.bench --device cuda --models gpt2-small-shaped --problems 5000 --batch-size 250 \
+        --llama-dtype bfloat16 --llama-8b --llama-problems 64 --max-memory 8GiB   # on a GPU
 
 Sections (all in one run):
 
@@ -16,8 +17,10 @@ Sections (all in one run):
   extrapolated from a sample of neurons: the ratio.
 - **bfloat16**: the projected effects of a bfloat16 copy against float32 (relative error).
 - **memory** (random Llama-3.2-1B shape: 16 layers, d_model 2048, d_mlp 8192, 32 heads, 8 KV
-  heads, so2lib's 2,107-token vocabulary), in a fresh process: peak RSS after loading and after
-  all-neuron projected effects with a ``max_memory`` budget, against weights + budget.
+  heads, so2lib's 2,107-token vocabulary; with ``--llama-8b`` also a Llama-3-8B shape: 32
+  layers, d_model 4096, d_mlp 14336), in a fresh process: peak memory of loading and of
+  all-neuron projected effects (``so2lib.projected_effects``) under a ``max_memory`` budget,
+  against the resident model + budget (process RSS on CPU, allocated GPU memory on CUDA).
 
 The GPT-2-small-shaped model is randomly initialised (12 layers, d_model 768, d_mlp 3072, 12
 heads) and reads the few-shot prompts; the embedded model reads its compact prompts.
@@ -61,6 +64,11 @@ def gpt2_small_shaped(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def _fixed_direction(d_model: int) -> torch.Tensor:
+    """A stand-in correctness direction, the same in every process (seeded)."""
+    return torch.randn(d_model, generator=torch.Generator().manual_seed(0))
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -100,7 +108,7 @@ def bench_model(model: Any, template: Template, n_problems: int, batch_size: int
         torch.cuda.reset_peak_memory_stats()
     # ---- engine: all neurons, all layers, both projections
     t_setup = time.perf_counter()
-    engine = SecondOrderEngine(model, correctness_dir=torch.randn(model.cfg.d_model))
+    engine = SecondOrderEngine(model, correctness_dir=_fixed_direction(model.cfg.d_model))
     _sync(device)
     t_setup = time.perf_counter() - t_setup
     t_engine, exact = _time_engine(engine, model, enc, gold, alt, batch_size, device, f"engine {label}")
@@ -149,25 +157,39 @@ def bench_model(model: Any, template: Template, n_problems: int, batch_size: int
     }
 
 
-def llama_1b_shaped(folder: Path, n_layers: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a randomly initialised Llama-3.2-1B-shaped model (``n_layers`` of 16 layers, d_model
-    2048, d_mlp 8192, 32 heads, 8 KV heads) with so2lib's tokenizer to ``folder``."""
+LLAMA_SHAPES = {  # hidden, intermediate, layers, heads, key/value heads
+    "1b": (2048, 8192, 16, 32, 8),   # Llama-3.2-1B
+    "8b": (4096, 14336, 32, 32, 8),  # Llama-3-8B
+}
+
+
+def llama_shaped(folder: Path, shape: str = "1b", n_layers: int | None = None, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
+    """Write a randomly initialised Llama-shaped model (:data:`LLAMA_SHAPES`; ``n_layers`` of its
+    layers, default all) with so2lib's tokenizer to ``folder``. ``device`` is where the random
+    weights are drawn (a GPU draws an 8B shape in seconds)."""
     import transformers
 
     from .tokenizer import build_tokenizer
 
+    d, f, L, H, kv = LLAMA_SHAPES[shape]
     tok = build_tokenizer()
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=8192,
-                                   num_hidden_layers=n_layers, num_attention_heads=32, num_key_value_heads=8,
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=f,
+                                   num_hidden_layers=n_layers or L, num_attention_heads=H, num_key_value_heads=kv,
                                    max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0,
                                    tie_word_embeddings=True)
-    with torch.device("cpu"):
-        m = transformers.LlamaForCausalLM(cfg).to(dtype)
+    with torch.device(device):
+        m = transformers.LlamaForCausalLM._from_config(cfg, dtype=dtype)
     m.save_pretrained(folder)
     del m
     tok.save_pretrained(folder)
     return folder
+
+
+def llama_1b_shaped(folder: Path, n_layers: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """A Llama-3.2-1B shape with ``n_layers`` layers (see :func:`llama_shaped`)."""
+    return llama_shaped(folder, "1b", n_layers, seed, dtype)
 
 
 @torch.no_grad()
@@ -249,55 +271,117 @@ def _current_rss_mb() -> float:
 
 
 @torch.no_grad()
-def memory_worker(folder: str, n_problems: int, batch_size: int, max_memory: str, dtype: str) -> dict[str, Any]:
-    """Run in a fresh process: peak RSS after loading, then after all-neuron projected effects."""
+def memory_worker(folder: str, n_problems: int, max_memory: str, dtype: str, device: str = "cpu",
+                  process_on: str | None = None, save: str | None = None) -> dict[str, Any]:
+    """Run in a fresh process: peak memory of loading, then of all-neuron projected effects
+    (:func:`so2lib.projected_effects`, which sizes its sub-batches from ``max_memory``).
+
+    On CPU the memory is the process's RSS; on CUDA it is what torch allocated on the GPU
+    (``max_memory_allocated``), with the CPU RSS of loading besides. ``process_on`` goes to
+    :func:`load_model`; ``save`` writes the logits at T and the second-order effects (to compare
+    loads)."""
+    from .second_order import projected_effects
+
+    cuda = device.startswith("cuda")
     base = _rss_mb()
     t0 = time.perf_counter()
-    model = load_model(folder, "cpu", dtype)
+    model = load_model(folder, device, dtype, process_on=process_on)
+    _sync(device)
     t_load = time.perf_counter() - t0
-    peak_load = _rss_mb()
-    resident = _current_rss_mb()
-    try:  # reset the peak so that the effects' own peak is measured, not the loading peak
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    rss_load = _rss_mb()
+    if cuda:
+        peak_load, resident = torch.cuda.max_memory_allocated() / 2**20, torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        peak_load, resident = rss_load, _current_rss_mb()
+        try:  # reset the peak so that the effects' own peak is measured, not the loading peak
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     probs = make_problem_set(n_problems, 0, seed=0, heldout=False).train
     enc = encode(model, probs, Template("fewshot", n_shots=3))
-    eng = SecondOrderEngine(model, correctness_dir=torch.randn(model.cfg.d_model), max_memory=max_memory)
-    gold = enc.gold
     t0 = time.perf_counter()
-    for idx, x, T in enc.batches(batch_size, device="cpu", desc=None):
-        rows = capture_batch(model, x, T, range(model.cfg.n_layers))
-        eng.projected(rows, T, gold[idx.start:idx.stop], (gold[idx.start:idx.stop] + 1) % model.cfg.d_vocab)
-        del rows
+    eng = SecondOrderEngine(model, correctness_dir=_fixed_direction(model.cfg.d_model), max_memory=max_memory)
+    _, x, T = next(iter(enc.batches(n_problems, device=device, desc=None)))
+    gold = enc.gold.to(eng.device)
+    U = eng.directions(gold, (gold + 1) % model.cfg.d_vocab)  # [b, 2, d_model]: logit difference, correctness
+    out = projected_effects(model, x, T, U, engine=eng)
+    _sync(device)
     t_eff = time.perf_counter() - t0
-    peak = _rss_mb()
+    assert out["second"].shape == (n_problems, 2, model.cfg.n_layers, model.cfg.d_mlp)
+    assert bool(out["second"].isfinite().all())
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
     budget_mb = eng.max_memory / 2**20
-    return {"layers": model.cfg.n_layers, "dtype": dtype, "problems": n_problems, "batch_size": batch_size,
+    if save:
+        logits = model(x[:8])[torch.arange(min(8, len(T))), T[:8]].float().cpu()
+        torch.save({"logits": logits, "second": out["second"][:8].cpu()}, save)
+    return {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "memory": "CUDA allocated" if cuda else "process RSS",
+            "layers": model.cfg.n_layers, "d_model": model.cfg.d_model, "d_mlp": model.cfg.d_mlp,
+            "neurons": model.cfg.n_layers * model.cfg.d_mlp, "dtype": dtype, "problems": n_problems,
+            "prompt_tokens": int(T.max()) + 1, "rows_per_batch": eng.rows_per_batch(int(T.max()) + 1),
+            "processed_on": getattr(model, "so2lib_processed_on", None),
             "interpreter_mb": round(base), "weights_mb": round(weights_mb), "load_s": round(t_load, 1),
-            "peak_after_load_mb": round(peak_load), "resident_after_load_mb": round(resident),
+            "peak_after_load_mb": round(peak_load), "cpu_rss_peak_load_mb": round(rss_load),
+            "resident_after_load_mb": round(resident),
             "load_peak_over_weights": round(peak_load / weights_mb, 2),
             "budget_mb": round(budget_mb), "cached_products_mb": round(eng._prod_bytes / 2**20),
             "effects_s": round(t_eff, 1), "peak_after_effects_mb": round(peak),
             "peak_over_resident_mb": round(peak - resident),
-            "within_resident_plus_budget": bool(peak <= resident + budget_mb + 512)}
+            "within_resident_plus_budget": bool(peak <= resident + budget_mb)}
 
 
-def bench_memory(n_layers: int, n_problems: int, batch_size: int, max_memory: str, dtype: str) -> dict[str, Any]:
-    folder = llama_1b_shaped(Path(tempfile.mkdtemp()) / "llama1b", n_layers, dtype=_torch_dtype(dtype))
-    r = subprocess.run([sys.executable, "-m", "so2lib.bench", "--memory-worker", str(folder), "--problems", str(n_problems),
-                        "--batch-size", str(batch_size), "--max-memory", max_memory, "--dtype", dtype],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"memory worker failed: {r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def bench_memory(shape: str, n_layers: int | None, n_problems: int, max_memory: str, dtype: str,
+                 device: str = "cpu", process_on: tuple[str, ...] = ("auto",)) -> list[dict[str, Any]]:
+    """Write a random Llama shape (drawn on ``device``), then measure it in a fresh process per
+    ``process_on`` value (``"auto"``, ``"device"``, ``"cpu"``: see :func:`load_model`); later
+    values also report their logits' and effects' relative difference from the first."""
+    import shutil
+
+    d, f, L, H, kv = LLAMA_SHAPES[shape]
+    size = (n_layers or L) * (d * d * (2 + 2 * kv / H) + 3 * d * f) * _torch_dtype(dtype).itemsize
+    shm = Path("/dev/shm")  # RAM-backed: an 8B shape is written and read back in seconds
+    tmp = shm if shm.is_dir() and shutil.disk_usage(shm).free > 1.5 * size else Path(tempfile.gettempdir())
+    root = Path(tempfile.mkdtemp(dir=tmp))
+    folder = root / f"llama{shape}"
+    t0 = time.perf_counter()
+    llama_shaped(folder, shape, n_layers, dtype=_torch_dtype(dtype), device=device)
+    t_write = time.perf_counter() - t0
+    results, first = [], None
+    try:
+        for k, where in enumerate(process_on):
+            save = root / f"out{k}.pt"
+            cmd = [sys.executable, "-m", "so2lib.bench", "--memory-worker", str(folder), "--problems", str(n_problems),
+                   "--max-memory", max_memory, "--dtype", dtype, "--device", device, "--save", str(save)]
+            if where != "auto":
+                cmd += ["--process-on", where]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"memory worker failed: {r.stderr[-3000:]}")
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+            out.update(shape=f"Llama-{shape}", process_on=where, write_random_model_s=round(t_write, 1))
+            saved = torch.load(save)
+            if first is None:
+                first = saved
+            else:
+                for key in ("logits", "second"):
+                    out[f"{key}_rel_diff_vs_{process_on[0]}"] = float((saved[key] - first[key]).norm() / first[key].norm().clamp_min(1e-30))
+            results.append(out)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return results
 
 
 def _torch_dtype(name: str | None) -> torch.dtype:
     from .models import _dtype
     return _dtype(name)
+
+
+def _save(results: dict[str, Any], out: Path | None) -> None:
+    """Write what is measured so far (a run cut short keeps its finished sections)."""
+    if out is not None:
+        out.write_text(json.dumps(results, indent=1))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -311,14 +395,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-approximations", action="store_true")
     ap.add_argument("--vector-problems", type=int, default=32, help="batch for the full-vector ratio")
     ap.add_argument("--llama-layers", type=int, default=16, help="layers of the Llama-3.2-1B shape (0: skip)")
+    ap.add_argument("--llama-8b", action="store_true", help="also a Llama-3-8B shape (32 layers; GPU-sized)")
     ap.add_argument("--llama-problems", type=int, default=16)
     ap.add_argument("--llama-dtype", default="float32")
-    ap.add_argument("--max-memory", default="1GiB", help="engine budget for the Llama shape")
+    ap.add_argument("--max-memory", default="1GiB", help="engine budget for the Llama shapes")
+    ap.add_argument("--llama-process-on", nargs="+", default=["auto"], choices=["auto", "device", "cpu"],
+                    help="where loading processes the weights (load_model's process_on); several: compare")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--process-on", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     a = ap.parse_args(argv)
     if a.memory_worker:
-        r = memory_worker(a.memory_worker, a.problems or 16, a.batch_size, a.max_memory, a.dtype or "float32")
+        r = memory_worker(a.memory_worker, a.problems or 16, a.max_memory, a.dtype or "float32", a.device,
+                          a.process_on, a.save)
         print(json.dumps(r))
         return r
     results: dict[str, Any] = {"projected": []}
@@ -337,16 +427,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["machine"] = machine
         results["projected"].append(r)
         print(json.dumps(r, indent=1), flush=True)
+        _save(results, a.out)
         if name == "gpt2-small-shaped":
             results["full_vectors"] = bench_full_vectors(model, tmpl, a.vector_problems, a.naive_neurons, a.device)
             print(json.dumps(results["full_vectors"], indent=1), flush=True)
+            _save(results, a.out)
             del model
-            results["low_precision"] = bench_low_precision(folder, tmpl, 16, a.device, "bfloat16")
+            results["low_precision"] = [bench_low_precision(folder, tmpl, 16, a.device, dt)
+                                        for dt in (("bfloat16", "float16") if cuda else ("bfloat16",))]
             print(json.dumps(results["low_precision"], indent=1), flush=True)
-    if a.llama_layers:
-        results["memory_llama_1b_shape"] = bench_memory(a.llama_layers, a.llama_problems, min(a.batch_size, 16),
-                                                        a.max_memory, a.llama_dtype)
-        print(json.dumps(results["memory_llama_1b_shape"], indent=1), flush=True)
+            _save(results, a.out)
+    shapes = ([("1b", a.llama_layers)] if a.llama_layers else []) + ([("8b", None)] if a.llama_8b else [])
+    for shape, n_layers in shapes:
+        rs = bench_memory(shape, n_layers, a.llama_problems, a.max_memory, a.llama_dtype, a.device,
+                          tuple(a.llama_process_on))
+        results.setdefault("memory", []).extend(rs)
+        print(json.dumps(rs, indent=1), flush=True)
+        _save(results, a.out)
     print("\nmodel              | problems/s | engine/forward | neuron-problems/s (engine) | naive  | ratio")
     for r in results["projected"]:
         print(f"{r['model']:<18} | {r['engine_problems_per_s']:>10} | {r['engine_over_forward']:>14} | "
@@ -356,13 +453,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"full vectors, all {fv['neurons']} neurons of layer {fv['layer']}, {fv['problems']} problems: "
               f"{fv['engine_s']} s vs naive {fv['naive_all_neurons_est_s']} s: {fv['ratio']:,}x "
               f"({fv['ratio_first_call']:,}x on the first call)")
-    if "memory_llama_1b_shape" in results:
-        m = results["memory_llama_1b_shape"]
-        print(f"Llama-1B shape ({m['layers']} layers, {m['dtype']}): weights {m['weights_mb']} MB, load peak "
-              f"{m['peak_after_load_mb']} MB, peak after effects {m['peak_after_effects_mb']} MB "
-              f"(+{m['peak_over_resident_mb']} MB over resident; budget {m['budget_mb']} MB)")
-    if a.out:
-        a.out.write_text(json.dumps(results, indent=1))
+    for m in results.get("memory", []):
+        print(f"{m['shape']} shape ({m['layers']} layers, {m['dtype']}, {m['memory']}, processed on {m['processed_on']}, "
+              f"load {m['load_s']} s): weights {m['weights_mb']} MB, "
+              f"load peak {m['peak_after_load_mb']} MB, resident {m['resident_after_load_mb']} MB; all "
+              f"{m['neurons']:,} neurons x {m['problems']} problems in {m['effects_s']} s, peak {m['peak_after_effects_mb']} MB "
+              f"(+{m['peak_over_resident_mb']} MB over resident; budget {m['budget_mb']} MB: "
+              f"{'within' if m['within_resident_plus_budget'] else 'OVER'})")
+    _save(results, a.out)
     return results
 
 

@@ -67,9 +67,31 @@ def resolve_model_path(name: str | os.PathLike | None) -> str:
     return str(name)
 
 
+def processing_bytes(n_params: int) -> int:
+    """Device memory that ``enable_compatibility_mode`` needs over the loaded model: a float32
+    copy of every weight (TransformerLens processes in float32, whatever the model's dtype),
+    plus 10 % for the fold temporaries (measured: 2.0x the weights for float32 models and 3.0x
+    for bfloat16 ones, the loaded model included)."""
+    return int(n_params * 4 * 1.1)
+
+
+def choose_processing_device(process_on: str | None, device: torch.device, n_params: int,
+                             free_bytes: int | None) -> str:
+    """Where to process the weights: ``"device"`` or ``"cpu"``. ``None`` (auto) picks the CPU only
+    for a GPU whose free memory (``free_bytes``) is under :func:`processing_bytes`."""
+    if process_on not in (None, "device", "cpu"):
+        raise ValueError(f"process_on={process_on!r}: use None (auto), 'device' or 'cpu'")
+    if device.type == "cpu":
+        return "device"
+    if process_on is not None:
+        return process_on
+    return "cpu" if free_bytes is not None and free_bytes < processing_bytes(n_params) else "device"
+
+
 def load_model(name: str | os.PathLike | None = None, device: str | None = None,
                dtype: str | torch.dtype | None = None, device_map: str | dict | None = None,
-               n_devices: int | None = None, max_memory: dict | None = None):
+               n_devices: int | None = None, max_memory: dict | None = None,
+               process_on: str | None = None):
     """Load a causal LM as a TransformerLens 4 ``TransformerBridge`` in compatibility mode.
 
     Args:
@@ -83,6 +105,12 @@ def load_model(name: str | os.PathLike | None = None, device: str | None = None,
             ``device_map="auto"`` with ``max_memory={0: "70GiB", 1: "70GiB"}``, or an explicit
             ``{"model.layers.0": "cuda:0", ...}`` map). Mutually exclusive with ``device``.
             :class:`so2lib.SecondOrderEngine` computes each layer's products where its weights live.
+        process_on: where TransformerLens folds and centres the weights (in float32): ``"device"``
+            (fast; on a GPU the load peaks at 2x the weights for float32 models, 3x for bfloat16),
+            ``"cpu"`` (the model goes to the CPU for processing and back: the GPU holds about 1x
+            the weights at most, the CPU's RAM the 2-3x), or ``None`` (default): the CPU when the
+            GPU's free memory is under :func:`processing_bytes`, else the device. Multi-device
+            placements always process where the weights live.
 
     Raises a ``RuntimeError`` that says what to do when a hub model is neither reachable nor cached.
     """
@@ -122,9 +150,21 @@ def load_model(name: str | os.PathLike | None = None, device: str | None = None,
                 "or pass the path of a local folder with config, weights and tokenizer. "
                 f"Underlying error: {type(e).__name__}: {msg[:300]}") from e
         raise RuntimeError(f"could not load model {name!r}: {type(e).__name__}: {msg[:500]}") from e
+    target = next(bridge.parameters()).device
+    where = "device"
+    if not multi:
+        n_params = sum(p.numel() for p in bridge.parameters())
+        free = torch.cuda.mem_get_info(target)[0] if target.type == "cuda" else None
+        where = choose_processing_device(process_on, target, n_params, free)
+    if where == "cpu":
+        bridge.to("cpu", print_details=False)
+        _release_freed_memory(bridge)
     with _lean_weight_processing():
         bridge.enable_compatibility_mode(disable_warnings=True)
+    if where == "cpu":
+        bridge.to(target, print_details=False)
     _release_freed_memory(bridge)
+    bridge.so2lib_processed_on = "cpu" if where == "cpu" else str(target)
     bridge.eval()
     bridge.so2lib_name = "embedded" if name is None else str(name)
     return bridge
@@ -214,15 +254,21 @@ def _lean_weight_processing():
             setattr(ProcessWeights, name, raw)
 
 
-def _release_freed_memory(model: Any) -> None:
-    """Return the memory the load freed: collect cycles, give glibc's free heap pages back to the
-    system (``malloc_trim``), and empty the CUDA cache of the model's devices."""
-    gc.collect()
+def trim_heap() -> None:
+    """Give glibc's free heap pages back to the system (``malloc_trim``; no-op elsewhere).
+    Freed tensors under glibc's mmap threshold (up to 32 MiB) otherwise stay in the process."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    if torch.cuda.is_available() and any(p.is_cuda for p in model.parameters()):
+
+
+def _release_freed_memory(model: Any) -> None:
+    """Return the memory the load freed: collect cycles, trim the heap (:func:`trim_heap`), and
+    empty the CUDA cache of the model's devices."""
+    gc.collect()
+    trim_heap()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
 

@@ -180,14 +180,17 @@ class SecondOrderEngine:
         correctness_dir: ``[d_model]`` direction in the final normalized residual space
             (``mean(correct) - mean(incorrect)`` on the training split), or ``None``.
         ov_rank: optional low-rank approximation of each head's OV circuit (``None`` = exact).
-        max_memory: budget in bytes (or ``"4GiB"``) for cached products ``w_n @ W_V[l', g]``
-            (``[n_kv_heads, d_mlp, d_head]`` per (source layer, later layer)); products beyond it
-            are recomputed on the fly for each batch. Scratch per chunk is bounded by about
-            ``max_memory / 8`` (at least 64 MiB) besides. Default 2 GiB.
+        max_memory: budget in bytes (or ``"4GiB"``) for what the engine holds over the model's
+            own weights, default 2 GiB, shared out as: 3/8 for cached products
+            ``w_n @ W_V[l', g]`` (``[n_kv_heads, d_mlp, d_head]`` per (source layer, later layer);
+            those beyond it are recomputed on the fly for each batch), 1/4 for the captured
+            activations of one batch (:meth:`rows_per_batch`, which :func:`projected_effects`
+            follows), 1/8 for the scratch of one chunk (at least 16 MiB), and the rest as headroom
+            for outputs, weight-product temporaries and allocator slack.
         check: run :func:`check_weights` first (default ``True``).
 
     Memory of all products: ``sum_l (L - l - 1) * n_kv_heads * d_mlp * d_head`` floats (GPT-2 small
-    0.6 GB, Llama-3.2-1B 2.0 GB, Llama-3-8B 15 GB in float32).
+    0.6 GB, Llama-3.2-1B 2.0 GB, Llama-3-8B 29 GB in float32).
     """
 
     def __init__(self, model: Any, layers: Sequence[int] | None = None,
@@ -199,7 +202,9 @@ class SecondOrderEngine:
         self.device = next(model.parameters()).device
         self.ov_rank = ov_rank
         self.max_memory = _bytes(max_memory)
-        self.chunk_bytes = max(64 * 2**20, self.max_memory // 8)
+        self.cache_bytes = self.max_memory * 3 // 8
+        self.activation_bytes = self.max_memory // 4
+        self.chunk_bytes = max(16 * 2**20, self.max_memory // 8)
         self.check = check_weights(model) if check else None
         self._fp32 = next(model.parameters()).dtype in (torch.float32, torch.float64)
         self._w: dict[int, M.LayerWeights] = {}
@@ -250,10 +255,22 @@ class SecondOrderEngine:
         p = torch.einsum("nm,gmd->gnd", W_out, wlp.W_V)
         if neurons is None:
             size = p.numel() * p.element_size()
-            if self._prod_bytes + size <= self.max_memory:
+            if self._prod_bytes + size <= self.cache_bytes:
                 self._prod[key] = p
                 self._prod_bytes += size
         return p
+
+    def rows_per_batch(self, seq_len: int, n_layers: int | None = None) -> int:
+        """Problems per forward pass (at least 1) whose captured activations fit in a quarter of
+        ``max_memory``: float32 ``mlp_post [seq_len, d_mlp]`` of ``n_layers`` source layers (default
+        all), patterns and norm scales at T, plus the forward pass's own transients, counted as
+        12 MLP widths, 4 attention rows, 8 residual widths and the logits per token (on CPU the
+        heap keeps about that much of a pass's freed memory between its kept activations)."""
+        i = self.info
+        nl = i.n_layers if n_layers is None else n_layers
+        per = 4 * seq_len * (nl * i.d_mlp + 2 * i.n_layers * (i.n_heads + 1)
+                             + 12 * i.d_mlp + 4 * i.n_heads * seq_len + 8 * i.d_model + i.d_vocab)
+        return max(1, self.activation_bytes // per)
 
     # ------------------------------------------------------------------ coefficients
 
@@ -542,7 +559,9 @@ def projected_effects(model: Any, tokens: torch.Tensor, answer_pos: torch.Tensor
 
     Returns ``{"second", "direct"}``, each ``[batch, n_dirs, n_layers, d_mlp]`` float32, e.g. with
     ``directions = W_U[:, a] - W_U[:, b]`` the change of the logit difference (no softcap).
-    Uses the model's cached engine and its memory budget.
+    Uses the model's cached engine and its memory budget: the batch runs in sub-batches of
+    :meth:`SecondOrderEngine.rows_per_batch` problems, each cut after its last answer position
+    (causal attention: later tokens change nothing at T).
     """
     L = model.cfg.n_layers
     layers = list(range(L)) if layers is None else [int(l) for l in layers]
@@ -557,5 +576,16 @@ def projected_effects(model: Any, tokens: torch.Tensor, answer_pos: torch.Tensor
     if d.dim() != 3 or d.shape[0] != b or d.shape[2] != dm:
         raise ValueError(f"directions must be [n_dirs, {dm}] or [{b}, n_dirs, {dm}]; got {tuple(torch.as_tensor(directions).shape)}")
     engine = engine or engine_for(model)
-    rows = capture_batch(model, tokens, answer_pos, layers)
-    return engine.project(rows, answer_pos, d, layers)
+    step = engine.rows_per_batch(int(answer_pos.max()) + 1, len(layers))
+    out: dict[str, list[torch.Tensor]] = {"second": [], "direct": []}
+    for s in range(0, b, step):
+        T = answer_pos[s:s + step]
+        x = tokens[s:s + step, :int(T.max()) + 1]
+        rows = capture_batch(model, x, T, layers)
+        part = engine.project(rows, T, d[s:s + step], layers)
+        del rows
+        if tokens.device.type == "cpu":
+            M.trim_heap()  # the next sub-batch reuses the memory instead of growing the heap
+        for k in out:
+            out[k].append(part[k])
+    return {k: torch.cat(v) for k, v in out.items()}

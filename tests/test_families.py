@@ -217,6 +217,37 @@ def test_budget_zero_recomputes_products_with_same_result(tiny_models):
     assert full._prod[(0, 1)].shape == (2, model.cfg.d_mlp, model.cfg.d_head)
 
 
+def test_budget_sizes_sub_batches_with_the_same_result(tiny_models):
+    """projected_effects under a budget that allows one problem per forward pass (and caches
+    no product) gives what one batch gives; each sub-batch is cut after its last answer."""
+    model = tiny_models["llama"]
+    tokens, T = padded_batch(3)
+    dirs = torch.randn(2, model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    big = SecondOrderEngine(model)
+    small = SecondOrderEngine(model, max_memory=1)
+    assert small.rows_per_batch(tokens.shape[1]) == 1 and big.rows_per_batch(tokens.shape[1]) >= len(T)
+    assert small.cache_bytes == 0 and small.rows_per_batch(9) <= small.rows_per_batch(9, n_layers=1)
+    a = projected_effects(model, tokens, T, dirs, engine=big)
+    b = projected_effects(model, tokens, T, dirs, engine=small)
+    assert small._prod_bytes == 0
+    for k in ("second", "direct"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    rows = capture_batch(model, tokens, T, range(model.cfg.n_layers))
+    whole = big.project(rows, T, dirs[None].expand(len(T), -1, -1))
+    torch.testing.assert_close(a["second"], whole["second"], rtol=1e-5, atol=1e-6)
+
+
+def test_budget_shares(tiny_models):
+    """max_memory is shared out: 3/8 cached products, 1/4 one batch's activations, 1/8 scratch."""
+    e = SecondOrderEngine(tiny_models["llama"], max_memory="1GiB", check=False)
+    assert (e.cache_bytes, e.activation_bytes, e.chunk_bytes) == (3 * 2**27, 2**28, 2**27)
+    # tiny Llama: 6 (source, later) layer pairs, each product [2 kv heads, 64 neurons, 8] float32 = 4 KiB
+    tight = SecondOrderEngine(tiny_models["llama"], max_memory=32 * 2**10, check=False)  # caches 12 KiB
+    tokens, T = padded_batch(0)
+    tight.projected(capture_batch(tight.model, tokens, T, range(4)), T, torch.tensor([5, 6, 7]), torch.tensor([9, 10, 11]))
+    assert tight.cache_bytes == 12 * 2**10 and tight._prod_bytes == 12 * 2**10 and len(tight._prod) == 3
+
+
 def test_budget_parsing():
     from so2lib.second_order import _bytes
     assert _bytes("1GiB") == 2**30 and _bytes("500MB") == 500 * 10**6 and _bytes(123) == 123

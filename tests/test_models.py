@@ -178,3 +178,33 @@ def test_hand_over_frees_each_input_as_it_is_copied():
     finally:
         torch.Tensor.clone = orig_clone
     assert sd == {} and alive == [5, 4, 3, 2, 1] and len(out) == 5
+
+
+def test_where_the_weights_are_processed():
+    from so2lib.models import choose_processing_device, processing_bytes
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    n = 10**9
+    assert processing_bytes(n) == int(4.4e9)
+    assert choose_processing_device(None, cpu, n, None) == "device"
+    assert choose_processing_device("cpu", cpu, n, None) == "device"  # already there
+    assert choose_processing_device(None, cuda, n, 40 * 2**30) == "device"
+    assert choose_processing_device(None, cuda, n, 4 * 2**30) == "cpu"  # 4 GiB < 4.4 GB needed
+    assert choose_processing_device("device", cuda, n, 1) == "device"
+    assert choose_processing_device("cpu", cuda, n, 80 * 2**30) == "cpu"
+    with pytest.raises(ValueError, match="process_on"):
+        choose_processing_device("gpu", cuda, n, None)
+
+
+def test_processing_away_from_the_device_gives_the_same_model(tiny_dirs, monkeypatch):
+    """The process-on-CPU path (model moved out, processed, moved back) on a CPU-only machine:
+    the same weights and logits as processing in place. The GPU run checks the real move."""
+    import so2lib.models as M
+
+    x = torch.randint(2, 100, (2, 7))
+    plain = load_model(tiny_dirs["llama"], device="cpu", dtype="bfloat16")
+    monkeypatch.setattr(M, "choose_processing_device", lambda *a: "cpu")
+    moved = load_model(tiny_dirs["llama"], device="cpu", dtype="bfloat16", process_on="cpu")
+    assert moved.so2lib_processed_on == "cpu" and plain.so2lib_processed_on == "cpu"
+    sp, sm = plain.state_dict(), moved.state_dict()
+    assert sp.keys() == sm.keys() and all(torch.equal(sp[k], sm[k]) for k in sp)
+    assert torch.equal(plain(x), moved(x))
