@@ -49,11 +49,23 @@ def main(device: str, out: str | None = None) -> int:
         for j, n in enumerate(neurons):
             bf = brute_force_second_order(model, tokens, T, 1, n)
             errs.append(float((eff[:, j] - bf).norm() / bf.norm()))
+        # the same model with its weights processed on the CPU and moved back (process_on="cpu")
+        moved = load_model(folder, device=device, dtype="float32", process_on="cpu")
+        sd, sm = model.state_dict(), moved.state_dict()
+        same_keys = sd.keys() == sm.keys() and all(sm[k].device == sd[k].device for k in sd)
+        w_diff = max(float((sm[k].float() - sd[k].float()).norm() / sd[k].float().norm().clamp_min(1e-30)) for k in sd)
+        l_diff = float((moved(tokens) - model(tokens)).norm() / model(tokens).norm())
+        e_diff = float((second_order_effects(moved, tokens, T, 1, neurons) - eff).norm() / eff.norm())
+        moved_ok = same_keys and moved.so2lib_processed_on == "cpu"
         r = {"family": fam, "device": str(eff.device), "self_check": check, "engine_vs_brute_force": max(errs),
+             "process_on_cpu": {"same_keys_and_devices": moved_ok, "weights_rel_diff": w_diff,
+                                "logits_rel_diff": l_diff, "effects_rel_diff": e_diff},
              "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(r)
-        worst = max(worst, check, max(errs))
-        print(f"{fam:<7} {r['device']:<7} self-check {check:.1e}  engine vs brute force {max(errs):.1e}", flush=True)
+        worst = max(worst, check, max(errs), w_diff, l_diff, e_diff, 0.0 if moved_ok else 1.0)
+        print(f"{fam:<7} {r['device']:<7} self-check {check:.1e}  engine vs brute force {max(errs):.1e}  "
+              f"processed on CPU: weights {w_diff:.1e} logits {l_diff:.1e} effects {e_diff:.1e}"
+              f"{'' if moved_ok else '  KEYS/DEVICES DIFFER'}", flush=True)
     if out:
         Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name(0) if device.startswith("cuda") else device,
                                          "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,

@@ -12,6 +12,8 @@ Sections (all in one run):
   included; the same problems through a plain forward pass (ratio = engine / forward time); and
   the naive baseline, one frozen-path ablation forward pass per neuron (patterns, q/k, norm
   scales and later MLPs frozen, neuron scaled), timed on a sample of neurons.
+- **public API** (GPT-2-small shape): ``so2lib.projected_effects`` on all problems in one call,
+  sub-batched by the engine's default budget.
 - **full vectors** (GPT-2-small shape): ``second_order_effects`` for all neurons of layer 0 on
   one batch against the naive per-neuron ablation of the same batch (one forward each),
   extrapolated from a sample of neurons: the ratio.
@@ -190,6 +192,27 @@ def llama_shaped(folder: Path, shape: str = "1b", n_layers: int | None = None, s
 def llama_1b_shaped(folder: Path, n_layers: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """A Llama-3.2-1B shape with ``n_layers`` layers (see :func:`llama_shaped`)."""
     return llama_shaped(folder, "1b", n_layers, seed, dtype)
+
+
+@torch.no_grad()
+def bench_public(model: Any, template: Template, n_problems: int, device: str) -> dict[str, Any]:
+    """``so2lib.projected_effects`` on the whole problem set in one call, with the engine's
+    default budget (it picks its own sub-batches): seconds, and the sub-batch it chose."""
+    from .second_order import projected_effects
+
+    probs = make_problem_set(n_problems, 0, seed=0, heldout=False).train
+    enc = encode(model, probs, template)
+    _, x, T = next(iter(enc.batches(n_problems, device=device, desc=None)))
+    eng = SecondOrderEngine(model, correctness_dir=_fixed_direction(model.cfg.d_model))
+    U = eng.directions(enc.gold.to(eng.device), (enc.gold.to(eng.device) + 1) % model.cfg.d_vocab)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = projected_effects(model, x, T, U, engine=eng)
+    _sync(device)
+    t = time.perf_counter() - t0
+    assert out["second"].shape == (n_problems, U.shape[1], model.cfg.n_layers, model.cfg.d_mlp)
+    return {"problems": n_problems, "seconds": round(t, 3), "budget_mb": round(eng.max_memory / 2**20),
+            "rows_per_batch": eng.rows_per_batch(int(T.max()) + 1)}
 
 
 @torch.no_grad()
@@ -429,6 +452,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(r, indent=1), flush=True)
         _save(results, a.out)
         if name == "gpt2-small-shaped":
+            results["public_api"] = bench_public(model, tmpl, n, a.device)
+            print(json.dumps(results["public_api"], indent=1), flush=True)
+            _save(results, a.out)
             results["full_vectors"] = bench_full_vectors(model, tmpl, a.vector_problems, a.naive_neurons, a.device)
             print(json.dumps(results["full_vectors"], indent=1), flush=True)
             _save(results, a.out)
@@ -448,6 +474,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in results["projected"]:
         print(f"{r['model']:<18} | {r['engine_problems_per_s']:>10} | {r['engine_over_forward']:>14} | "
               f"{r['engine_neuron_problems_per_s']:>26,} | {r['naive_neuron_problems_per_s']:>6,} | {r['ratio']:,}x")
+    if "public_api" in results:
+        pa = results["public_api"]
+        print(f"projected_effects, all neurons x {pa['problems']} problems in one call (budget {pa['budget_mb']} MiB, "
+              f"{pa['rows_per_batch']} problems per pass): {pa['seconds']} s")
     if "full_vectors" in results:
         fv = results["full_vectors"]
         print(f"full vectors, all {fv['neurons']} neurons of layer {fv['layer']}, {fv['problems']} problems: "

@@ -38,11 +38,20 @@ import torch
 from . import models as M
 from .capture import AnswerRows, capture_batch
 
-DEFAULT_MAX_MEMORY = 2 * 2**30  # bytes of cached weight products (plus per-chunk scratch)
+DEFAULT_MAX_MEMORY = 2 * 2**30  # bytes the engine may add over the model on CPU (see SecondOrderEngine)
 
 
 class UnsupportedModelError(ValueError):
     """The engine's weight extraction does not reproduce this model's forward pass."""
+
+
+def default_max_memory(device: torch.device) -> int:
+    """The engine's default budget: on a GPU half of its free memory (counting what PyTorch holds
+    cached but unallocated), at least 2 GiB; elsewhere :data:`DEFAULT_MAX_MEMORY` (2 GiB)."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return max(DEFAULT_MAX_MEMORY, free // 2)
+    return DEFAULT_MAX_MEMORY
 
 
 def _bytes(x: int | float | str | None) -> int:
@@ -181,7 +190,8 @@ class SecondOrderEngine:
             (``mean(correct) - mean(incorrect)`` on the training split), or ``None``.
         ov_rank: optional low-rank approximation of each head's OV circuit (``None`` = exact).
         max_memory: budget in bytes (or ``"4GiB"``) for what the engine holds over the model's
-            own weights, default 2 GiB, shared out as: 3/8 for cached products
+            own weights (default :func:`default_max_memory`: 2 GiB on CPU, half the free memory
+            on a GPU), not counting the outputs its callers keep, shared out as: 3/8 for cached products
             ``w_n @ W_V[l', g]`` (``[n_kv_heads, d_mlp, d_head]`` per (source layer, later layer);
             those beyond it are recomputed on the fly for each batch), 1/4 for the captured
             activations of one batch (:meth:`rows_per_batch`, which :func:`projected_effects`
@@ -201,7 +211,7 @@ class SecondOrderEngine:
         self.layers = list(range(self.info.n_layers)) if layers is None else list(layers)
         self.device = next(model.parameters()).device
         self.ov_rank = ov_rank
-        self.max_memory = _bytes(max_memory)
+        self.max_memory = default_max_memory(self.device) if max_memory is None else _bytes(max_memory)
         self.cache_bytes = self.max_memory * 3 // 8
         self.activation_bytes = self.max_memory // 4
         self.chunk_bytes = max(16 * 2**20, self.max_memory // 8)
@@ -210,8 +220,7 @@ class SecondOrderEngine:
         self._w: dict[int, M.LayerWeights] = {}
         self._prod: dict[tuple[int, int], torch.Tensor] = {}
         self._prod_bytes = 0
-        with torch.no_grad():
-            self.W_U = model.W_U.detach().float().to(self.device)  # [dm, V]
+        self.W_U = model.W_U.detach()  # [dm, V], the model's own tensor (columns upcast when read)
         self.final_center = self.info.norm == "LN"
         g = M.final_norm_gain(model)
         self.final_gain = None if g is None else g.to(self.device)
@@ -260,17 +269,21 @@ class SecondOrderEngine:
                 self._prod_bytes += size
         return p
 
-    def rows_per_batch(self, seq_len: int, n_layers: int | None = None) -> int:
-        """Problems per forward pass (at least 1) whose captured activations fit in a quarter of
-        ``max_memory``: float32 ``mlp_post [seq_len, d_mlp]`` of ``n_layers`` source layers (default
-        all), patterns and norm scales at T, plus the forward pass's own transients, counted as
-        12 MLP widths, 4 attention rows, 8 residual widths and the logits per token (on CPU the
-        heap keeps about that much of a pass's freed memory between its kept activations)."""
+    def bytes_per_problem(self, seq_len: int, n_layers: int | None = None) -> int:
+        """Bytes one problem of ``seq_len`` tokens costs while captured: float32 ``mlp_post
+        [seq_len, d_mlp]`` of ``n_layers`` source layers (default all), patterns and norm scales,
+        plus the forward pass's own transients, counted as 12 MLP widths, 4 attention rows, 8
+        residual widths and the logits per token (on CPU the heap keeps about that much of a
+        pass's freed memory between its kept activations)."""
         i = self.info
         nl = i.n_layers if n_layers is None else n_layers
-        per = 4 * seq_len * (nl * i.d_mlp + 2 * i.n_layers * (i.n_heads + 1)
-                             + 12 * i.d_mlp + 4 * i.n_heads * seq_len + 8 * i.d_model + i.d_vocab)
-        return max(1, self.activation_bytes // per)
+        return 4 * seq_len * (nl * i.d_mlp + 2 * i.n_layers * (i.n_heads + 1)
+                              + 12 * i.d_mlp + 4 * i.n_heads * seq_len + 8 * i.d_model + i.d_vocab)
+
+    def rows_per_batch(self, seq_len: int, n_layers: int | None = None) -> int:
+        """Problems per forward pass (at least 1) whose :meth:`bytes_per_problem` fit in a quarter
+        of ``max_memory``."""
+        return max(1, self.activation_bytes // self.bytes_per_problem(seq_len, n_layers))
 
     # ------------------------------------------------------------------ coefficients
 
@@ -303,7 +316,8 @@ class SecondOrderEngine:
     def directions(self, answer: torch.Tensor, alternative: torch.Tensor) -> torch.Tensor:
         """``[b, D, d_model]`` per-problem directions before the final-norm division:
         D=0 the logit difference, D=1 the correctness direction (when set)."""
-        u = (self.W_U[:, answer.to(self.device)] - self.W_U[:, alternative.to(self.device)]).T  # [b, dm]
+        dev = self.W_U.device
+        u = (self.W_U[:, answer.to(dev)].float() - self.W_U[:, alternative.to(dev)].float()).T.to(self.device)  # [b, dm]
         dirs = [u]
         if self.correctness_dir is not None:
             dirs.append(self.correctness_dir.expand_as(u))
@@ -561,7 +575,8 @@ def projected_effects(model: Any, tokens: torch.Tensor, answer_pos: torch.Tensor
     ``directions = W_U[:, a] - W_U[:, b]`` the change of the logit difference (no softcap).
     Uses the model's cached engine and its memory budget: the batch runs in sub-batches of
     :meth:`SecondOrderEngine.rows_per_batch` problems, each cut after its last answer position
-    (causal attention: later tokens change nothing at T).
+    (causal attention: later tokens change nothing at T). The outputs (``2 * batch * n_dirs *
+    n_layers * d_mlp`` floats, on the engine's device) come on top of the budget.
     """
     L = model.cfg.n_layers
     layers = list(range(L)) if layers is None else [int(l) for l in layers]
@@ -577,15 +592,17 @@ def projected_effects(model: Any, tokens: torch.Tensor, answer_pos: torch.Tensor
         raise ValueError(f"directions must be [n_dirs, {dm}] or [{b}, n_dirs, {dm}]; got {tuple(torch.as_tensor(directions).shape)}")
     engine = engine or engine_for(model)
     step = engine.rows_per_batch(int(answer_pos.max()) + 1, len(layers))
-    out: dict[str, list[torch.Tensor]] = {"second": [], "direct": []}
+    shape = (b, d.shape[1], len(layers), model.cfg.d_mlp)
+    out = {k: torch.empty(shape, device=engine.device) for k in ("second", "direct")}
     for s in range(0, b, step):
         T = answer_pos[s:s + step]
         x = tokens[s:s + step, :int(T.max()) + 1]
         rows = capture_batch(model, x, T, layers)
         part = engine.project(rows, T, d[s:s + step], layers)
         del rows
+        for k in out:
+            out[k][s:s + step] = part[k]
+        del part
         if tokens.device.type == "cpu":
             M.trim_heap()  # the next sub-batch reuses the memory instead of growing the heap
-        for k in out:
-            out[k].append(part[k])
-    return {k: torch.cat(v) for k, v in out.items()}
+    return out

@@ -226,15 +226,24 @@ def test_budget_sizes_sub_batches_with_the_same_result(tiny_models):
     big = SecondOrderEngine(model)
     small = SecondOrderEngine(model, max_memory=1)
     assert small.rows_per_batch(tokens.shape[1]) == 1 and big.rows_per_batch(tokens.shape[1]) >= len(T)
-    assert small.cache_bytes == 0 and small.rows_per_batch(9) <= small.rows_per_batch(9, n_layers=1)
+    assert small.cache_bytes == 0
+    # two problems per pass: the first sub-batch mixes answer positions 8 and 5 (cut after 8)
+    two = SecondOrderEngine(model, max_memory=4 * 2 * big.bytes_per_problem(tokens.shape[1]) + 3)
+    two_rows = two.rows_per_batch(tokens.shape[1])
+    assert big.rows_per_batch(9, n_layers=1) > big.rows_per_batch(9)  # fewer captured layers, more rows
     a = projected_effects(model, tokens, T, dirs, engine=big)
-    b = projected_effects(model, tokens, T, dirs, engine=small)
-    assert small._prod_bytes == 0
-    for k in ("second", "direct"):
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     rows = capture_batch(model, tokens, T, range(model.cfg.n_layers))
     whole = big.project(rows, T, dirs[None].expand(len(T), -1, -1))
-    torch.testing.assert_close(a["second"], whole["second"], rtol=1e-5, atol=1e-6)
+    for k in ("second", "direct"):
+        torch.testing.assert_close(a[k], whole[k], rtol=1e-5, atol=1e-6)
+    per_problem = dirs[None] * torch.tensor([1.0, -2.0, 0.5])[:, None, None]  # [b, n_dirs, d_model]
+    want = big.project(rows, T, per_problem)
+    for eng in (small, two):
+        for d, ref in ((dirs, whole), (per_problem, want)):
+            got = projected_effects(model, tokens, T, d, engine=eng)
+            for k in ("second", "direct"):
+                torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+    assert small._prod_bytes == 0 and two_rows == 2, two_rows
 
 
 def test_budget_shares(tiny_models):

@@ -184,7 +184,8 @@ def test_where_the_weights_are_processed():
     from so2lib.models import choose_processing_device, processing_bytes
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     n = 10**9
-    assert processing_bytes(n) == int(4.4e9)
+    assert processing_bytes(n) == int(4.4e9) == processing_bytes(n, torch.bfloat16)
+    assert processing_bytes(n, torch.float64) == int(8.8e9)  # float64 is processed as float64
     assert choose_processing_device(None, cpu, n, None) == "device"
     assert choose_processing_device("cpu", cpu, n, None) == "device"  # already there
     assert choose_processing_device(None, cuda, n, 40 * 2**30) == "device"
@@ -200,11 +201,38 @@ def test_processing_away_from_the_device_gives_the_same_model(tiny_dirs, monkeyp
     the same weights and logits as processing in place. The GPU run checks the real move."""
     import so2lib.models as M
 
+    from transformer_lens.model_bridge import TransformerBridge
+
     x = torch.randint(2, 100, (2, 7))
     plain = load_model(tiny_dirs["llama"], device="cpu", dtype="bfloat16")
+    calls = []
+    real_to, real_compat = TransformerBridge.to, TransformerBridge.enable_compatibility_mode
+
+    def to(self, *a, **kw):
+        calls.append(("to", str(a[0])))
+        return real_to(self, *a, **kw)
+
+    def compat(self, *a, **kw):
+        calls.append(("process", str(next(self.parameters()).device)))
+        return real_compat(self, *a, **kw)
+    monkeypatch.setattr(TransformerBridge, "to", to)
+    monkeypatch.setattr(TransformerBridge, "enable_compatibility_mode", compat)
     monkeypatch.setattr(M, "choose_processing_device", lambda *a: "cpu")
     moved = load_model(tiny_dirs["llama"], device="cpu", dtype="bfloat16", process_on="cpu")
-    assert moved.so2lib_processed_on == "cpu" and plain.so2lib_processed_on == "cpu"
+    assert calls == [("to", "cpu"), ("process", "cpu"), ("to", "cpu")], calls
+    assert moved.so2lib_processed_on == "cpu"
     sp, sm = plain.state_dict(), moved.state_dict()
     assert sp.keys() == sm.keys() and all(torch.equal(sp[k], sm[k]) for k in sp)
     assert torch.equal(plain(x), moved(x))
+
+
+def test_process_on_is_checked_before_loading(tiny_dirs, monkeypatch):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    def boom(*a, **kw):
+        raise AssertionError("booted before checking process_on")
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", boom)
+    with pytest.raises(ValueError, match="process_on='gpu'"):
+        load_model(tiny_dirs["llama"], device="cpu", process_on="gpu")
+    with pytest.raises(ValueError, match="device_map"):
+        load_model(tiny_dirs["llama"], device_map={"": "cpu"}, process_on="cpu")
