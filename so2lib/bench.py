@@ -485,10 +485,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"({fv['ratio_first_call']:,}x on the first call)")
     for m in results.get("memory", []):
         print(f"{m['shape']} shape ({m['layers']} layers, {m['dtype']}, {m['memory']}, processed on {m['processed_on']}, "
-              f"load {m['load_s']} s): weights {m['weights_mb']} MB, "
-              f"load peak {m['peak_after_load_mb']} MB, resident {m['resident_after_load_mb']} MB; all "
-              f"{m['neurons']:,} neurons x {m['problems']} problems in {m['effects_s']} s, peak {m['peak_after_effects_mb']} MB "
-              f"(+{m['peak_over_resident_mb']} MB over resident; budget {m['budget_mb']} MB: "
+              f"load {m['load_s']} s): weights {m['weights_mb']} MiB, "
+              f"load peak {m['peak_after_load_mb']} MiB, resident {m['resident_after_load_mb']} MiB; all "
+              f"{m['neurons']:,} neurons x {m['problems']} problems in {m['effects_s']} s, peak {m['peak_after_effects_mb']} MiB "
+              f"(+{m['peak_over_resident_mb']} MiB over resident; budget {m['budget_mb']} MiB: "
               f"{'within' if m['within_resident_plus_budget'] else 'OVER'})")
     _save(results, a.out)
     return results
