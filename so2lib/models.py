@@ -67,6 +67,14 @@ def resolve_model_path(name: str | os.PathLike | None) -> str:
     return str(name)
 
 
+def free_device_memory(device: torch.device) -> int | None:
+    """Bytes free on a CUDA device, counting what PyTorch holds cached but unallocated (``None``
+    for other devices)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def processing_bytes(n_params: int, dtype: torch.dtype = torch.float32) -> int:
     """Device memory that ``enable_compatibility_mode`` needs over the loaded model: a copy of
     every weight in float32 (TransformerLens upcasts 16-bit weights to process them; float64
@@ -164,11 +172,7 @@ def load_model(name: str | os.PathLike | None = None, device: str | None = None,
     where = "device"
     if not multi:
         n_params = sum(p.numel() for p in bridge.parameters())
-        free = None
-        if target.type == "cuda":  # free, plus what PyTorch holds cached but unallocated
-            free = (torch.cuda.mem_get_info(target)[0] + torch.cuda.memory_reserved(target)
-                    - torch.cuda.memory_allocated(target))
-        where = choose_processing_device(process_on, target, n_params, free, dt)
+        where = choose_processing_device(process_on, target, n_params, free_device_memory(target), dt)
     if where == "cpu":
         bridge.to("cpu", print_details=False)
         _release_freed_memory(bridge)

@@ -48,10 +48,8 @@ class UnsupportedModelError(ValueError):
 def default_max_memory(device: torch.device) -> int:
     """The engine's default budget: on a GPU half of its free memory (counting what PyTorch holds
     cached but unallocated), at least 2 GiB; elsewhere :data:`DEFAULT_MAX_MEMORY` (2 GiB)."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return max(DEFAULT_MAX_MEMORY, free // 2)
-    return DEFAULT_MAX_MEMORY
+    free = M.free_device_memory(device)
+    return DEFAULT_MAX_MEMORY if free is None else max(DEFAULT_MAX_MEMORY, free // 2)
 
 
 def _bytes(x: int | float | str | None) -> int:

@@ -250,6 +250,7 @@ def test_budget_shares(tiny_models):
     """max_memory is shared out: 3/8 cached products, 1/4 one batch's activations, 1/8 scratch."""
     e = SecondOrderEngine(tiny_models["llama"], max_memory="1GiB", check=False)
     assert (e.cache_bytes, e.activation_bytes, e.chunk_bytes) == (3 * 2**27, 2**28, 2**27)
+    assert SecondOrderEngine(tiny_models["llama"], check=False).max_memory == 2 * 2**30  # CPU default
     # tiny Llama: 6 (source, later) layer pairs, each product [2 kv heads, 64 neurons, 8] float32 = 4 KiB
     tight = SecondOrderEngine(tiny_models["llama"], max_memory=32 * 2**10, check=False)  # caches 12 KiB
     tokens, T = padded_batch(0)
@@ -330,3 +331,13 @@ def test_family_clip_protocol_path_matches_full_vectors(fam, fam_models):
     c = P.coefficients(eng, rows, layer)
     torch.testing.assert_close(P.quad(c, w.gram(chunk=13)), full.pow(2).sum(-1), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.edit(c), full.sum(1), rtol=1e-4, atol=1e-5)
+
+
+def test_default_budget_is_half_the_free_gpu_memory(monkeypatch):
+    import so2lib.models as M
+    from so2lib.second_order import default_max_memory
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(M, "free_device_memory", lambda d: 100 * 2**30 if d.type == "cuda" else None)
+    assert default_max_memory(cuda) == 50 * 2**30 and default_max_memory(torch.device("cpu")) == 2 * 2**30
+    monkeypatch.setattr(M, "free_device_memory", lambda d: 2**30)  # a nearly full GPU: the 2 GiB floor
+    assert default_max_memory(cuda) == 2 * 2**30
