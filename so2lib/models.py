@@ -81,7 +81,7 @@ def processing_bytes(n_params: int, dtype: torch.dtype = torch.float32) -> int:
     stays float64), plus 10 % for the fold temporaries. Measured on an H100 and an H200 for a
     bfloat16 Llama-3-8B shape: 1.02x ``n_params * 4`` bytes over the loaded model (3.04x its
     weights in all); on CPU, float32 Llama-3.2-1B shape: 2.2x its weights in all."""
-    return int(n_params * max(4, torch.empty((), dtype=dtype).element_size()) * 1.1)
+    return int(n_params * max(4, dtype.itemsize) * 1.1)
 
 
 def choose_processing_device(process_on: str | None, device: torch.device, n_params: int,
@@ -282,7 +282,8 @@ def trim_heap() -> None:
 
 def _release_freed_memory(model: Any) -> None:
     """Return the memory the load freed: collect cycles, trim the heap (:func:`trim_heap`), and
-    empty the CUDA cache of the model's devices."""
+    empty PyTorch's CUDA cache where CUDA is in use (also after a model left the GPU to be
+    processed on the CPU)."""
     gc.collect()
     trim_heap()
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -194,7 +194,7 @@ class SecondOrderEngine:
             those beyond it are recomputed on the fly for each batch), 1/4 for the captured
             activations of one batch (:meth:`rows_per_batch`, which :func:`projected_effects`
             follows), 1/8 for the scratch of one chunk (at least 16 MiB), and the rest as headroom
-            for outputs, weight-product temporaries and allocator slack.
+            for weight-product temporaries and allocator slack.
         check: run :func:`check_weights` first (default ``True``).
 
     Memory of all products: ``sum_l (L - l - 1) * n_kv_heads * d_mlp * d_head`` floats (GPT-2 small
