@@ -107,27 +107,92 @@ def permutation_pvalue(observed: float, null: np.ndarray, greater: bool = True) 
     return (1 + k) / (1 + len(null))
 
 
-def verdict(measured: float, ci_low: float, ci_high: float, null: float, target: float,
-            higher_is_better: bool = True) -> str:
-    """``pass`` when the CI excludes the null AND the point estimate meets the target; ``fail``
-    otherwise; ``not testable`` when any input is NaN (nothing to measure, or no interval)."""
-    if any(isinstance(v, float) and math.isnan(v) for v in (measured, ci_low, ci_high, null, target)):
+VERDICTS = ("established", "refuted", "inconclusive", "not testable")
+
+#: columns of every verdict table (phases 3-5): the estimate (usually *estimate minus control*,
+#: paired over problems), its 95% interval, the control's own value, the target, the three-way
+#: verdict, the minimum detectable effect, the unit resampled for the interval, the split the
+#: estimate is measured on, whether the row is a pre-registered primary row, its p-value (and
+#: Holm-adjusted p for primary rows), and how it is computed.
+TABLE_COLUMNS = ["measure", "measured", "ci_low", "ci_high", "control", "target", "verdict", "mde",
+                 "resampled", "split", "primary", "p", "p_holm", "how"]
+
+
+def _nan(*vals: Any) -> bool:
+    return any(v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)) for v in vals)
+
+
+def min_detectable_effect(ci_low: float, ci_high: float, z: float = 1.96, power_z: float = 0.84) -> float:
+    """Minimum detectable effect at 5% (two-sided) / 80% power implied by a 95% interval: the
+    interval's half-width is ``z * SE``, so MDE = ``(z + power_z) * SE``. Same units as the estimate."""
+    if _nan(ci_low, ci_high):
+        return float("nan")
+    se = (float(ci_high) - float(ci_low)) / (2 * 1.96)
+    return (z + power_z) * se
+
+
+def verdict(ci_low: float, ci_high: float, target: float, control: float = float("nan"),
+            higher_is_better: bool = True, margin: float = float("nan")) -> str:
+    """Three-way verdict of an interval ``[ci_low, ci_high]`` against a ``target`` and a ``control``.
+
+    - ``established``: the whole interval lies on the target's side of ``target`` (``> target``
+      when ``higher_is_better``) **and** excludes ``control`` (when given);
+    - ``refuted``: the whole interval lies on the other side of ``target``, or (when ``margin`` is
+      given) wholly within ``control +- margin`` (equivalent to the control);
+    - ``inconclusive``: otherwise (print the row's minimum detectable effect beside it);
+    - ``not testable``: the interval or the target is NaN (nothing to measure).
+
+    A point estimate plays no part: an interval that reaches the other side is never established."""
+    if _nan(ci_low, ci_high, target):
         return "not testable"
+    lo, hi, t = float(ci_low), float(ci_high), float(target)
+    has_control = not _nan(control)
     if higher_is_better:
-        ok = ci_low > null and measured >= target
+        beats = lo > t and (not has_control or lo > float(control))
+        other = hi < t
     else:
-        ok = ci_high < null and measured <= target
-    return "pass" if ok else "fail"
+        beats = hi < t and (not has_control or hi < float(control))
+        other = lo > t
+    if beats:
+        return "established"
+    if other:
+        return "refuted"
+    if has_control and not _nan(margin) and float(control) - margin <= lo and hi <= float(control) + margin:
+        return "refuted"
+    return "inconclusive"
+
+
+def holm(p: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1); NaN stays NaN."""
+    p = np.asarray(p, dtype=float)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    if len(ok) == 0:
+        return out
+    order = ok[np.argsort(p[ok])]
+    m = len(order)
+    adj = np.maximum.accumulate([(m - i) * p[j] for i, j in enumerate(order)])
+    out[order] = np.minimum(adj, 1.0)
+    return out
+
+
+def bootstrap_p(boots: np.ndarray, target: float, higher_is_better: bool = True) -> float:
+    """Two-sided bootstrap p-value of "the estimate is on the target's side": twice the share of
+    bootstrap replicates on the wrong side of ``target`` (with the +1 correction), capped at 1."""
+    b = np.asarray(boots, float)
+    b = b[np.isfinite(b)]
+    if len(b) == 0 or _nan(target):
+        return float("nan")
+    wrong = int((b <= target).sum() if higher_is_better else (b >= target).sum())
+    return float(min(1.0, 2 * (1 + wrong) / (1 + len(b))))
 
 
 # ----------------------------------------------------------------------------- verdict tables
 
-TABLE_COLUMNS = ["measure", "measured", "ci_low", "ci_high", "null", "target", "verdict", "how"]
-
 
 def bootstrap_ci(values: np.ndarray, stat: Any = np.mean, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% CI of ``stat(values[idx])`` over the first axis; non-finite rows
-    of a 1-d ``values`` are dropped; NaNs when fewer than 2 values remain."""
+    """Percentile bootstrap 95% CI of ``stat(values[idx])`` over the first axis (the problems);
+    non-finite rows of a 1-d ``values`` are dropped; NaNs when fewer than 2 values remain."""
     values = np.asarray(values)
     if values.ndim == 1 and values.dtype.kind == "f":
         values = values[np.isfinite(values)]
@@ -140,37 +205,86 @@ def bootstrap_ci(values: np.ndarray, stat: Any = np.mean, n_boot: int = 1000, se
 
 
 def validation_row(measure: str, measured: float, ci: tuple[float, float], null: float, target: float,
-                   how: str, higher_is_better: bool = True, reason: str = "") -> dict[str, Any]:
-    """One row of a verdict table (:data:`TABLE_COLUMNS`). ``pass`` needs the CI to exclude
-    ``null`` AND the point estimate to meet ``target`` (:func:`verdict`); NaNs (nothing to
+                   how: str, higher_is_better: bool = True, reason: str = "", *,
+                   resampled: str = "problems", split: str = "validation", primary: bool = False,
+                   margin: float = float("nan"), p: float = float("nan"),
+                   mde: float | None = None) -> dict[str, Any]:
+    """One row of a verdict table (:data:`TABLE_COLUMNS`), verdict by :func:`verdict`.
+
+    ``null`` is the control's value (``control`` column): the strongest alternative explanation's
+    estimate; a row that already tests *estimate minus control* passes ``null=0``. ``resampled``
+    names the unit the interval resamples (``"problems"``, ``"problems (cluster: neuron)"``, ...);
+    ``split`` the split the estimate is measured on (``"training"`` rows are flagged in the
+    report). ``mde`` defaults to :func:`min_detectable_effect` of the interval. NaNs (nothing to
     measure) give ``not testable`` with ``reason`` appended to ``how``."""
     measured, lo, hi, null = float(measured), float(ci[0]), float(ci[1]), float(null)
-    v = verdict(measured, lo, hi, null, float(target), higher_is_better)
-    op = ">=" if higher_is_better else "<="
-    return {"measure": measure, "measured": measured, "ci_low": lo, "ci_high": hi, "null": null,
+    v = verdict(lo, hi, float(target), null, higher_is_better, margin)
+    if _nan(measured) and v != "not testable":
+        v = "not testable"
+    op = ">" if higher_is_better else "<"
+    return {"measure": measure, "measured": measured, "ci_low": lo, "ci_high": hi, "control": null,
             "target": f"{op} {float(target):g}", "verdict": v,
+            "mde": min_detectable_effect(lo, hi) if mde is None else float(mde),
+            "resampled": resampled, "split": split, "primary": bool(primary), "p": float(p),
+            "p_holm": float("nan"),
             "how": how + (f" [{reason}]" if reason and v == "not testable" else "")}
 
 
+def problem_bootstrap(fn: Any, n: int, n_boot: int = 1000, seed: int = 0) -> tuple[float, np.ndarray]:
+    """Bootstrap over problems, refitting what is fitted: ``fn(idx)`` gets an index array into the
+    ``n`` problems (with repeats) and returns a float (e.g. *estimate minus control*, both
+    recomputed on ``idx``). Returns ``(fn(arange(n)), replicates [n_boot])``."""
+    rng = np.random.default_rng(seed)
+    point = float(fn(np.arange(n)))
+    boots = np.array([float(fn(rng.integers(0, n, n))) for _ in range(n_boot)]) if n > 1 else np.array([])
+    return point, boots
+
+
+def interval_row(measure: str, point: float, boots: np.ndarray, control: float, target: float, how: str,
+                 higher_is_better: bool = True, reason: str = "", **kw: Any) -> dict[str, Any]:
+    """A :func:`validation_row` from a point estimate and its bootstrap replicates: percentile 95%
+    interval, :func:`bootstrap_p` against ``target``; ``not testable`` with ``reason`` when fewer
+    than 2 finite replicates."""
+    b = np.asarray(boots, float)
+    b = b[np.isfinite(b)]
+    if len(b) < 2 or _nan(point):
+        return not_measurable(measure, how, reason or "fewer than 2 finite bootstrap replicates", target,
+                              higher_is_better, **kw)
+    lo, hi = np.quantile(b, [0.025, 0.975])
+    kw.setdefault("p", bootstrap_p(b, target, higher_is_better))
+    return validation_row(measure, point, (float(lo), float(hi)), control, target, how, higher_is_better, **kw)
+
+
 def not_measurable(measure: str, how: str, reason: str, target: float = float("nan"),
-                   higher_is_better: bool = True) -> dict[str, Any]:
+                   higher_is_better: bool = True, **kw: Any) -> dict[str, Any]:
     """A row for something the data cannot measure: verdict ``not testable``, the reason in ``how``."""
     nan = float("nan")
     return validation_row(measure, nan, (nan, nan), nan, 0.0 if target != target else target, how,
-                          higher_is_better, reason=f"not measurable: {reason}")
+                          higher_is_better, reason=f"not measurable: {reason}", **kw)
 
 
 def mean_row(measure: str, values: np.ndarray, null: float, target: float, how: str, reason: str,
-             higher_is_better: bool = True) -> dict[str, Any]:
-    """A :func:`validation_row` for the mean of per-unit ``values`` (e.g. one per neuron) with a
-    bootstrap CI over them; :func:`not_measurable` with ``reason`` when fewer than 2 are finite."""
+             higher_is_better: bool = True, **kw: Any) -> dict[str, Any]:
+    """A :func:`validation_row` for the mean of per-problem ``values [n]`` with a bootstrap CI over
+    the problems; :func:`not_measurable` with ``reason`` when fewer than 2 are finite. Pass
+    per-problem values (paired differences for estimate-minus-control rows), never per-neuron
+    ones: a fully enumerated set of neurons is not a sample."""
     v = np.asarray(values, float)
     v = v[np.isfinite(v)]
     if len(v) < 2:
-        return not_measurable(measure, how, reason, target, higher_is_better)
-    return validation_row(measure, float(v.mean()), bootstrap_ci(v), null, target, how, higher_is_better)
+        return not_measurable(measure, how, reason, target, higher_is_better, **kw)
+    return validation_row(measure, float(v.mean()), bootstrap_ci(v), null, target, how, higher_is_better, **kw)
 
 
 def verdict_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Rows of :func:`validation_row` as a table with :data:`TABLE_COLUMNS`."""
-    return pd.DataFrame(list(rows), columns=TABLE_COLUMNS)
+    """Rows of :func:`validation_row` as a table with :data:`TABLE_COLUMNS`. The p-values of the
+    rows marked ``primary`` are Holm-adjusted together (``p_holm``); a primary row is
+    ``established`` only when its adjusted p is below 0.05 (else ``inconclusive``)."""
+    df = pd.DataFrame(list(rows), columns=TABLE_COLUMNS)
+    prim = df["primary"].fillna(False).astype(bool).to_numpy()
+    if prim.any():
+        adj = holm(df.loc[prim, "p"].to_numpy(float))
+        df.loc[prim, "p_holm"] = adj
+        weak = prim & (df["verdict"] == "established").to_numpy() & ~(df["p_holm"].to_numpy(float) < 0.05)
+        df.loc[weak, "verdict"] = "inconclusive"
+    return df

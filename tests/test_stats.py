@@ -50,9 +50,49 @@ def test_top_share_dense_null_fails_and_sparse_passes():
 def test_auroc_verdict_and_power():
     assert S.auroc([0, 1, 2, 3], [0, 0, 1, 1]) == 1.0
     assert np.isnan(S.auroc([0, 1], [1, 1]))
-    assert S.verdict(0.5, 0.4, 0.6, 0.1, 0.3) == "pass"
-    assert S.verdict(0.5, 0.05, 0.6, 0.1, 0.3) == "fail"  # CI does not exclude the null
-    assert S.verdict(0.2, 0.15, 0.25, 0.1, 0.3) == "fail"  # misses the target
-    assert S.verdict(float("nan"), 0, 1, 0, 0) == "not testable"
     assert S.min_detectable_change(0.5, 5000) < S.min_detectable_change(0.5, 500)
     assert S.permutation_pvalue(9.5, np.arange(10)) == pytest.approx(1 / 11)
+
+
+def test_three_way_verdict_planted():
+    # established: the whole interval beats the target and excludes the control
+    assert S.verdict(0.4, 0.6, target=0.3, control=0.1) == "established"
+    # an interval that straddles the target is inconclusive, whatever its point estimate
+    assert S.verdict(0.25, 0.6, target=0.3) == "inconclusive"
+    # excluding the target but not the control: inconclusive
+    assert S.verdict(0.4, 0.6, target=0.3, control=0.5) == "inconclusive"
+    # wholly on the other side: refuted; within the equivalence margin of the control: refuted
+    assert S.verdict(0.1, 0.2, target=0.3) == "refuted"
+    assert S.verdict(-0.01, 0.02, target=0.05, control=0.0, margin=0.03) == "refuted"
+    assert S.verdict(-0.01, 0.09, target=0.05, control=0.0, margin=0.03) == "inconclusive"
+    assert S.verdict(0.1, 0.2, target=0.3, higher_is_better=False) == "established"
+    assert S.verdict(float("nan"), 1, 0) == "not testable"
+
+
+def test_inconclusive_row_prints_its_mde():
+    r = S.validation_row("x", 0.02, (-0.03, 0.07), 0.0, 0.0, "how")
+    assert r["verdict"] == "inconclusive"
+    assert r["mde"] == pytest.approx(2.8 * 0.1 / 3.92, rel=1e-6)
+    assert r["resampled"] == "problems" and r["split"] == "validation"
+
+
+def test_holm_and_primary_rows():
+    adj = S.holm([0.01, 0.04, 0.03, float("nan")])
+    assert np.allclose(adj[:3], [0.03, 0.06, 0.06]) and np.isnan(adj[3])
+    rows = [S.validation_row("a", 1, (0.5, 1.5), 0, 0, "", primary=True, p=0.01),
+            S.validation_row("b", 1, (0.5, 1.5), 0, 0, "", primary=True, p=0.06),
+            S.validation_row("c", 1, (0.5, 1.5), 0, 0, "", primary=False, p=0.04)]
+    t = S.verdict_table(rows)
+    assert list(t.verdict) == ["established", "inconclusive", "established"]
+    assert t.p_holm[0] == pytest.approx(0.02) and np.isnan(t.p_holm[2])
+
+
+def test_problem_bootstrap_row_refits_and_can_fail():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.3, 1.0, 400)  # a real effect: established
+    point, boots = S.problem_bootstrap(lambda i: x[i].mean(), len(x), n_boot=400)
+    assert S.interval_row("m", point, boots, 0.0, 0.0, "")["verdict"] == "established"
+    y = rng.normal(0.0, 1.0, 400)  # no effect: not established
+    point, boots = S.problem_bootstrap(lambda i: y[i].mean(), len(y), n_boot=400)
+    assert S.interval_row("m", point, boots, 0.0, 0.0, "")["verdict"] in ("inconclusive", "refuted")
+    assert S.interval_row("m", 1.0, np.array([1.0]), 0.0, 0.0, "")["verdict"] == "not testable"
