@@ -255,6 +255,10 @@ def deciding_index(margins: Sequence[float], position: str = "decide") -> int:
 
     ``"decide"``: the first ``k`` with ``d_k <= 0`` (where greedy decoding leaves the gold
     answer), else the ``k`` with the smallest margin. ``"first"``: always 0.
+
+    ``"decide"`` depends on the label (a wrong problem is read at its first wrong token, a correct
+    one at its smallest margin): it describes where a problem was decided, but a test *of*
+    correctness must read a label-free position (:data:`LABEL_FREE_POSITIONS`, :func:`read_view`).
     """
     if position == "first":
         return 0
@@ -264,6 +268,57 @@ def deciding_index(margins: Sequence[float], position: str = "decide") -> int:
         if d <= 0:
             return k
     return int(min(range(len(margins)), key=lambda k: margins[k]))
+
+
+#: label-free read positions for tests of correctness: ``"first"`` reads the first answer token
+#: (the last prompt token ``T_1``, the same position whatever the label); ``"greedy"`` reads each
+#: position of the model's own greedy path (:func:`greedy_path`). Never ``"decide"``, whose ``k*``
+#: is the first *wrong* token and so depends on the label it would be tested against.
+LABEL_FREE_POSITIONS = ("first", "greedy")
+
+
+def read_view(enc: Encoded) -> Encoded:
+    """The label-free read view of ``enc``: the plain prompts, ``T = T_1`` (the position where the
+    first answer token is predicted) for every problem, whatever its label. For single-token
+    answers this is the deciding view itself (``k* = 0``)."""
+    return enc.base()
+
+
+def is_multi_token(enc: Encoded) -> bool:
+    """Whether any problem of ``enc`` has an answer of several tokens (then ``decide`` and the
+    label-free read position differ)."""
+    return any(len(enc.full(i)[1]) > 1 for i in range(len(enc)))
+
+
+@torch.no_grad()
+def greedy_path(model: Any, enc: Encoded, n_tokens: int, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """The model's own greedy continuation of each prompt of :func:`read_view` (``n_tokens``
+    steps, never the gold tokens): ``tokens [N, n]`` and, at each step, the label-free
+    confidence ``margin [N, n]`` (top-1 minus top-2 logit) and ``max_prob [N, n]``. Reading a
+    correctness score at each of these positions (or at their minimum margin) picks no position
+    with the label."""
+    base = read_view(enc)
+    device = next(model.parameters()).device
+    toks, margins, probs = [], [], []
+    for _, x, T in base.batches(batch_size, device=device):
+        seqs = [x[r, : int(T[r]) + 1].tolist() for r in range(len(T))]
+        bt, bm, bp = [], [], []
+        for _ in range(n_tokens):
+            S = max(map(len, seqs))
+            xb = torch.full((len(seqs), S), base.pad_id, dtype=torch.long, device=device)
+            for r, s in enumerate(seqs):
+                xb[r, : len(s)] = torch.tensor(s, device=device)
+            last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+            lg = model(xb)[torch.arange(len(seqs), device=device), last].float()
+            top = lg.topk(2, -1)
+            bt.append(top.indices[:, 0].cpu())
+            bm.append((top.values[:, 0] - top.values[:, 1]).cpu())
+            bp.append(lg.softmax(-1).max(-1).values.cpu())
+            seqs = [s + [int(t)] for s, t in zip(seqs, top.indices[:, 0].tolist())]
+        toks.append(torch.stack(bt, 1))
+        margins.append(torch.stack(bm, 1))
+        probs.append(torch.stack(bp, 1))
+    return {"tokens": torch.cat(toks), "margin": torch.cat(margins), "max_prob": torch.cat(probs)}
 
 
 @torch.no_grad()

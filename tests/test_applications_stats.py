@@ -69,21 +69,51 @@ def test_error_analysis_without_informative_strata_is_not_testable():
     assert rows[0]["verdict"] == "not testable" and "not measurable" in rows[0]["how"]
 
 
-def test_direction_auroc_against_the_task_baseline():
-    rng = np.random.default_rng(0)
-    N = 600
+def _margin_data(seed=0, N=600):
+    """Three tasks of different accuracy; a label-free logit margin that carries some of the
+    correctness information; its max-probability twin."""
+    rng = np.random.default_rng(seed)
     tasks = np.array(["a", "b", "c"])[rng.integers(0, 3, N)]
-    acc = {"a": 0.2, "b": 0.5, "c": 0.9}
+    acc = {"a": 0.3, "b": 0.5, "c": 0.8}
     ok = rng.random(N) < np.array([acc[t] for t in tasks])
-    task_only = np.array([acc[t] for t in tasks]) + rng.normal(0, 0.01, N)  # a pure task direction
-    res = A.direction_auroc(task_only, ok, tasks, acc, n_boot=200)
+    margin = 0.8 * ok + rng.normal(0, 1.0, N)
+    maxp = 1 / (1 + np.exp(-margin))
+    return rng, tasks, acc, ok, margin, maxp
+
+
+def test_direction_equal_to_the_logit_margin_fails_direction_minus_margin():
+    rng, tasks, acc, ok, margin, maxp = _margin_data()
+    base = {"logit margin": margin, "max probability": maxp}
+    res = A.direction_vs_baselines(margin.copy(), base, ok, tasks, acc, n_boot=300)
+    assert res["within"] > 0.6  # the direction alone "works" against chance ...
     rows = A.direction_rows(res)
-    assert rows[0]["verdict"] == "fail" and rows[1]["verdict"] == "fail"  # no gain, within-task at chance
-    informative = task_only + 1.0 * ok + rng.normal(0, 0.3, N)
-    rows = A.direction_rows(A.direction_auroc(informative, ok, tasks, acc, n_boot=200))
-    assert rows[0]["verdict"] == "pass" and rows[1]["verdict"] == "pass"
+    # ... but it is the margin: no better than the best label-free baseline (refuted by equivalence)
+    assert abs(res["within_diff"]) < 1e-12 and res["diff"] <= 0
+    assert rows[0]["verdict"] != "established" and rows[1]["verdict"] == "refuted"
+    assert rows[1]["primary"] and not rows[0]["primary"]
+    # a monotone transform of the margin is no better either
+    rows = A.direction_rows(A.direction_vs_baselines(np.tanh(margin), base, ok, tasks, acc, n_boot=300))
+    assert rows[1]["verdict"] == "refuted"
+
+
+def test_direction_with_information_beyond_the_margin_passes():
+    rng, tasks, acc, ok, margin, maxp = _margin_data(1)
+    base = {"logit margin": margin, "max probability": maxp}
+    informative = margin + 1.5 * ok + rng.normal(0, 0.5, len(ok))  # label information beyond the margin
+    rows = A.direction_rows(A.direction_vs_baselines(informative, base, ok, tasks, acc, n_boot=300))
+    assert rows[0]["verdict"] == "established" and rows[1]["verdict"] == "established"
+    assert rows[1]["ci_low"] > 0 and rows[1]["control"] == 0.0
+    # a pure task direction: beaten by the task-only baseline overall, at chance within task
+    task_only = np.array([acc[t] for t in tasks]) + rng.normal(0, 0.01, len(ok))
+    rows = A.direction_rows(A.direction_vs_baselines(task_only, base, ok, tasks, acc, n_boot=300))
+    assert rows[0]["verdict"] != "established" and rows[1]["verdict"] == "refuted"
+    # a weak direction at small n: inconclusive, with its minimum detectable effect
+    weak = margin + 0.4 * ok + np.random.default_rng(7).normal(0, 1.0, len(ok))
+    r = A.direction_rows(A.direction_vs_baselines(weak[:120], {k: v[:120] for k, v in base.items()},
+                                                  ok[:120], tasks[:120], acc, n_boot=300))[1]
+    assert r["verdict"] == "inconclusive" and r["mde"] > 0
     with pytest.raises(A.NotMeasurable):
-        A.direction_auroc(task_only, np.ones(N, bool), tasks, acc)
+        A.direction_vs_baselines(margin, base, np.ones(len(ok), bool), tasks, acc)
     assert A.direction_rows(None, "one class")[0]["verdict"] == "not testable"
 
 

@@ -7,7 +7,8 @@
   p-values; :func:`error_analysis_rows` turns its summary into table rows;
 - :func:`separating_neurons`, the unstratified per-neuron test (a naive baseline);
 - :func:`failure_report`: per failing problem, the neurons pushing most toward the wrong answer;
-- the correctness direction's validation AUROC against a task-only baseline (:func:`direction_auroc`,
+- the correctness direction's validation AUROC minus the best label-free baseline (logit margin,
+  maximum probability, task only), read at a label-free position (:func:`direction_vs_baselines`,
   :func:`direction_rows`);
 - :class:`NotMeasurable`, raised when the data cannot answer a measurement.
 """
@@ -253,55 +254,102 @@ def project_on_direction(model: Any, enc: Any, d: torch.Tensor, layers: Sequence
     return np.concatenate(out)
 
 
-def direction_auroc(score: np.ndarray, correct: np.ndarray, tasks: Sequence[str], task_accuracy: dict[str, float],
-                    n_boot: int = 500, seed: int = 0) -> dict[str, Any]:
-    """Validation AUROC of a correctness score against the task-only baseline (each problem scored by
-    its task's training accuracy), with a paired bootstrap CI of the difference; and the mean
-    within-task AUROC (tasks with both classes, weighted by size) with a bootstrap CI."""
-    def auroc(a: np.ndarray, lab: np.ndarray) -> float:  # rank form of Mann-Whitney U (ties averaged)
-        n1 = int(lab.sum())
-        n0 = len(lab) - n1
-        if n1 == 0 or n0 == 0:
-            return float("nan")
-        r = stats.rankdata(a)
-        return float((r[lab].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+def _auroc_rank(a: np.ndarray, lab: np.ndarray) -> float:
+    """AUROC by the rank form of Mann-Whitney U (ties averaged); NaN when a class is empty."""
+    n1 = int(lab.sum())
+    n0 = len(lab) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = stats.rankdata(a)
+    return float((r[lab].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
+
+def _within_auroc(s: np.ndarray, y: np.ndarray, t: np.ndarray) -> float:
+    """Mean AUROC within each task (tasks with both classes), weighted by task size."""
+    num, den = 0.0, 0
+    for name in np.unique(t):
+        j = t == name
+        a = _auroc_rank(s[j], y[j])
+        if a == a:
+            num, den = num + a * int(j.sum()), den + int(j.sum())
+    return num / den if den else float("nan")
+
+
+def direction_vs_baselines(score: np.ndarray, baselines: dict[str, np.ndarray], correct: np.ndarray,
+                           tasks: Sequence[str], task_accuracy: dict[str, float] | None = None,
+                           n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The correctness direction's validation AUROC **minus the best label-free baseline**, overall
+    and within task, paired over problems.
+
+    ``score [n]``: the direction's projection; ``baselines``: label-free scores of the same
+    problems at the same read position (e.g. the logit margin top-1 minus top-2 and the maximum
+    probability; higher = more likely correct, a fixed sign). Overall, the task-only baseline (each
+    problem scored by its task's training accuracy, ``task_accuracy``) joins them. Within task,
+    the AUROC is computed per task and weighted by task size. In each bootstrap replicate
+    (problems resampled) every AUROC is recomputed and the **best** baseline of that replicate is
+    subtracted, so the choice of the best baseline is inside the interval.
+
+    Returns points ``diff`` / ``within_diff``, replicates ``diff_boot`` / ``within_boot``, every
+    AUROC (``auroc``, ``baselines``, ``within``, ``within_baselines``) and ``n``."""
     s, y, t = np.asarray(score, float), np.asarray(correct, bool), np.asarray(tasks)
-    base = np.array([task_accuracy.get(x, np.nan) for x in t])
-    ok = np.isfinite(base)
-    s, y, t, base = s[ok], y[ok], t[ok], base[ok]
+    base = {k: np.asarray(v, float) for k, v in baselines.items()}
+    over = dict(base)
+    if task_accuracy is not None:
+        over["task only"] = np.array([task_accuracy.get(x, np.nan) for x in t])
+    ok = np.isfinite(s) & np.all([np.isfinite(v) for v in over.values()], axis=0) if over else np.isfinite(s)
+    s, y, t = s[ok], y[ok], t[ok]
+    base = {k: v[ok] for k, v in base.items()}
+    over = {k: v[ok] for k, v in over.items()}
     if y.all() or not y.any():
         raise NotMeasurable("the validation split has one class only")
 
-    def within(idx: np.ndarray) -> float:
-        num, den = 0.0, 0
-        for name in np.unique(t[idx]):
-            j = idx[t[idx] == name]
-            a = auroc(s[j], y[j])
-            if a == a:
-                num, den = num + a * len(j), den + len(j)
-        return num / den if den else float("nan")
+    def stat(idx: np.ndarray) -> tuple[float, float, dict[str, float], dict[str, float], float, float]:
+        yi, ti = y[idx], t[idx]
+        a = _auroc_rank(s[idx], yi)
+        b = {k: _auroc_rank(v[idx], yi) for k, v in over.items()}
+        w = _within_auroc(s[idx], yi, ti)
+        wb = {k: _within_auroc(v[idx], yi, ti) for k, v in base.items()}
+        best = np.nanmax(list(b.values())) if b else np.nan
+        wbest = np.nanmax(list(wb.values())) if wb else np.nan
+        return a, w, b, wb, a - best, w - wbest
+
+    a, w, b, wb, d, wd = stat(np.arange(len(y)))
     rng = np.random.default_rng(seed)
-    idx0 = np.arange(len(y))
-    diffs, wins = [], []
+    db, wdb = [], []
     for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        diffs.append(auroc(s[i], y[i]) - auroc(base[i], y[i]))
-        wins.append(within(i))
-    a, b = auroc(s, y), auroc(base, y)
-    q = lambda v: tuple(np.nanquantile(np.asarray(v, float), [0.025, 0.975]))  # noqa: E731
-    return {"auroc": a, "auroc_task": b, "diff": a - b, "diff_ci": q(diffs), "within": within(idx0),
-            "within_ci": q(wins), "n": int(len(y))}
+        r = stat(rng.integers(0, len(y), len(y)))
+        db.append(r[4])
+        wdb.append(r[5])
+    return {"auroc": a, "baselines": b, "within": w, "within_baselines": wb, "diff": d, "within_diff": wd,
+            "diff_boot": np.asarray(db, float), "within_boot": np.asarray(wdb, float), "n": int(len(y))}
 
 
-def direction_rows(res: dict[str, Any] | None, reason: str = "") -> list[dict[str, Any]]:
-    m1, m2 = "correctness direction: validation AUROC minus task-only baseline", \
-        "correctness direction: within-task validation AUROC"
-    how1 = ("AUROC of the final normalized residual at T projected on the training-split direction (centred "
-            "within task) minus the AUROC of the task-only baseline (task's training accuracy); paired bootstrap")
-    how2 = "AUROC within each task, weighted by task size (tasks with both classes); bootstrap over problems"
+#: equivalence margin of the direction-minus-baseline rows: within 0.02 AUROC of the best baseline
+#: on both sides is "no better than the baseline" (refuted)
+DIRECTION_MARGIN = 0.02
+
+
+def direction_rows(res: dict[str, Any] | None, reason: str = "", position: str = "first answer token",
+                   primary: bool = True) -> list[dict[str, Any]]:
+    """Two rows: direction AUROC minus the best label-free baseline, overall and within task (the
+    within-task row is a primary row); established when the paired interval lies above 0,
+    refuted when it lies below 0 or within :data:`DIRECTION_MARGIN` of 0."""
+    from ..stats import interval_row
+
+    m1 = "correctness direction: AUROC minus best label-free baseline (overall)"
+    m2 = "correctness direction: within-task AUROC minus best label-free baseline"
+    how = (f"read at the {position} (label-free); score: the final normalized residual projected on the "
+           "direction fitted on training (centred within task, same read position); baselines at the same "
+           "position: logit margin (top-1 minus top-2) and maximum probability")
+    how1 = how + ", and the task-only baseline (task's training accuracy); paired bootstrap over problems, "         "best baseline re-chosen in each replicate"
+    how2 = how + "; AUROC within each task weighted by task size; paired bootstrap over problems, best baseline "         "re-chosen in each replicate"
     if res is None:
-        return [not_measurable(m1, how1, reason, 0.0), not_measurable(m2, how2, reason, 0.55)]
-    return [row(m1, res["diff"], res["diff_ci"], 0.0, 0.0, how1 + f" (direction {res['auroc']:.3f}, task "
-                f"{res['auroc_task']:.3f}, n={res['n']})"),
-            row(m2, res["within"], res["within_ci"], 0.5, 0.55, how2)]
+        return [not_measurable(m1, how1, reason, 0.0), not_measurable(m2, how2, reason, 0.0, primary=primary)]
+
+    def names(d: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.3f}" for k, v in d.items())
+    return [interval_row(m1, res["diff"], res["diff_boot"], 0.0, 0.0, how1 + f" (direction {res['auroc']:.3f}; "
+                         f"{names(res['baselines'])}; n={res['n']})", margin=DIRECTION_MARGIN),
+            interval_row(m2, res["within_diff"], res["within_boot"], 0.0, 0.0, how2 + f" (direction "
+                         f"{res['within']:.3f}; {names(res['within_baselines'])}; n={res['n']})",
+                         margin=DIRECTION_MARGIN, primary=primary)]

@@ -21,7 +21,7 @@ from ..study import Setup, difficulty
 from .adversarial import ARITHMETIC, answers_value, clip_adversarial_pairs, input_trigger, neuron_push, \
     output_concept, paired_rows, random_variants, solved
 from .editing import edit_labels, editing_rows, error_class, random_sets_like
-from .errors import NotMeasurable, direction_auroc, direction_rows, error_analysis_rows, failure_report, \
+from .errors import NotMeasurable, direction_vs_baselines, direction_rows, error_analysis_rows, failure_report, \
     final_normalized, project_on_direction, stratified_error_analysis
 from .polysemantic import polysemanticity, polysemanticity_nulls, polysemanticity_rows, span_basis
 
@@ -95,19 +95,46 @@ def _error_analysis(setup: Setup, q: float, n_perm: int, seed: int) -> dict[str,
     return out
 
 
-def _direction(setup: Setup) -> dict[str, Any]:
-    run, model = setup.run, setup.model
-    if not run.has("layer_sums_val"):
-        return {"reason": "no validation residuals (run notebook 03)"}
-    d = run.load("correctness_direction")["d"].float()
-    score = (final_normalized(model, run.load("layer_sums_val")["resid"]) @ d).numpy()
+def read_features(setup: Setup, split: str) -> dict[str, Any]:
+    """Label-free read-position features of ``split``: the final normalized residual at the first
+    answer token (``labels.read_view``: ``T_1`` for every problem, whatever its label), the
+    logit margin (top-1 minus top-2) and the maximum probability there. One forward pass; for
+    single-token answers this is the deciding position itself."""
+    from ..capture import answer_activations
+    from ..characterize import final_logits
+    from ..labels import read_view
+
+    enc = read_view((setup.prompt_enc or setup.enc)[split])
+    acts = answer_activations(setup.model, enc, [], setup.batch_size, progress=False)
+    lg = final_logits(setup.model, acts["final_resid"])
+    top = lg.topk(2, -1).values
+    return {"final_normed": acts["final_normed"], "margin": (top[:, 0] - top[:, 1]).numpy(),
+            "max_prob": lg.softmax(-1).max(-1).values.numpy()}
+
+
+def _direction(setup: Setup, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Direction AUROC minus the best label-free baseline, read at the first answer token on both
+    splits: the direction is refitted on training residuals at that position (centred within task),
+    so that neither the fit nor the test reads a position picked with the label."""
+    from ..effects import correctness_direction
+
     tasks_tr = [p.task for p in setup.problems.train]
-    acc = pd.Series(setup.labels["train"].correct.values.astype(float)).groupby(tasks_tr).mean().to_dict()
+    tasks_va = [p.task for p in setup.problems.val]
+    ok_tr = setup.labels["train"].correct.values.astype(bool)
+    tr, va = read_features(setup, "train"), read_features(setup, "val")
     try:
-        res = direction_auroc(score, setup.labels["val"].correct.values, [p.task for p in setup.problems.val], acc)
+        d = correctness_direction(tr["final_normed"], ok_tr, tasks_tr).float()
+    except ValueError as e:
+        return {"reason": str(e)}
+    score = (va["final_normed"].float() @ d).numpy()
+    acc = pd.Series(ok_tr.astype(float)).groupby(tasks_tr).mean().to_dict()
+    try:
+        res = direction_vs_baselines(score, {"logit margin": va["margin"], "max probability": va["max_prob"]},
+                                     setup.labels["val"].correct.values, tasks_va, acc, n_boot, seed)
     except NotMeasurable as e:
         return {"reason": str(e)}
-    return {k: (list(map(float, v)) if isinstance(v, tuple) else v) for k, v in res.items()}
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in res.items()} | {
+        "position": "first answer token"}
 
 
 def _poly_null(setup: Setup, threshold: float, n_draws: int, seed: int) -> dict[str, Any]:
@@ -313,8 +340,9 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
     failures = run.step("failure_report", lambda: failure_report(
         load_effects(run, "val", "second_ld"), load_effects(run, "val", "direct_ld"),
         setup.labels["val"].correct.values, setup.problems.val, k=5), "05", deps=base + ["val_second_ld"])
-    direction = run.step("correctness_direction_auroc", lambda: _direction(setup), "05",
-                         deps=base + ["correctness_direction", "layer_sums_val"])
+    direction = run.step("correctness_direction_auroc", lambda: _direction(setup, seed=seed), "05",
+                         params={"position": "first answer token", "baselines": "margin, max prob, task",
+                                 "seed": seed}, deps=base)
     cards = _cards(run)
     poly = run.step("polysemanticity", lambda: polysemanticity(cards, poly_threshold).assign(
         categories=lambda d: d.categories.map(", ".join)) if cards else pd.DataFrame(
@@ -344,9 +372,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
 
     def build_table() -> pd.DataFrame:
         rows = error_analysis_rows(ea_sum[ea_sum.scope == "overall"].iloc[0].to_dict(), q)
-        rows += direction_rows(None if "reason" in direction else
-                               {**direction, "diff_ci": tuple(direction["diff_ci"]),
-                                "within_ci": tuple(direction["within_ci"])}, direction.get("reason", ""))
+        rows += direction_rows(None if "reason" in direction else direction, direction.get("reason", ""))
         rows += polysemanticity_rows(None if "reason" in pnull else
                                      {"flags": np.asarray(pnull["flags"], bool), "share": pnull["share"],
                                       "null_span": np.asarray(pnull["null_span"]),
