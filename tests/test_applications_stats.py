@@ -187,7 +187,7 @@ def test_editing_without_an_error_class_is_not_testable():
     cls, reason = A.error_class([("addition", 1)] * 5, np.array([True, False] * 2 + [True]), [("addition", 1)] * 2)
     assert cls is None and "30 training" in reason
     rows = A.editing_rows({"reason": reason})
-    assert len(rows) == 3 and {r["verdict"] for r in rows} == {"not testable"}
+    assert len(rows) == 3 and {r["verdict"] for r in rows} == {"not testable"} and rows[0]["primary"]
     # a class exists: the lowest training accuracy wins
     ct = [("a", 1)] * 40 + [("b", 2)] * 40
     ok = np.array([True] * 30 + [False] * 10 + [True] * 10 + [False] * 30)
@@ -216,3 +216,36 @@ def test_pc1_validation_and_decomposition_rows():
     rows = Co.decomposition_rows(empty, pd.DataFrame(columns=["strength", "strength_random"]), pc1v,
                                  {"share": float("nan")}, pd.DataFrame(columns=["problem", "share", "null"]))
     assert rows[4]["verdict"] == "fail"
+
+
+def _edit_result(chosen, rand, before, factor=2.0):
+    c = A.chosen_minus_random(before, chosen, rand)
+    at = {"factor": factor, "class_change": c["change"], "minus_random_class": c["minus_random"],
+          "ci_mr_class_low": c["ci_low"], "ci_mr_class_high": c["ci_high"], "random_class_change_mean": c["random_mean"],
+          "random_class_change_max": c["random_max"], "rank_p_class": c["rank_p"], "gained": 0, "lost": 0,
+          "p_mcnemar": 1.0, "minus_random_ld": c["minus_random"], "ci_mr_ld_low": c["ci_low"],
+          "ci_mr_ld_high": c["ci_high"], "logit_diff_change": c["change"], "random_ld_change_mean": c["random_mean"],
+          "rank_p_ld": c["rank_p"], "rest_change": 0.0, "ci_rest_low": -0.01, "ci_rest_high": 0.01}
+    curve = pd.DataFrame([{**at, "factor": f, "rest_change": r, "ci_rest_low": r - 0.01, "ci_rest_high": r + 0.01}
+                          for f, r in ((0.0, -0.2), (1.0, 0.0), (factor, 0.0))])
+    ed = {"reason": "", "at_best": at, "error_class": "addition, 2", "n_val_class": len(before),
+          "factor_chosen_on_train": factor, "n_random_sets": len(rand)}
+    return c, A.editing_rows(ed, curve)
+
+
+def test_editing_chosen_set_against_100_random_sets_can_pass_and_fail():
+    rng = np.random.default_rng(0)
+    n = 200
+    before = (rng.random(n) < 0.4).astype(float)
+    rand = np.array([np.where(rng.random(n) < 0.05, 1 - before, before) for _ in range(100)])  # random flips
+    # the chosen set fixes 30% of the wrong problems, random sets only shuffle: established, rank p = 1/101
+    fixed = np.where((before == 0) & (rng.random(n) < 0.3), 1.0, before)
+    c, rows = _edit_result(fixed, rand, before)
+    assert c["rank_p"] == pytest.approx(1 / 101) and rows[0]["verdict"] == "established" and rows[0]["primary"]
+    # a chosen set that is just another random set: not established, rank p far from 0
+    c, rows = _edit_result(rand[0], rand[1:], before)
+    assert rows[0]["verdict"] != "established" and c["rank_p"] > 0.05
+    # the side effect at every factor of the grid except 1: factor 0 breaks the rest, factor 2 does not
+    side = [r for r in rows if "side effect" in r["measure"]]
+    assert [r["verdict"] for r in side] == ["refuted", "established"]
+    assert "factor 0" in side[0]["measure"] and "factor 2" in side[1]["measure"]

@@ -17,7 +17,7 @@ from ..stats import TABLE_COLUMNS, benjamini_hochberg, not_measurable, validatio
 from ..stats import verdict_table as table
 from .adversarial import (ARITHMETIC, adversarial_variants, answers_value, clip_adversarial_pairs,
                           input_trigger, neuron_push, output_concept, paired_rows, random_variants, rebuild, solved)
-from .editing import edit_labels, editing_rows, error_class, random_sets_like, scaling_hooks
+from .editing import chosen_minus_random, edit_labels, editing_rows, error_class, random_sets_like, scaling_hooks
 from .errors import (NotMeasurable, direction_vs_baselines, direction_rows, error_analysis_rows, failure_report,
                      final_normalized, null_discoveries, project_on_direction, separating_neurons,
                      stratified_error_analysis, stratified_scan)
@@ -27,7 +27,7 @@ from .polysemantic import (RELATED, category_group, polysemantic_flags, polysema
 
 __all__ = [
     "ARITHMETIC", "NotMeasurable", "RELATED", "TABLE_COLUMNS", "adversarial_variants", "answers_value",
-    "applications_phase", "benjamini_hochberg", "category_group", "clip_adversarial_pairs", "direction_vs_baselines",
+    "applications_phase", "chosen_minus_random", "benjamini_hochberg", "category_group", "clip_adversarial_pairs", "direction_vs_baselines",
     "direction_rows", "edit_labels", "editing_rows", "error_analysis_rows", "error_class",
     "failure_report", "final_normalized", "input_trigger", "neuron_push", "not_measurable",
     "null_discoveries", "output_concept", "paired_rows", "polysemantic_flags", "polysemanticity",

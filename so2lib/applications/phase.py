@@ -20,7 +20,7 @@ from ..stats import not_measurable, verdict_table as table
 from ..study import Setup, difficulty
 from .adversarial import ARITHMETIC, answers_value, clip_adversarial_pairs, input_trigger, neuron_push, \
     output_concept, paired_rows, random_variants, solved
-from .editing import edit_labels, editing_rows, error_class, random_sets_like
+from .editing import chosen_minus_random, edit_labels, editing_rows, error_class, random_sets_like
 from .errors import NotMeasurable, direction_vs_baselines, direction_rows, error_analysis_rows, failure_report, \
     final_normalized, project_on_direction, stratified_error_analysis
 from .polysemantic import polysemanticity, polysemanticity_nulls, polysemanticity_rows, span_basis
@@ -277,37 +277,40 @@ def _editing(setup: Setup, k_edit: int, factors: Sequence[float], n_random_sets:
     enc_va = setup.enc["val"]
     clean = edit_labels(model, enc_va, chosen, 1.0, bs)
     ok0, ld0 = clean.correct.values.astype(bool), clean.logit_diff.values.astype(float)
+    rest_any = bool((~in_va).any())
     curve, at_best = [], {}
-    for f in tqdm(factors, desc=f"editing: factors x (chosen + {len(rand_sets)} random sets)"):
+    for f in tqdm(factors, desc="editing: chosen set at every factor"):
         ch = edit_labels(model, enc_va, chosen, f, bs)
         ok1, ld1 = ch.correct.values.astype(bool), ch.logit_diff.values.astype(float)
         acc = paired_bootstrap(ok0[in_va].astype(float), ok1[in_va].astype(float), seed=seed)
         ldb = paired_bootstrap(ld0[in_va], ld1[in_va], seed=seed)
         rest = paired_bootstrap(ok0[~in_va].astype(float), ok1[~in_va].astype(float), seed=seed)
         mc = mcnemar_exact(ok0[in_va], ok1[in_va])
-        rc, rl, rr = [], [], []
-        for s in rand_sets:
-            rs = edit_labels(model, enc_va, s, f, bs)
-            rok, rld = rs.correct.values.astype(bool), rs.logit_diff.values.astype(float)
-            rc.append(float(rok[in_va].mean() - ok0[in_va].mean()))
-            rl.append(float((rld[in_va] - ld0[in_va]).mean()))
-            rr.append(float(rok[~in_va].mean() - ok0[~in_va].mean()) if (~in_va).any() else np.nan)
         rec = {"factor": float(f), "train_class_accuracy": train_acc[float(f)],
-               "chosen_class": float(ok1[in_va].mean()), "chosen_rest": float(ok1[~in_va].mean()) if (~in_va).any() else np.nan,
-               "random_class_mean": float(ok0[in_va].mean() + np.mean(rc)) if rc else np.nan,
-               "random_class_max": float(ok0[in_va].mean() + np.max(rc)) if rc else np.nan,
-               "random_rest_mean": float(ok0[~in_va].mean() + np.nanmean(rr)) if rr and (~in_va).any() else np.nan,
+               "chosen_class": float(ok1[in_va].mean()), "chosen_rest": float(ok1[~in_va].mean()) if rest_any else np.nan,
                "class_change": acc["change"], "ci_class_low": acc["ci_low"], "ci_class_high": acc["ci_high"],
                "logit_diff_change": ldb["change"], "ci_ld_low": ldb["ci_low"], "ci_ld_high": ldb["ci_high"],
                "rest_change": rest["change"], "ci_rest_low": rest["ci_low"], "ci_rest_high": rest["ci_high"],
-               "random_class_change_mean": float(np.mean(rc)) if rc else np.nan,
-               "random_class_change_max": float(np.max(rc)) if rc else np.nan,
-               "random_ld_change_mean": float(np.mean(rl)) if rl else np.nan,
-               "random_rest_change_mean": float(np.nanmean(rr)) if rr and (~in_va).any() else np.nan,
                "gained": mc["gained"], "lost": mc["lost"], "p_mcnemar": mc["p"]}
-        curve.append(rec)
         if float(f) == best:
+            # the random sets at the factor chosen on training: per-problem change of every set
+            rc, rl = [], []
+            for s_ in tqdm(rand_sets, desc=f"editing: {len(rand_sets)} random sets at factor {f:g}"):
+                rs = edit_labels(model, enc_va, s_, f, bs)
+                rc.append(rs.correct.values.astype(float) - ok0)
+                rl.append(rs.logit_diff.values.astype(float) - ld0)
+            rc, rl = np.asarray(rc), np.asarray(rl)  # [n_sets, N_val]
+            ca = chosen_minus_random(ok0[in_va], ok1[in_va], rc[:, in_va] + ok0[in_va], seed=seed)
+            cl = chosen_minus_random(ld0[in_va], ld1[in_va], rl[:, in_va] + ld0[in_va], seed=seed)
+            rec.update({"random_class_change_mean": ca["random_mean"], "random_class_change_max": ca["random_max"],
+                        "random_ld_change_mean": cl["random_mean"],
+                        "random_rest_change_mean": float(rc[:, ~in_va].mean()) if rest_any else np.nan,
+                        "minus_random_class": ca["minus_random"], "ci_mr_class_low": ca["ci_low"],
+                        "ci_mr_class_high": ca["ci_high"], "minus_random_ld": cl["minus_random"],
+                        "ci_mr_ld_low": cl["ci_low"], "ci_mr_ld_high": cl["ci_high"],
+                        "rank_p_class": ca["rank_p"], "rank_p_ld": cl["rank_p"]})
             at_best = rec
+        curve.append(rec)
     return {"reason": "", "curve": pd.DataFrame(curve), "error_class": f"{target[0]}, difficulty {target[1]}",
             "n_val_class": int(in_va.sum()), "n_val_rest": int((~in_va).sum()),
             "neurons": {str(k): v for k, v in chosen.items()}, "factor_chosen_on_train": best,
@@ -316,7 +319,7 @@ def _editing(setup: Setup, k_edit: int, factors: Sequence[float], n_random_sets:
 
 
 def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.15, k_edit: int = 10,
-                       factors: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0), n_random_sets: int = 10,
+                       factors: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0), n_random_sets: int = 100,
                        k_candidates: int = 8, n_perm: int = 200, n_draws: int = 5, max_sources: int = 40,
                        max_adv_neurons: int = 10, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Phase 5: error analysis, correctness-direction AUROC, polysemanticity, adversarial problems
@@ -407,7 +410,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
             rows.append(not_measurable("adversarial (neuron-guided): error rate vs random candidate", how_g,
                                        "no neuron with a concept card, or no source problem with two candidate edits",
                                        0.02))
-        rows += editing_rows({**editing, "at_best": editing.get("at_best", {})})
+        rows += editing_rows({**editing, "at_best": editing.get("at_best", {})}, curve)
         return table(rows)
     tab = run.step("applications_table", build_table, "05",
                    params={"q": q, "threshold": poly_threshold, **ed_params},
