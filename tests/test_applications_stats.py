@@ -249,3 +249,44 @@ def test_editing_chosen_set_against_100_random_sets_can_pass_and_fail():
     side = [r for r in rows if "side effect" in r["measure"]]
     assert [r["verdict"] for r in side] == ["refuted", "established"]
     assert "factor 0" in side[0]["measure"] and "factor 2" in side[1]["measure"]
+
+
+def _adv_table(rates_t, rates_r, n=40, seed=0, extra=None):
+    rng = np.random.default_rng(seed)
+    recs = []
+    for j, (pt, pr) in enumerate(zip(rates_t, rates_r)):
+        for _ in range(n):
+            recs.append({"layer": 0, "neuron": j, "targeted_wrong": rng.random() < pt, "random_wrong": rng.random() < pr,
+                         "targeted_answers_X": False, "random_answers_X": False,
+                         "randneuron_wrong": float(rng.random() < (extra if extra is not None else pr)),
+                         "hard_wrong": float(rng.random() < pr)})
+    return pd.DataFrame(recs)
+
+
+def test_adversarial_ratio_against_3x_random_with_a_cluster_bootstrap_over_neurons():
+    # every neuron's trigger makes 60% errors against 5% for random edits: more than 3x, established
+    rows = A.adversarial_rows(_adv_table([0.6] * 10, [0.05] * 10), "how")
+    assert rows[0]["verdict"] == "established" and rows[0]["primary"] and rows[0]["measured"] > 3
+    assert "cluster" in rows[0]["resampled"] and rows[0]["control"] == 1.0
+    assert rows[2]["verdict"] == "established" and rows[3]["verdict"] == "established"
+    # triggers no better than random edits: refuted (the ratio's interval lies below 3)
+    rows = A.adversarial_rows(_adv_table([0.1] * 10, [0.1] * 10), "how")
+    assert rows[0]["verdict"] == "refuted"
+    # one neuron of 10 carries every error: 400 pooled pairs would look decisive, but neurons are
+    # the clusters, so the interval is wide: not established
+    rows = A.adversarial_rows(_adv_table([0.9] + [0.05] * 9, [0.05] * 10, n=40), "how")
+    pooled = A.cluster_bootstrap([(_adv_table([0.9] + [0.05] * 9, [0.05] * 10).targeted_wrong.values,
+                                   _adv_table([0.9] + [0.05] * 9, [0.05] * 10).random_wrong.values)], "ratio")
+    assert np.quantile(pooled[1], 0.025) > 1.5  # one cluster (pairs as if independent): narrow, far above 1
+    assert rows[0]["verdict"] != "established" and rows[0]["ci_high"] > 3
+    # the trigger of another neuron works as well as the neuron's own: that baseline row is refuted
+    rows = A.adversarial_rows(_adv_table([0.6] * 10, [0.05] * 10, extra=0.6), "how")
+    assert rows[2]["verdict"] != "established" and rows[3]["verdict"] == "established"
+    assert {r["verdict"] for r in A.adversarial_rows(pd.DataFrame(), "how", "none")} == {"not testable"}
+
+
+def test_hardest_operand_is_read_from_training_errors():
+    probs = [arithmetic_problem("addition", a, b) for a, b in [(12, 30), (12, 4), (12, 9), (40, 5), (40, 6), (40, 7)]]
+    ok = np.array([True, True, True, False, False, True])
+    assert A.hardest_operand(probs, ok) == 40
+    assert A.hardest_operand(probs, ok, min_count=10) is None

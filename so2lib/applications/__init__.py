@@ -15,7 +15,7 @@ Whatever the data cannot measure is a ``not testable`` row whose ``how`` starts 
 
 from ..stats import TABLE_COLUMNS, benjamini_hochberg, not_measurable, validation_row as row, wilson_interval
 from ..stats import verdict_table as table
-from .adversarial import (ARITHMETIC, adversarial_variants, answers_value, clip_adversarial_pairs,
+from .adversarial import (adversarial_rows, cluster_bootstrap, hardest_operand, ARITHMETIC, adversarial_variants, answers_value, clip_adversarial_pairs,
                           input_trigger, neuron_push, output_concept, paired_rows, random_variants, rebuild, solved)
 from .editing import chosen_minus_random, edit_labels, editing_rows, error_class, random_sets_like, scaling_hooks
 from .errors import (NotMeasurable, direction_vs_baselines, direction_rows, error_analysis_rows, failure_report,

@@ -214,3 +214,90 @@ def paired_rows(measure: str, before: np.ndarray, after: np.ndarray, how: str, t
     return row(measure, b["change"], (b["ci_low"], b["ci_high"]), null, target,
                how + f"; n={b['n']} pairs, McNemar exact: {mc['gained']} gained vs {mc['lost']} lost, "
                f"p={mc['p']:.3g}")
+
+
+def hardest_operand(problems: Sequence[Problem], correct: np.ndarray, min_count: int = 3) -> int | None:
+    """The neuron-agnostic baseline trigger: the operand value with the highest **training** error
+    rate among arithmetic problems (values seen at least ``min_count`` times; ties: the most seen)."""
+    acc: dict[int, list[bool]] = {}
+    for ok, p in zip(np.asarray(correct, bool), problems):
+        if p.task in ARITHMETIC:
+            for k in ("a", "b"):
+                acc.setdefault(int(p.meta[k]), []).append(bool(ok))
+    best = [(1 - np.mean(v), len(v), k) for k, v in acc.items() if len(v) >= min_count]
+    return int(max(best)[2]) if best else None
+
+
+def _rate(k: float, n: float) -> float:
+    """Error rate with a continuity correction, so that a ratio stays finite when an arm has 0 errors."""
+    return (k + 0.5) / (n + 1.0)
+
+
+def cluster_bootstrap(arms: Sequence[tuple[np.ndarray, np.ndarray]], stat: str = "ratio", n_boot: int = 2000,
+                      seed: int = 0) -> tuple[float, np.ndarray]:
+    """Two-stage cluster bootstrap over neurons: ``arms[j] = (a_j, b_j)`` are the binary outcomes
+    (e.g. wrong) of neuron ``j``'s problems in two arms (targeted, baseline; paired or not). Each
+    replicate resamples the neurons with replacement, then each chosen neuron's problems with
+    replacement within each arm; the statistic pools the resampled problems: ``"ratio"`` of the
+    error rates ``rate(a) / rate(b)`` (continuity-corrected, :func:`_rate`) or ``"diff"``
+    ``mean(a) - mean(b)``. Returns ``(point, replicates)``; ``nan`` and no replicates without arms."""
+    arms = [(np.asarray(a, float), np.asarray(b, float)) for a, b in arms if len(a) and len(b)]
+    if not arms:
+        return float("nan"), np.array([])
+
+    def value(ka: float, na: float, kb: float, nb: float) -> float:
+        return _rate(ka, na) / _rate(kb, nb) if stat == "ratio" else ka / na - kb / nb
+    point = value(sum(a.sum() for a, _ in arms), sum(len(a) for a, _ in arms),
+                  sum(b.sum() for _, b in arms), sum(len(b) for _, b in arms))
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    J = len(arms)
+    for r in range(n_boot):
+        ka = na = kb = nb = 0.0
+        for j in rng.integers(0, J, J):
+            a, b = arms[j]
+            ka += a[rng.integers(0, len(a), len(a))].sum()
+            kb += b[rng.integers(0, len(b), len(b))].sum()
+            na, nb = na + len(a), nb + len(b)
+        boots[r] = value(ka, na, kb, nb)
+    return float(point), boots
+
+
+def adversarial_rows(adv: pd.DataFrame, how: str, why: str = "", n_boot: int = 2000, seed: int = 0
+                     ) -> list[dict[str, Any]]:
+    """Rows of the CLIP-style adversarial test from its per-pair table (one row per source problem
+    and neuron, columns ``layer, neuron, targeted_wrong, random_wrong, targeted_answers_X,
+    random_answers_X`` and, where the baselines exist, ``randneuron_wrong`` / ``hard_wrong``): the
+    ratio targeted / random error rate against the plan's "more than 3x random" (primary row), and
+    targeted minus each neuron-agnostic baseline; cluster bootstrap over neurons (problems resampled
+    within neuron)."""
+    from ..stats import interval_row
+
+    m0 = "adversarial (CLIP): error-rate ratio, trigger F / random edit (plan: > 3x)"
+    m1 = "adversarial (CLIP): answers the output concept X, trigger F minus random edit"
+    m2 = "adversarial (CLIP): error rate, trigger F minus the trigger of another neuron"
+    m3 = "adversarial (CLIP): error rate, trigger F minus the hardest operand value (training error rate)"
+    res = "problems within neurons (cluster bootstrap over neurons)"
+    spec = [(m0, "targeted_wrong", "random_wrong", "ratio", 1.0, 3.0, True,
+             "; ratio of continuity-corrected error rates (k + 0.5) / (n + 1); control 1 = no better than random"),
+            (m1, "targeted_answers_X", "random_answers_X", "diff", 0.0, 0.0, False, ""),
+            (m2, "targeted_wrong", "randneuron_wrong", "diff", 0.0, 0.0, False,
+             "; baseline: the same sources edited with the trigger F of another (random) selected neuron"),
+            (m3, "targeted_wrong", "hard_wrong", "diff", 0.0, 0.0, False,
+             "; baseline: the same sources edited with the operand value of highest training error rate")]
+    rows = []
+    for m, a, b, st, ctrl, tgt, prim, extra in spec:
+        if not len(adv) or a not in adv or b not in adv:
+            rows.append(not_measurable(m, how + extra, why or "no adversarial pair", tgt, primary=prim,
+                                       resampled=res))
+            continue
+        arms = []
+        for _, g in adv.groupby(["layer", "neuron"]):
+            ga, gb = g[a].dropna(), g[b].dropna()
+            arms.append((ga.values.astype(bool), gb.values.astype(bool)))
+        point, boots = cluster_bootstrap(arms, st, n_boot, seed)
+        n_arm = sum(1 for x, y in arms if len(x) and len(y))
+        rows.append(interval_row(m, point, boots, ctrl, tgt, how + extra + f" ({n_arm} neurons, "
+                                 f"{int(sum(len(x) for x, _ in arms))} targeted problems)",
+                                 reason=why or "no neuron with both arms", primary=prim, resampled=res))
+    return rows

@@ -18,7 +18,7 @@ from ..progress import tqdm
 from ..selection import load_selection
 from ..stats import not_measurable, verdict_table as table
 from ..study import Setup, difficulty
-from .adversarial import ARITHMETIC, answers_value, clip_adversarial_pairs, input_trigger, neuron_push, \
+from .adversarial import ARITHMETIC, adversarial_rows, answers_value, hardest_operand, clip_adversarial_pairs, input_trigger, neuron_push, \
     output_concept, paired_rows, random_variants, solved
 from .editing import chosen_minus_random, edit_labels, editing_rows, error_class, random_sets_like
 from .errors import NotMeasurable, direction_vs_baselines, direction_rows, error_analysis_rows, failure_report, \
@@ -165,21 +165,20 @@ def _poly_null(setup: Setup, threshold: float, n_draws: int, seed: int) -> dict[
 
 
 def _adversarial_clip(setup: Setup, cards: dict, max_sources: int, max_neurons: int, seed: int) -> pd.DataFrame:
+    """Per (neuron, source) pair: the targeted edit (trigger F), a random edit of the same operand,
+    and two neuron-agnostic baselines on the same source: the trigger F of another selected neuron
+    and the operand value of highest training error rate (:func:`hardest_operand`)."""
     run, model = setup.run, setup.model
     crit, selected = load_selection(run)
     ok_va = setup.labels["val"].correct.values.astype(bool)
     sources = [p for p, ok in zip(setup.problems.val, ok_va) if ok and p.task in ARITHMETIC]
     rng = random.Random(seed)
-    recs, reasons = [], {"no number output concept": 0, "no trigger operand": 0, "no source admits the edit": 0}
-    used = 0
+    reasons = {"no number output concept": 0, "no trigger operand": 0, "no source admits the edit": 0}
+    cand = []  # (layer, neuron, X, F)
     for l in crit:
-        if used >= max_neurons:
-            break
         vt = np.asarray(load_effects(run, "train", f"vectors_L{l}"), np.float32)
         norms = np.linalg.norm(vt - vt.mean(0), axis=-1)  # [N, n_sel]
         for j, n in enumerate(selected[l]):
-            if used >= max_neurons:
-                break
             X = output_concept(cards.get((l, n)))
             if X is None:
                 reasons["no number output concept"] += 1
@@ -188,17 +187,31 @@ def _adversarial_clip(setup: Setup, cards: dict, max_sources: int, max_neurons: 
             if trig is None:
                 reasons["no trigger operand"] += 1
                 continue
-            F = trig[0]
-            pairs = clip_adversarial_pairs(sources, F, X, rng)[:max_sources]
-            if not pairs:
-                reasons["no source admits the edit"] += 1
-                continue
-            used += 1
-            for i, t, r in pairs:
-                recs.append({"layer": l, "neuron": n, "concept_X": X, "trigger_F": F, "source": sources[i].compact,
-                             "targeted": t.compact, "random": r.compact, "_t": t, "_r": r})
+            cand.append((l, n, X, trig[0]))
+    hard = hardest_operand(setup.problems.train, setup.labels["train"].correct.values)
+    recs, used = [], 0
+    for l, n, X, F in cand:
+        if used >= max_neurons:
+            break
+        pairs = clip_adversarial_pairs(sources, F, X, rng)[:max_sources]
+        if not pairs:
+            reasons["no source admits the edit"] += 1
+            continue
+        used += 1
+        others = [c[3] for c in cand if c[3] != F]
+        F_other = rng.choice(others) if others else None
+
+        def baseline(i: int, value: int | None) -> Any:
+            if value is None or value == F:
+                return None
+            got = clip_adversarial_pairs([sources[i]], value, X, random.Random(seed + i), tries=1)
+            return got[0][1] if got else None
+        for i, t, r in pairs:
+            recs.append({"layer": l, "neuron": n, "concept_X": X, "trigger_F": F, "source": sources[i].compact,
+                         "targeted": t.compact, "random": r.compact, "_t": t, "_r": r,
+                         "_o": baseline(i, F_other), "_h": baseline(i, hard)})
     cols = ["layer", "neuron", "concept_X", "trigger_F", "source", "targeted", "random", "targeted_answers_X",
-            "random_answers_X", "targeted_wrong", "random_wrong"]
+            "random_answers_X", "targeted_wrong", "random_wrong", "randneuron_wrong", "hard_wrong"]
     if not recs:  # one row that says why (a saved table keeps no attributes)
         return pd.DataFrame([{**{c: None for c in cols}, "reason": (
             "no selected neuron has both a number output concept X and an input trigger F admitting a "
@@ -211,6 +224,12 @@ def _adversarial_clip(setup: Setup, cards: dict, max_sources: int, max_neurons: 
     df["random_answers_X"] = answers_value(model, r, Xs, setup.template, bs)
     df["targeted_wrong"] = ~solved(model, t, setup.template, bs)
     df["random_wrong"] = ~solved(model, r, setup.template, bs)
+    for key, col in (("_o", "randneuron_wrong"), ("_h", "hard_wrong")):
+        have = [k for k, x in enumerate(recs) if x[key] is not None]
+        vals = np.full(len(recs), np.nan)
+        if have:
+            vals[have] = (~solved(model, [recs[k][key] for k in have], setup.template, bs)).astype(float)
+        df[col] = vals
     df["reason"] = ""
     return df[cols + ["reason"]]
 
@@ -387,18 +406,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
                  "to a random number of the same digit count (same task, digit counts and carry class); share of "
                  "problems on which the model answers X, targeted minus random")
         how_w = how_x.replace("share of problems on which the model answers X", "error rate")
-        if len(adv):
-            rows.append(paired_rows("adversarial (CLIP): answers the output concept X, trigger F vs random edit",
-                                    adv.random_answers_X.values.astype(bool), adv.targeted_answers_X.values.astype(bool),
-                                    how_x + f" ({adv.groupby(['layer', 'neuron']).ngroups} neurons)", 0.02))
-            rows.append(paired_rows("adversarial (CLIP): error rate, trigger F vs random edit",
-                                    adv.random_wrong.values.astype(bool), adv.targeted_wrong.values.astype(bool),
-                                    how_w, 0.02))
-        else:
-            why = adv_why or "no selected neuron has a number output concept X and an input trigger F"
-            rows += [not_measurable("adversarial (CLIP): answers the output concept X, trigger F vs random edit",
-                                    how_x, why, 0.02),
-                     not_measurable("adversarial (CLIP): error rate, trigger F vs random edit", how_w, why, 0.02)]
+        rows += adversarial_rows(adv, how_w.replace("; error rate, targeted minus random", ""), adv_why, seed=seed)
         how_g = (f"correct validation problems; of {k_candidates} random one-operand edits (same class), the one on "
                  "which the polysemantic neurons' second-order effects push most toward the incorrect side of the "
                  "correctness direction vs another of the same candidates; error rate, guided minus random")
