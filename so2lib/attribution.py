@@ -14,7 +14,7 @@ the same frozen patterns, norm scales, post-attention / post-MLP norms and group
 - :func:`position_vectors`: ``[b, S, n, d_model]`` full-vector terms (small ``n`` only);
 - :func:`operand_positions`: token positions of the final question's operands;
 - :func:`operand_share_check`: share of |attribution| on operand tokens against the
-  position-count null, for the selected neurons on validation problems.
+  attention-only share (activation held at its per-problem mean over positions), for the selected neurons on validation problems.
 """
 
 from __future__ import annotations
@@ -41,15 +41,25 @@ def _heads_A(rows: AnswerRows, lp: int) -> torch.Tensor:
 
 @torch.no_grad()
 def position_terms(engine: SecondOrderEngine, rows: AnswerRows, directions: torch.Tensor, layer: int,
-                   neurons: Sequence[int] | torch.Tensor) -> torch.Tensor:
+                   neurons: Sequence[int] | torch.Tensor, hold_mean_to: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """``[b, D, S, n]``: the term of each source position ``i`` in the projected second-order
     effect of ``neurons`` of ``layer`` on ``directions [b, D, d_model]`` (final normalized
     residual space; divided here by the frozen final-norm scale at T, as
-    :meth:`SecondOrderEngine.project`). Summed over ``S`` it equals ``project(...)["second"]``."""
+    :meth:`SecondOrderEngine.project`). Summed over ``S`` it equals ``project(...)["second"]``.
+
+    ``hold_mean_to`` (``[b]`` answer positions T): the **attention-only** terms, with each
+    neuron's activation held at its per-problem mean over positions ``0..T`` (what attention alone
+    does with a constant neuron), the null of the operand-share test."""
     dev = engine.device
     neurons = torch.as_tensor(neurons, dtype=torch.long, device=dev)
     U = engine._final_dirs(rows, directions.float().to(dev))  # [b, D, dm]
     p = engine._acts(rows, layer, neurons)  # [b, S, n]
+    if hold_mean_to is not None:
+        T_ = torch.as_tensor(hold_mean_to, device=p.device)
+        mask = (torch.arange(p.shape[1], device=p.device)[None] <= T_[:, None]).to(p.dtype)  # [b, S]
+        mean = (p * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # [b, n]
+        p = mean[:, None].expand_as(p)
     b, D = U.shape[:2]
     S, n = p.shape[1], p.shape[2]
     out = torch.zeros(b, D, S, n, device=dev)
@@ -152,7 +162,8 @@ def operand_share_check(setup: Any, neurons: dict[int, Sequence[int]], max_probl
                         batch_size: int = 32, seed: int = 0) -> pd.DataFrame:
     """Per validation arithmetic problem (up to ``max_problems``) and selected neuron: the share
     of its |per-position attribution| (logit difference) on the final question's operand tokens
-    and the position-count null (operand tokens / positions up to T). Problems whose operands
+    and its null ``null``: the same share of the attention-only terms (activation held at its
+    per-problem mean over positions, :func:`position_terms`). Problems whose operands
     cannot be located are left out. Columns: ``problem, task, carry, layer, neuron, share, null``."""
     model, enc = setup.model, setup.enc["val"]
     lab = setup.labels["val"]
@@ -172,7 +183,7 @@ def operand_share_check(setup: Any, neurons: dict[int, Sequence[int]], max_probl
     layers = [l for l in neurons if len(neurons[l])]
     rows: list[dict[str, Any]] = []
     if not keep or not layers:
-        return pd.DataFrame(columns=["problem", "task", "carry", "layer", "neuron", "share", "null"])
+        return pd.DataFrame(columns=["problem", "task", "carry", "digits", "layer", "neuron", "share", "null"])
     from .second_order import engine_for
     engine = engine_for(model)
     gold, alt = lab.gold_token.values, lab.alt_token.values
@@ -183,11 +194,14 @@ def operand_share_check(setup: Any, neurons: dict[int, Sequence[int]], max_probl
         U = engine.directions(torch.as_tensor(gold[idx]), torch.as_tensor(alt[idx]))[:, :1]
         for l in layers:
             terms = position_terms(engine, caps, U, l, list(neurons[l]))[:, 0].abs().cpu().numpy()  # [b, S, n]
+            held = position_terms(engine, caps, U, l, list(neurons[l]), hold_mean_to=T)[:, 0].abs().cpu().numpy()
             for r, i in enumerate(idx):
                 for j, n in enumerate(neurons[l]):
-                    sh, nu = operand_share(terms[r, :, j], pos[i], int(T[r]))
-                    if sh == sh:
+                    sh, _ = operand_share(terms[r, :, j], pos[i], int(T[r]))
+                    nu, _ = operand_share(held[r, :, j], pos[i], int(T[r]))
+                    if sh == sh and nu == nu:
                         rows.append({"problem": i, "task": probs[i].task,
                                      "carry": probs[i].meta.get("carry", probs[i].meta.get("borrow")),
+                                     "digits": probs[i].meta.get("max_digits"),
                                      "layer": l, "neuron": int(n), "share": sh, "null": nu})
-    return pd.DataFrame(rows, columns=["problem", "task", "carry", "layer", "neuron", "share", "null"])
+    return pd.DataFrame(rows, columns=["problem", "task", "carry", "digits", "layer", "neuron", "share", "null"])

@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 from .effects import load_effects
 from .models import ModelInfo
 from .selection import load_selection
-from .stats import bootstrap_ci, mean_row, not_measurable, validation_row as row, verdict_table as table
+from .stats import bootstrap_ci, interval_row, mean_row, not_measurable, problem_bootstrap, validation_row as row, verdict_table as table
 from .study import Setup
 from .tasks import Problem
 
@@ -212,6 +212,94 @@ def random_dictionary(n_atoms: int, d: int, seed: int = 0) -> np.ndarray:
     return prepare_dictionary(np.random.default_rng(seed).normal(size=(n_atoms, d)))
 
 
+def occurring_tokens(encs: Sequence[Any]) -> set[int]:
+    """Token ids that occur in any prompt or gold answer of the encodings ``encs``."""
+    out: set[int] = set()
+    for enc in encs:
+        for i in range(len(enc)):
+            p, a = enc.full(i)
+            out.update(int(t) for t in p)
+            out.update(int(t) for t in a)
+    return out
+
+
+def keep_occurring(model: Any, concepts: Sequence[Concept], dirs: torch.Tensor, tokens: set[int]
+                   ) -> tuple[list[Concept], torch.Tensor]:
+    """Read-out concepts none of whose tokens ever occurs in the model's prompts or answers are
+    dropped (a direction the model never reads or writes here); data concepts are kept."""
+    keep = [i for i, c in enumerate(concepts)
+            if c.kind != "read-out" or set(concept_token_ids(model.tokenizer, c.name)) & tokens]
+    return [concepts[i] for i in keep], dirs[keep] if len(keep) else dirs[:0]
+
+
+def merge_atoms(dictionary: np.ndarray, concepts: Sequence[Concept], threshold: float = 0.95
+                ) -> tuple[np.ndarray, list[Concept], dict[str, list[str]]]:
+    """Greedy de-duplication of a prepared dictionary: an atom whose cosine with an atom already
+    kept exceeds ``threshold`` is merged into it (dropped; its name recorded). Returns the kept
+    atoms, their concepts and ``{kept name: [merged names]}``."""
+    D = np.asarray(dictionary, np.float64)
+    U = D / np.maximum(np.linalg.norm(D, axis=1, keepdims=True), 1e-12)
+    kept: list[int] = []
+    merged: dict[str, list[str]] = {}
+    for i in range(len(U)):
+        if kept:
+            c = U[kept] @ U[i]
+            j = int(np.argmax(c))
+            if c[j] > threshold:
+                merged.setdefault(concepts[kept[j]].name, []).append(concepts[i].name)
+                continue
+        kept.append(i)
+    return D[kept], [concepts[i] for i in kept], merged
+
+
+def effective_rank(dictionary: np.ndarray) -> float:
+    """Effective rank (Roy & Vetterli): ``exp`` of the entropy of the normalised singular values."""
+    s = np.linalg.svd(np.asarray(dictionary, np.float64), compute_uv=False)
+    s = s[s > 0]
+    if not len(s):
+        return 0.0
+    p = s / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def pc1_direction(centred: np.ndarray) -> np.ndarray:
+    """The first right singular vector of ``centred [m, d]`` (unit; sign irrelevant to OMP cosines)."""
+    X = np.asarray(centred, np.float64)
+    return np.linalg.svd(X - X.mean(0), full_matrices=False)[2][0]
+
+
+def omp_vs_vocabulary_subsets(vectors: Sequence[np.ndarray], dictionary: np.ndarray, vocabulary: np.ndarray,
+                              m: int, n_subsets: int = 20, n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Does the math/logic dictionary reconstruct the neurons' PC1 better than **size-matched random
+    subsets of the model's own vocabulary** (read-out directions, prepared the same way)?
+
+    ``vectors[j] [N, d]``: neuron ``j``'s effect vectors on the training problems (the same PC1 as
+    ``neuron_directions``: PC1 of all training problems' centred effects). Estimate: mean over
+    neurons of the OMP reconstruction cosine with ``dictionary`` minus the same with a random
+    vocabulary subset, averaged over ``n_subsets`` subsets. Interval: problems resampled, every PC1
+    **refitted** on the resample, and one random subset drawn per replicate, so that both the
+    problems' variability and the null's spread are in the interval."""
+    rng = np.random.default_rng(seed)
+    n_atoms = len(dictionary)
+    subsets = [prepare_dictionary(vocabulary[rng.choice(len(vocabulary), n_atoms, replace=False)])
+               for _ in range(n_subsets)]
+    N = min(len(v) for v in vectors)
+
+    def cosines(idx: np.ndarray, dicts: Sequence[np.ndarray]) -> list[float]:
+        P = np.stack([pc1_direction(np.asarray(v, np.float64)[idx]) for v in vectors])
+        return [float(cosine(P, sparse_codes(P, D, m) @ D).mean()) for D in dicts]
+    full = np.arange(N)
+    c_all = cosines(full, [dictionary] + subsets)
+    point = c_all[0] - float(np.mean(c_all[1:]))
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, N, N)
+        a, b = cosines(idx, [dictionary, subsets[int(rng.integers(0, n_subsets))]])
+        boots.append(a - b)
+    return {"point": point, "boots": np.asarray(boots), "cosine": c_all[0], "null": c_all[1:],
+            "n_neurons": len(vectors), "n_problems": N}
+
+
 def decompose(directions: np.ndarray, dictionary: np.ndarray, concepts: Sequence[Concept], m: int = 16,
               baseline_seed: int = 0) -> dict[str, Any]:
     """OMP-decompose neuron directions ``[n, d]``: codes, reconstructions, cosines, and the
@@ -285,29 +373,38 @@ def pc1_validation(vec_train: np.ndarray, vec_val: np.ndarray, pc: np.ndarray) -
 
 
 def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataFrame, recovered: dict[str, Any],
-                       attribution: pd.DataFrame) -> list[dict[str, Any]]:
-    """The rows of ``decomposition_table`` (columns of ``validation_table``)."""
-
+                       attribution: pd.DataFrame, *, omp: dict[str, Any] | None = None,
+                       pc1_boot: dict[str, Any] | None = None, pred_boot: dict[str, Any] | None = None,
+                       dictionary: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+    """The rows of ``decomposition_table``. Every interval resamples problems (refitting what is
+    fitted); rows measured on the training split say so in ``split``."""
     rows = []
-    m = "sparse decomposition: cosine minus random dictionary (read-out + data)"
-    how = ("per selected neuron, cosine of PC1 with its m-sparse OMP reconstruction over read-out + data concepts "
-           "minus the same with a random Gaussian dictionary of as many atoms; mean over neurons, bootstrap CI")
-    q = quality[quality.dictionary == "read-out + data"] if len(quality) else quality
-    d = (q.cosine - q.cosine_random).values if len(q) else []
-    rows.append(mean_row(m, d, 0.0, 0.05, how, "fewer than 2 selected neurons or too few concepts for m"))
-    m = "sparse decomposition: math/logic concepts minus vocabulary pool"
-    how = ("per selected neuron, reconstruction cosine with read-out + data concepts minus with the model's whole "
-           "vocabulary (generic pool, many more atoms); mean over neurons, bootstrap CI")
-    if len(quality) and {"read-out + data", "vocabulary (generic pool)"} <= set(quality.dictionary):
-        a = quality[quality.dictionary == "read-out + data"].set_index(["layer", "neuron"]).cosine
-        b = quality[quality.dictionary == "vocabulary (generic pool)"].set_index(["layer", "neuron"]).cosine
-        rows.append(mean_row(m, (a - b.reindex(a.index)).values, 0.0, 0.0, how, "fewer than 2 neurons"))
+    m = "sparse decomposition: cosine, math/logic concepts minus random vocabulary subsets"
+    how = ("per selected neuron, cosine of its PC1 (all training problems' centred effects, as stored by phase 3 "
+           "and used by the rank-1 replacement) with its m-sparse OMP reconstruction over the read-out + data "
+           "concepts (tokens that never occur in the prompts or answers dropped, atoms with cosine > 0.95 merged), "
+           "minus the same with size-matched random subsets of the model's own vocabulary (20 subsets); mean over "
+           "neurons; bootstrap over training problems with every PC1 refitted and one random subset drawn per "
+           "replicate (the null's spread is in the interval)")
+    if dictionary is not None and len(dictionary):
+        dd = dictionary[dictionary.dictionary == "read-out + data"]
+        if len(dd):
+            r0 = dd.iloc[0]
+            how += (f"; dictionary: {int(r0.atoms)} atoms ({int(r0.merged)} merged), effective rank "
+                    f"{r0.effective_rank:.1f} of d_model {int(r0.d_model)}")
+    if omp and "boots" in omp:
+        null = np.asarray(omp["null"], float)
+        rows.append(interval_row(m, omp["point"], np.asarray(omp["boots"]), 0.0, 0.0,
+                                 how + f" (concepts {omp['cosine']:.3f}; random subsets mean {null.mean():.3f}, "
+                                 f"range {null.min():.3f}-{null.max():.3f}; {omp['n_neurons']} neurons)",
+                                 resampled="problems (PC1 refitted, null subset redrawn)", split="training",
+                                 margin=0.02))
     else:
-        rows.append(not_measurable(m, how, "a dictionary has fewer atoms than m", 0.0))
+        rows.append(not_measurable(m, how, (omp or {}).get("reason", "no decomposition"), 0.0, split="training"))
     m = "sparse replacement: share of the mean-ablation drop recovered (selected neurons)"
     how = ("validation accuracy when every selected neuron's effect is replaced by its training mean plus its "
            "projection on the sparse reconstruction: (acc(sparse) - acc(mean)) / (acc(clean) - acc(mean)); "
-           "paired bootstrap")
+           "paired bootstrap over problems; not yet checked on all neurons of the layer (CLIP's --evaluate)")
     if recovered.get("share") == recovered.get("share"):
         rows.append(row(m, recovered["share"], (recovered["ci_low"], recovered["ci_high"]), 0.0, 0.8, how))
     else:
@@ -315,55 +412,79 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
                                    0.8))
     m = "predictive check: top data concept predicts significance, minus random concepts"
     how = ("per selected neuron, |AUROC - 0.5| of its top data concept's flag for the validation problems on "
-           "which it is significant, minus the mean for random data concepts; mean over neurons, bootstrap CI")
-    d = (pred.strength - pred.strength_random).values if len(pred) else []
-    rows.append(mean_row(m, d, 0.0, 0.05, how,
-                         "fewer than 2 neurons with a data concept and both significance classes"))
+           "which it is significant, minus the mean for random data concepts; mean over neurons; bootstrap over "
+           "validation problems (concepts fixed by the training PC1's code)")
+    if pred_boot and "boots" in pred_boot:
+        rows.append(interval_row(m, pred_boot["point"], np.asarray(pred_boot["boots"]), 0.0, 0.05, how))
+    else:
+        rows.append(not_measurable(m, how, "fewer than 2 neurons with a data concept and both significance classes",
+                                   0.05))
     m = "PC1: validation variance explained by the training PC1 (selected neurons)"
     how = ("share of the variance of each selected neuron's validation centred effects (training mean) along its "
-           "training PC1; mean over neurons, bootstrap CI; null: mean 1/K (a random direction in the K-dim span "
-           "of later heads)")
+           "training PC1 (pooled over validation problems); mean over neurons; bootstrap over validation problems; "
+           "control: mean 1/K (a random direction in the K-dim span of later heads); phase 3 tests PC1 against "
+           "the stronger controls (mean-effect direction, another neuron's PC1)")
     null = float((1 / pc1v.K.astype(float)).mean()) if len(pc1v) else float("nan")
     train = f"; training share {pc1v.train_share.mean():.3f}" if len(pc1v) else ""
-    rows.append(mean_row(m, pc1v.val_share.values, null, 0.35, how + train, "fewer than 2 selected neurons"))
-    m = "token attribution: share on the question's operand tokens"
-    how = ("per validation arithmetic problem, the share of |per-position second-order attribution| (logit "
-           "difference) of the selected neurons on the final question's operand tokens, averaged over neurons; "
-           "null: operand tokens / positions up to T (position count); bootstrap over problems")
-    if len(attribution) and attribution.problem.nunique() >= 2:
-        per = attribution.groupby("problem")[["share", "null"]].mean()
-        rows.append(row(m, per.share.mean(), bootstrap_ci(per.share.values), float(per.null.mean()),
-                        float(per.null.mean()), how + f" (n={len(per)} problems)"))
+    if pc1_boot and "boots" in pc1_boot:
+        rows.append(interval_row(m, pc1_boot["point"], np.asarray(pc1_boot["boots"]), null, 0.35, how + train))
     else:
-        rows.append(not_measurable(m, how, "no validation arithmetic problem whose operand tokens could be located",
-                                   0.0))
+        rows.append(not_measurable(m, how, "no selected neuron", 0.35))
+    rows.append(attribution_row(attribution))
     rows.append(carry_attribution_row(attribution))
     return rows
 
 
+def attribution_row(attribution: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The neuron's excess share on the operand tokens over the attention-only share: per problem,
+    the share of |per-position attribution| on the operand tokens minus the same share with the
+    neuron's activation held at its per-problem mean over positions (``null``: where attention
+    alone puts the weight); mean over problems, bootstrap over problems."""
+    m = "token attribution: operand share, neuron minus attention-only (activation held at its mean)"
+    how = ("per validation arithmetic problem, the share of |per-position second-order attribution| (logit "
+           "difference) of the selected neurons on the final question's operand tokens, averaged over neurons, "
+           "minus the same share with each neuron's activation held at its per-problem mean over positions "
+           "(the attention-only share); bootstrap over problems")
+    if len(attribution) and attribution.problem.nunique() >= 2:
+        per = attribution.groupby("problem")[["share", "null"]].mean()
+        d = (per.share - per.null).values
+        return row(m, float(d.mean()), bootstrap_ci(d), 0.0, 0.0,
+                   how + f" (neuron {per.share.mean():.3f}, attention-only {per.null.mean():.3f}; n={len(per)} problems)")
+    return not_measurable(m, how, "no validation arithmetic problem whose operand tokens could be located", 0.0)
+
+
 def carry_attribution_row(attribution: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Token attribution against carry positions: does the effect draw more on the operand tokens
-    when the problem needs a carry (or borrow), where the answer digit depends on both operands'
-    lower digits? Mean operand share (in excess of its position-count null) on carry problems minus
-    on no-carry problems, two-sample bootstrap over problems, null 0."""
-    m = "token attribution: operand share, carry minus no-carry problems"
-    how = ("per validation addition/subtraction/multiplication problem, the operand share of the selected "
-           "neurons' attribution minus its position-count null; mean over carry problems minus mean over "
-           "no-carry problems; two-sample bootstrap over problems; null: 0 (carries change nothing)")
+    """Exploratory: does the neuron's excess operand share (over the attention-only share) differ
+    between carry (or borrow) and no-carry problems **within** task x digit-count strata? The
+    within-stratum difference of means, weighted by stratum size (strata with >= 2 problems of each
+    kind), bootstrap over problems within strata; control 0."""
+    m = "token attribution (exploratory): excess operand share, carry minus no-carry within task x digits"
+    how = ("per validation arithmetic problem, the operand share of the selected neurons' attribution minus its "
+           "attention-only share; within each task x digit-count stratum, mean over carry/borrow problems minus "
+           "mean over the others, weighted by stratum size; bootstrap over problems within strata; exploratory "
+           "(not pre-registered)")
     if not len(attribution) or "carry" not in attribution:
         return not_measurable(m, how, "no attribution table", 0.0)
+    keys = ["task"] + (["digits"] if "digits" in attribution else [])
     per = attribution.dropna(subset=["carry"]).groupby("problem").agg(
-        carry=("carry", "first"), excess=("share", "mean"), null=("null", "mean"))
+        carry=("carry", "first"), excess=("share", "mean"), null=("null", "mean"),
+        **{k: (k, "first") for k in keys})
     per["excess"] -= per["null"]
-    a = per.excess[per.carry.astype(bool)].values
-    b = per.excess[~per.carry.astype(bool)].values
-    if len(a) < 5 or len(b) < 5:
-        return not_measurable(m, how, f"{len(a)} carry and {len(b)} no-carry problems (need 5 of each)", 0.0)
+    per["carry"] = per.carry.astype(bool)
+    strata = [(g.excess[g.carry].values, g.excess[~g.carry].values) for _, g in per.groupby(keys, dropna=False)]
+    strata = [(a, b) for a, b in strata if len(a) >= 2 and len(b) >= 2]
+    na, nb = sum(len(a) for a, _ in strata), sum(len(b) for _, b in strata)
+    if na < 5 or nb < 5:
+        return not_measurable(m, how, f"{na} carry and {nb} no-carry problems in strata with both (need 5 of each)",
+                              0.0)
+    w = np.array([len(a) + len(b) for a, b in strata], float)
+    w /= w.sum()
     rng = np.random.default_rng(seed)
-    boots = [a[rng.integers(0, len(a), len(a))].mean() - b[rng.integers(0, len(b), len(b))].mean()
-             for _ in range(n_boot)]
+    point = float(sum(wi * (a.mean() - b.mean()) for wi, (a, b) in zip(w, strata)))
+    boots = [sum(wi * (a[rng.integers(0, len(a), len(a))].mean() - b[rng.integers(0, len(b), len(b))].mean())
+                 for wi, (a, b) in zip(w, strata)) for _ in range(n_boot)]
     lo, hi = np.quantile(boots, [0.025, 0.975])
-    return row(m, a.mean() - b.mean(), (lo, hi), 0.0, 0.0, how + f" (n={len(a)} carry, {len(b)} no-carry)")
+    return row(m, point, (lo, hi), 0.0, 0.0, how + f" (n={na} carry, {nb} no-carry, {len(strata)} strata)")
 
 
 # ----------------------------------------------------------------------------- the phase, for notebooks
@@ -395,7 +516,9 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
     owners = [(l, n) for l in crit for n in selected[l]]
     resid_train = run.load("correctness_direction")["final_resid_train"]  # written by Phase 2
     flags = {s: metadata_flags(setup.problems.split(s)) for s in ("train", "val")}
-    lex_c, lex_d = readout_directions(model, lexicon_entries())
+    encs = setup.prompt_enc or setup.enc
+    tokens = occurring_tokens([encs["train"], encs["val"]])
+    lex_c, lex_d = keep_occurring(model, *readout_directions(model, lexicon_entries()), tokens)
     dat_c, dat_d = data_directions(resid_train, flags["train"], ln)
     dictionaries = {
         "read-out (lexicon)": (lex_c, lex_d),
@@ -407,13 +530,29 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
     dictionaries["vocabulary (generic pool)"] = ([Concept(str(t), "vocabulary", "read-out") for t in toks], voc)
     deps = ["selection", "neuron_directions", "correctness_direction"] + vec_deps
     decs: dict[str, Any] = {}
+    # prepared (centred, normalised) dictionaries with near-duplicate atoms (cosine > 0.95) merged;
+    # the vocabulary pool is too large to merge and is kept as it is
+    prepared: dict[str, tuple[list[Concept], np.ndarray]] = {}
+    merges: dict[str, Any] = {}
+    for name, (cs, D) in dictionaries.items():
+        Dp = prepare_dictionary(D)
+        if name != "vocabulary (generic pool)" and len(cs):
+            Dp, cs, mg = merge_atoms(Dp, cs, 0.95)
+            merges[name] = mg
+        prepared[name] = (list(cs), Dp)
+    dict_summary = run.step("dictionary_summary", lambda: pd.DataFrame([
+        {"dictionary": k, "atoms_before_merge": len(dictionaries[k][0]), "atoms": len(cs),
+         "merged": int(sum(len(v) for v in merges.get(k, {}).values())),
+         "effective_rank": effective_rank(Dp) if len(cs) and k != "vocabulary (generic pool)" else float("nan"),
+         "d_model": int(model.cfg.d_model)} for k, (cs, Dp) in prepared.items()]), "04",
+        params={"merge_cosine": 0.95, "occurring_tokens_only": True}, deps=deps)
 
     def decompose_all() -> pd.DataFrame:
         quality = []
-        for name, (cs, D) in dictionaries.items():
+        for name, (cs, Dp) in prepared.items():
             if len(cs) < m or not len(dirs):
                 continue
-            dec = decompose(dirs, prepare_dictionary(D), cs, m)
+            dec = decompose(dirs, Dp, cs, m)
             decs[name] = dec
             for (l, n), c, cr in zip(owners, dec["cosine"], dec["cosine_random"]):
                 quality.append({"dictionary": name, "atoms": len(cs), "layer": l, "neuron": n,
@@ -422,9 +561,9 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
     quality = decompose_all()  # the codes are needed below; the table is the step's artifact
     run.step("decomposition_quality", lambda: quality, "04", params={"m": m}, deps=deps)
     main = decs.get("read-out + data")
-    main_c, main_D = dictionaries["read-out + data"]
+    main_c, main_Dp = prepared["read-out + data"]
     run.step("concept_dictionary", lambda: {
-        "atoms": torch.from_numpy(prepare_dictionary(main_D)).float(), "names": [c.name for c in main_c],
+        "atoms": torch.from_numpy(main_Dp).float(), "names": [c.name for c in main_c],
         "categories": [c.category for c in main_c], "kinds": [c.kind for c in main_c], "m": m}, "04",
         params={"m": m}, deps=["correctness_direction"])
     # replacement accuracy: mean + projection on the sparse reconstruction vs on PC1
@@ -464,16 +603,44 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
                 rows.append({"layer": l, "neuron": n, "train_share": float(tr[j]), "val_share": float(va[j]), "K": K})
         return pd.DataFrame(rows, columns=["layer", "neuron", "train_share", "val_share", "K"])
     pc1v = run.step("pc1_validation", pc1_table, "04", deps=deps)
+
+    def omp_null() -> dict[str, Any]:
+        if len(main_c) < m or not owners:
+            return {"reason": f"the math/logic dictionary has {len(main_c)} atoms < m={m}, or no selected neuron"}
+        vecs = [vt[l][:, j] for l in crit for j in range(len(selected[l]))]
+        r = omp_vs_vocabulary_subsets(vecs, main_Dp, voc.numpy(), m, n_subsets=20, n_boot=200)
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
+    omp = run.step("omp_vs_vocabulary_subsets", omp_null, "04", params={"m": m, "n_subsets": 20, "n_boot": 200},
+                   deps=deps)
+
+    def pc1_boot() -> dict[str, Any]:
+        if not owners:
+            return {"reason": "no selected neuron"}
+        X = np.concatenate([(vv[l] - vt[l].mean(0)).astype(np.float64) for l in crit], axis=1)  # [N_val, n, d]
+        u = dirs / np.maximum(np.linalg.norm(dirs, axis=-1, keepdims=True), 1e-12)
+        num = np.einsum("Nnd,nd->Nn", X, u) ** 2
+        den = (X ** 2).sum(-1)
+
+        def stat(idx: np.ndarray) -> float:
+            d_ = den[idx].sum(0)
+            return float(np.nanmean(np.where(d_ > 0, num[idx].sum(0) / np.where(d_ > 0, d_, 1), np.nan)))
+        point, boots = problem_bootstrap(stat, len(X), 500)
+        return {"point": point, "boots": boots.tolist()}
+    pc1b = run.step("pc1_validation_bootstrap", pc1_boot, "04", deps=deps)
+    pred_boot = run.step("predictive_check_bootstrap", lambda: _predictive_boot(sig, flags["val"], main, owners),
+                         "04", params={"m": m, "n_boot": 100}, deps=deps)
     attr = run.step("token_attribution", lambda: At.operand_share_check(
         setup, selected, max_attribution_problems, setup.batch_size), "04",
         params={"max_problems": max_attribution_problems}, deps=["selection", "labels_val"])
-    tab = run.step("decomposition_table", lambda: table(decomposition_rows(quality, pred, pc1v, rec, attr)), "04",
-                   params={"m": m}, deps=["decomposition_quality", "predictive_check", "pc1_validation",
-                                          "sparse_recovered_share", "token_attribution"])
+    tab = run.step("decomposition_table", lambda: table(decomposition_rows(
+        quality, pred, pc1v, rec, attr, omp=omp, pc1_boot=pc1b, pred_boot=pred_boot, dictionary=dict_summary)), "04",
+        params={"m": m}, deps=["decomposition_quality", "predictive_check", "pc1_validation", "sparse_recovered_share",
+                               "token_attribution", "omp_vs_vocabulary_subsets", "pc1_validation_bootstrap",
+                               "predictive_check_bootstrap", "dictionary_summary"])
     run.record("phase4", {"m": m, "dictionary_sizes": {k: len(v[0]) for k, v in dictionaries.items()}})
     return {"quality": quality, "replacement": repl, "predictive": pred, "cards": cards, "decompositions": decs,
             "owners": owners, "critical_layers": crit, "table": tab, "pc1_validation": pc1v,
-            "attribution": attr, "recovered": rec}
+            "attribution": attr, "recovered": rec, "omp_vs_vocabulary": omp, "dictionary_summary": dict_summary}
 
 
 def _predictive(sig: np.ndarray, flags: pd.DataFrame, main: dict[str, Any] | None,
@@ -487,3 +654,18 @@ def _predictive(sig: np.ndarray, flags: pd.DataFrame, main: dict[str, Any] | Non
     pred["layer"] = [owners[j][0] for j in pred.neuron_slot]
     pred["neuron"] = [owners[j][1] for j in pred.neuron_slot]
     return pred
+
+
+def _predictive_boot(sig: np.ndarray, flags: pd.DataFrame, main: dict[str, Any] | None,
+                     owners: Sequence[tuple[int, int]], n_boot: int = 100, seed: int = 0) -> dict[str, Any]:
+    """The predictive check's mean ``strength - strength_random`` with the validation problems
+    resampled (each neuron's top concept stays the one its training PC1's code chose)."""
+    if not main or not sig.size:
+        return {"reason": "no sparse code or no significance"}
+
+    def stat(idx: np.ndarray) -> float:
+        pr = predictive_auroc(sig[idx], flags.iloc[idx].reset_index(drop=True), main["codes"], main["concepts"],
+                              seed=seed)
+        return float((pr.strength - pr.strength_random).mean()) if len(pr) else float("nan")
+    point, boots = problem_bootstrap(stat, len(sig), n_boot, seed)
+    return {"point": point, "boots": boots.tolist()}
