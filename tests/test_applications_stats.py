@@ -211,82 +211,42 @@ def test_pc1_validation_and_decomposition_rows():
     rows = Co.decomposition_rows(empty, pd.DataFrame(columns=["strength", "strength_random"]),
                                  pd.DataFrame(columns=["val_share", "train_share", "K"]), {"share": float("nan")},
                                  pd.DataFrame(columns=["problem", "share", "null"]))
-    assert len(rows) == 7 and {r["verdict"] for r in rows} == {"not testable"}
-    pc1v = pd.DataFrame({"val_share": b, "train_share": a, "K": [4, 4]})
-    rows = Co.decomposition_rows(empty, pd.DataFrame(columns=["strength", "strength_random"]), pc1v,
-                                 {"share": float("nan")}, pd.DataFrame(columns=["problem", "share", "null"]))
-    assert rows[4]["verdict"] == "fail"
+    assert len(rows) == 6 and {r["verdict"] for r in rows} == {"not testable"}
+    assert rows[0]["split"] == "training"
 
 
-def _edit_result(chosen, rand, before, factor=2.0):
-    c = A.chosen_minus_random(before, chosen, rand)
-    at = {"factor": factor, "class_change": c["change"], "minus_random_class": c["minus_random"],
-          "ci_mr_class_low": c["ci_low"], "ci_mr_class_high": c["ci_high"], "random_class_change_mean": c["random_mean"],
-          "random_class_change_max": c["random_max"], "rank_p_class": c["rank_p"], "gained": 0, "lost": 0,
-          "p_mcnemar": 1.0, "minus_random_ld": c["minus_random"], "ci_mr_ld_low": c["ci_low"],
-          "ci_mr_ld_high": c["ci_high"], "logit_diff_change": c["change"], "random_ld_change_mean": c["random_mean"],
-          "rank_p_ld": c["rank_p"], "rest_change": 0.0, "ci_rest_low": -0.01, "ci_rest_high": 0.01}
-    curve = pd.DataFrame([{**at, "factor": f, "rest_change": r, "ci_rest_low": r - 0.01, "ci_rest_high": r + 0.01}
-                          for f, r in ((0.0, -0.2), (1.0, 0.0), (factor, 0.0))])
-    ed = {"reason": "", "at_best": at, "error_class": "addition, 2", "n_val_class": len(before),
-          "factor_chosen_on_train": factor, "n_random_sets": len(rand)}
-    return c, A.editing_rows(ed, curve)
+def _neurons_in(D, rng, N=150, n=6, noise=0.05):
+    """Effect vectors [N, d] of n neurons whose PC1 is a combination of 3 atoms of ``D``."""
+    out = []
+    for _ in range(n):
+        u = rng.normal(size=3) @ D[rng.choice(len(D), 3, replace=False)]
+        u /= np.linalg.norm(u)
+        out.append(rng.normal(size=(N, 1)) * u + noise * rng.normal(size=(N, D.shape[1])))
+    return out
 
 
-def test_editing_chosen_set_against_100_random_sets_can_pass_and_fail():
+def test_omp_against_size_matched_vocabulary_subsets_can_pass_and_fail():
     rng = np.random.default_rng(0)
-    n = 200
-    before = (rng.random(n) < 0.4).astype(float)
-    rand = np.array([np.where(rng.random(n) < 0.05, 1 - before, before) for _ in range(100)])  # random flips
-    # the chosen set fixes 30% of the wrong problems, random sets only shuffle: established, rank p = 1/101
-    fixed = np.where((before == 0) & (rng.random(n) < 0.3), 1.0, before)
-    c, rows = _edit_result(fixed, rand, before)
-    assert c["rank_p"] == pytest.approx(1 / 101) and rows[0]["verdict"] == "established" and rows[0]["primary"]
-    # a chosen set that is just another random set: not established, rank p far from 0
-    c, rows = _edit_result(rand[0], rand[1:], before)
-    assert rows[0]["verdict"] != "established" and c["rank_p"] > 0.05
-    # the side effect at every factor of the grid except 1: factor 0 breaks the rest, factor 2 does not
-    side = [r for r in rows if "side effect" in r["measure"]]
-    assert [r["verdict"] for r in side] == ["refuted", "established"]
-    assert "factor 0" in side[0]["measure"] and "factor 2" in side[1]["measure"]
+    d = 32
+    vocab = rng.normal(size=(400, d))
+    concepts = Co.prepare_dictionary(rng.normal(size=(40, d)))
+    # neurons built from the concept atoms: the concepts reconstruct them better than vocabulary subsets
+    r = Co.omp_vs_vocabulary_subsets(_neurons_in(concepts, rng), concepts, vocab, m=3, n_subsets=20, n_boot=100)
+    row = Co.interval_row("x", r["point"], r["boots"], 0.0, 0.0, "how", margin=0.02)
+    assert len(r["null"]) == 20 and row["verdict"] == "established"
+    # neurons built from the vocabulary's own rows: the "concepts" are no better than random vocabulary
+    V = Co.prepare_dictionary(vocab)
+    r = Co.omp_vs_vocabulary_subsets(_neurons_in(V, rng), concepts, vocab, m=3, n_subsets=20, n_boot=100)
+    row = Co.interval_row("x", r["point"], r["boots"], 0.0, 0.0, "how", margin=0.02)
+    assert row["verdict"] != "established"
 
 
-def _adv_table(rates_t, rates_r, n=40, seed=0, extra=None):
-    rng = np.random.default_rng(seed)
-    recs = []
-    for j, (pt, pr) in enumerate(zip(rates_t, rates_r)):
-        for _ in range(n):
-            recs.append({"layer": 0, "neuron": j, "targeted_wrong": rng.random() < pt, "random_wrong": rng.random() < pr,
-                         "targeted_answers_X": False, "random_answers_X": False,
-                         "randneuron_wrong": float(rng.random() < (extra if extra is not None else pr)),
-                         "hard_wrong": float(rng.random() < pr)})
-    return pd.DataFrame(recs)
-
-
-def test_adversarial_ratio_against_3x_random_with_a_cluster_bootstrap_over_neurons():
-    # every neuron's trigger makes 60% errors against 5% for random edits: more than 3x, established
-    rows = A.adversarial_rows(_adv_table([0.6] * 10, [0.05] * 10), "how")
-    assert rows[0]["verdict"] == "established" and rows[0]["primary"] and rows[0]["measured"] > 3
-    assert "cluster" in rows[0]["resampled"] and rows[0]["control"] == 1.0
-    assert rows[2]["verdict"] == "established" and rows[3]["verdict"] == "established"
-    # triggers no better than random edits: refuted (the ratio's interval lies below 3)
-    rows = A.adversarial_rows(_adv_table([0.1] * 10, [0.1] * 10), "how")
-    assert rows[0]["verdict"] == "refuted"
-    # one neuron of 10 carries every error: 400 pooled pairs would look decisive, but neurons are
-    # the clusters, so the interval is wide: not established
-    rows = A.adversarial_rows(_adv_table([0.9] + [0.05] * 9, [0.05] * 10, n=40), "how")
-    pooled = A.cluster_bootstrap([(_adv_table([0.9] + [0.05] * 9, [0.05] * 10).targeted_wrong.values,
-                                   _adv_table([0.9] + [0.05] * 9, [0.05] * 10).random_wrong.values)], "ratio")
-    assert np.quantile(pooled[1], 0.025) > 1.5  # one cluster (pairs as if independent): narrow, far above 1
-    assert rows[0]["verdict"] != "established" and rows[0]["ci_high"] > 3
-    # the trigger of another neuron works as well as the neuron's own: that baseline row is refuted
-    rows = A.adversarial_rows(_adv_table([0.6] * 10, [0.05] * 10, extra=0.6), "how")
-    assert rows[2]["verdict"] != "established" and rows[3]["verdict"] == "established"
-    assert {r["verdict"] for r in A.adversarial_rows(pd.DataFrame(), "how", "none")} == {"not testable"}
-
-
-def test_hardest_operand_is_read_from_training_errors():
-    probs = [arithmetic_problem("addition", a, b) for a, b in [(12, 30), (12, 4), (12, 9), (40, 5), (40, 6), (40, 7)]]
-    ok = np.array([True, True, True, False, False, True])
-    assert A.hardest_operand(probs, ok) == 40
-    assert A.hardest_operand(probs, ok, min_count=10) is None
+def test_merge_atoms_and_effective_rank():
+    rng = np.random.default_rng(1)
+    A_ = rng.normal(size=(5, 16))
+    D = Co.prepare_dictionary(np.concatenate([A_, A_[:2] + 1e-3 * rng.normal(size=(2, 16))]))
+    cs = [Co.Concept(f"c{i}", "operations", "read-out") for i in range(7)]
+    kept, kc, merged = Co.merge_atoms(D, cs, 0.95)
+    assert len(kept) == 5 and merged == {"c0": ["c5"], "c1": ["c6"]}
+    assert Co.effective_rank(np.eye(4)) == pytest.approx(4.0)
+    assert Co.effective_rank(np.outer(np.ones(5), rng.normal(size=8))) == pytest.approx(1.0)
