@@ -142,3 +142,33 @@ def test_correct_needs_the_answer_to_stop(arch, digit_models):
     assert lab.correct.tolist() == expect and lab.stopped.tolist() == expect
     assert 0 < sum(expect) < len(expect), "the stop check must be able to go both ways on this sample"
     assert label(model, enc, batch_size=8, progress=False, stop=False).correct.all()
+
+
+def test_the_label_free_read_position_does_not_depend_on_the_label(digit_models):
+    """Tests of correctness read a position picked without the label: the same prompt with a gold
+    answer the model writes (correct) and one it leaves at the second token (wrong) is read at
+    the same position by ``read_view`` and gets the same greedy path, while the deciding token
+    (``position="decide"``) moves with the label."""
+    from so2lib.labels import LABEL_FREE_POSITIONS, greedy_path, is_multi_token, read_view
+    model = load_model(str(digit_models["gpt2"]), device="cpu")
+    tok = model.tokenizer
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, len(tok), (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (20,), generator=g)]
+    path = greedy_path(model, Encoded(prompts, [[1]] * len(prompts), 0), 3, batch_size=6)
+    greedy = path["tokens"].tolist()
+    right = Encoded(prompts, [gp[:3] for gp in greedy], 0)
+    wrong = Encoded(prompts, [[gp[0], (gp[1] + 1) % len(tok), gp[2]] for gp in greedy], 0)
+    lab_r = label(model, right, 6, progress=False, stop=False)
+    lab_w = label(model, wrong, 6, progress=False, stop=False)
+    assert lab_r.correct.all() and not lab_w.correct.any()
+    # the deciding token depends on the label: it is where the wrong answer fails (k = 1) ...
+    assert (lab_w.decide_k == 1).all() and (lab_r.decide_k != lab_w.decide_k).any()
+    # ... the label-free read view is T_1 for both answers, and the greedy path is the same
+    assert is_multi_token(right) and "decide" not in LABEL_FREE_POSITIONS
+    for a, b in ((right, wrong), (right.analysis_view(lab_r.decide_k.values), wrong.analysis_view(lab_w.decide_k.values))):
+        assert (read_view(a).answer_pos == read_view(b).answer_pos).all()
+        assert read_view(a).prompt_ids == read_view(b).prompt_ids == prompts
+    for k, v in greedy_path(model, wrong, 3, batch_size=7).items():
+        torch.testing.assert_close(v, path[k])
+    # the greedy path's margins are the label-free margins at T_1 of the first step
+    assert (path["margin"] >= 0).all() and ((path["max_prob"] > 0) & (path["max_prob"] <= 1)).all()
