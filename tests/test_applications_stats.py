@@ -117,25 +117,32 @@ def test_direction_with_information_beyond_the_margin_passes():
     assert A.direction_rows(None, "one class")[0]["verdict"] == "not testable"
 
 
-def test_polysemanticity_nulls_can_pass_and_fail():
+def _poly_vectors(D, rng, picks, N=120, rank=4, noise=0.3):
+    """Effect vectors of neurons whose PC1 is ``D[a] + D[b]`` (two atoms) plus a random span."""
+    out = []
+    for a, b in picks:
+        u = D[a] + D[b]
+        u /= np.linalg.norm(u)
+        extra = rng.normal(size=(rank - 1, D.shape[1]))
+        out.append(3 * rng.normal(size=(N, 1)) * u + noise * rng.normal(size=(N, rank - 1)) @ extra)
+    return out
+
+
+def test_polysemanticity_share_minus_random_directions_can_pass_and_fail():
     rng = np.random.default_rng(0)
     d, n_atoms = 40, 60
     D = Co.prepare_dictionary(rng.normal(size=(n_atoms, d)))
-    cats = ["operations"] * 20 + ["comparison"] * 20 + ["algebra"] * 20
-    # monosemantic neurons: each direction is one atom of one group, the span is 3 random dims + it
-    dirs = D[[0, 1, 2, 3, 4, 5, 6, 7]] + 0.0
-    bases = []
-    for v in dirs:
-        B = np.linalg.qr(np.stack([v] + [rng.normal(size=d) for _ in range(3)], 1))[0].T
-        bases.append(B)
-    res = A.polysemanticity_nulls(dirs, bases, D, cats, m=4, threshold=0.15, n_draws=10)
-    rows = A.polysemanticity_rows(res)
-    assert res["share"] == 0 and res["null_span"].mean() > 0.5
-    assert rows[0]["verdict"] == "pass"
-    # random directions themselves are as polysemantic as their null: fail
-    rand = np.stack([b[1] for b in bases])
-    rows = A.polysemanticity_rows(A.polysemanticity_nulls(rand, bases, D, cats, m=4, n_draws=10))
-    assert rows[0]["verdict"] == "fail"
+    cats = ["operations"] * 50 + ["comparison"] * 10  # a random direction mostly lands on "operations"
+    # polysemantic neurons: PC1 mixes an "operations" atom and a "comparison" atom
+    poly = _poly_vectors(D, rng, [(k, 50 + k % 10) for k in range(20)])
+    res = A.polysemanticity_test(poly, [4] * 20, D, cats, m=2, threshold=0.15, n_draws=20, n_boot=40)
+    row = A.polysemanticity_rows(res)[0]
+    assert res["share"] == 1.0 and row["verdict"] == "established" and row["split"] == "training"
+    assert len(res["curve"]) == 5 and (res["curve"].share >= 0).all()
+    # monosemantic neurons (two atoms of the same group): fewer than random directions, refuted
+    mono = _poly_vectors(D, rng, [(k, k + 20) for k in range(20)])
+    row = A.polysemanticity_rows(A.polysemanticity_test(mono, [4] * 20, D, cats, m=2, n_draws=20, n_boot=40))[0]
+    assert row["verdict"] == "refuted"
     assert A.polysemanticity_rows(None, "no dictionary")[0]["verdict"] == "not testable"
 
 

@@ -3,7 +3,7 @@ measure, measured, ci_low, ci_high, null, target, verdict, how), measured agains
 
 - :mod:`.errors`: stratified error analysis with its permutation null and validation replication,
   failure reports, the correctness direction's AUROC against a task-only baseline;
-- :mod:`.polysemantic`: polysemanticity against random directions and random dictionaries;
+- :mod:`.polysemantic`: polysemanticity against random directions in each neuron's span;
 - :mod:`.adversarial`: adversarial problems as CLIP builds them and a neuron-guided variant,
   against difficulty-matched random edits;
 - :mod:`.editing`: neuron editing for a systematic error class against random neuron sets;
@@ -22,7 +22,7 @@ from .errors import (NotMeasurable, direction_vs_baselines, direction_rows, erro
                      final_normalized, null_discoveries, project_on_direction, separating_neurons,
                      stratified_error_analysis, stratified_scan)
 from .phase import applications_phase
-from .polysemantic import (RELATED, category_group, polysemantic_flags, polysemanticity, polysemanticity_nulls,
+from .polysemantic import (RELATED, category_group, polysemantic_flags, polysemanticity, polysemanticity_test,
                            polysemanticity_rows, random_in_span, span_basis)
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
     "direction_rows", "edit_labels", "editing_rows", "error_analysis_rows", "error_class",
     "failure_report", "final_normalized", "input_trigger", "neuron_push", "not_measurable",
     "null_discoveries", "output_concept", "paired_rows", "polysemantic_flags", "polysemanticity",
-    "polysemanticity_nulls", "polysemanticity_rows", "project_on_direction", "random_in_span", "random_sets_like",
+    "polysemanticity_test", "polysemanticity_rows", "project_on_direction", "random_in_span", "random_sets_like",
     "random_variants", "rebuild", "row", "scaling_hooks", "separating_neurons", "solved", "span_basis",
     "stratified_error_analysis", "stratified_scan", "table", "wilson_interval",
 ]

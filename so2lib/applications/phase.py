@@ -23,7 +23,7 @@ from .adversarial import ARITHMETIC, adversarial_rows, answers_value, hardest_op
 from .editing import chosen_minus_random, edit_labels, editing_rows, error_class, random_sets_like
 from .errors import NotMeasurable, direction_vs_baselines, direction_rows, error_analysis_rows, failure_report, \
     final_normalized, project_on_direction, stratified_error_analysis
-from .polysemantic import polysemanticity, polysemanticity_nulls, polysemanticity_rows, span_basis
+from .polysemantic import polysemanticity, polysemanticity_rows, polysemanticity_test
 
 
 def _by_layer(flat: Sequence[int], n_mlp: int) -> dict[int, list[int]]:
@@ -137,31 +137,29 @@ def _direction(setup: Setup, n_boot: int = 1000, seed: int = 0) -> dict[str, Any
         "position": "first answer token"}
 
 
-def _poly_null(setup: Setup, threshold: float, n_draws: int, seed: int) -> dict[str, Any]:
+def _poly_null(setup: Setup, threshold: float, n_draws: int, seed: int, n_boot: int = 100) -> dict[str, Any]:
     run, model = setup.run, setup.model
     if not run.has("concept_dictionary") or not run.has("neuron_directions"):
         return {"reason": "no concept dictionary or neuron directions (run notebooks 03 and 04)"}
     crit, selected = load_selection(run)
     cd = run.load("concept_dictionary")
-    nd = run.load("neuron_directions")
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    dirs, bases = [], []
+    vecs, ranks = [], []
     for l in crit:
         vt = load_effects(run, "train", f"vectors_L{l}")
-        pc = nd["pc1"][str(l)].numpy()
         for j in range(len(selected[l])):
-            dirs.append(pc[j])
-            bases.append(span_basis(np.asarray(vt[:, j], np.float64), (L - 1 - l) * H))
-    if not dirs:
+            vecs.append(np.asarray(vt[:, j], np.float64))
+            ranks.append((L - 1 - l) * H)
+    if not vecs:
         return {"reason": "no selected neurons"}
     atoms = cd["atoms"].numpy().astype(np.float64)
     m = int(cd["m"])
     if atoms.shape[0] < m:
         return {"reason": f"dictionary has {atoms.shape[0]} atoms < m={m}"}
-    res = polysemanticity_nulls(np.asarray(dirs, np.float64), bases, atoms, cd["categories"], m, threshold,
-                                n_draws, seed)
-    return {"flags": res["flags"].tolist(), "share": res["share"], "null_span": res["null_span"].tolist(),
-            "null_dictionary": res["null_dictionary"].tolist()}
+    res = polysemanticity_test(vecs, ranks, atoms, cd["categories"], m, threshold, max(n_draws, 20), n_boot,
+                               seed=seed)
+    return {"flags": res["flags"].tolist(), "share": res["share"], "null": res["null"].tolist(),
+            "point": res["point"], "boots": res["boots"].tolist(), "curve": res["curve"].to_dict("records")}
 
 
 def _adversarial_clip(setup: Setup, cards: dict, max_sources: int, max_neurons: int, seed: int) -> pd.DataFrame:
@@ -371,10 +369,12 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
         columns=["layer", "neuron", "n_strong", "groups", "categories", "polysemantic"]), "05",
         params={"threshold": poly_threshold}, deps=["concept_cards"] if run.has("concept_cards") else [])
     pnull = run.step("polysemanticity_null", lambda: _poly_null(setup, poly_threshold, n_draws, seed), "05",
-                     params={"threshold": poly_threshold, "n_draws": n_draws, "seed": seed},
+                     params={"threshold": poly_threshold, "n_draws": max(n_draws, 20), "seed": seed, "n_boot": 100,
+                             "test": "share minus random in span, problems resampled"},
                      deps=[d for d in ("concept_dictionary", "neuron_directions") if run.has(d)])
     adv = run.step("adversarial", lambda: _adversarial_clip(setup, cards, max_sources, max_adv_neurons, seed),
-                   "05", params={"max_sources": max_sources, "max_neurons": max_adv_neurons, "seed": seed},
+                   "05", params={"max_sources": max_sources, "max_neurons": max_adv_neurons, "seed": seed,
+                           "baselines": "another neuron's trigger, hardest operand"},
                    deps=base + (["concept_cards"] if run.has("concept_cards") else []))
     adv_why = "; ".join(sorted({str(x) for x in adv.reason if x})) if "reason" in adv else ""
     adv = adv[adv.reason == ""].reset_index(drop=True) if "reason" in adv else adv
@@ -387,7 +387,8 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
         if "e" not in ed_cache:
             ed_cache["e"] = _editing(setup, k_edit, factors, n_random_sets, seed)
         return ed_cache["e"]
-    ed_params = {"k_edit": k_edit, "factors": factors, "n_random_sets": n_random_sets, "seed": seed}
+    ed_params = {"k_edit": k_edit, "factors": factors, "n_random_sets": n_random_sets, "seed": seed,
+                 "contrast": "chosen minus random sets per problem, rank p"}
     curve = run.step("editing_curve", lambda: ed()["curve"], "05", params=ed_params, deps=base + ["train_second_cd"])
     editing = run.step("editing", lambda: {k: v for k, v in ed().items() if k != "curve"}, "05", params=ed_params,
                        deps=base + ["train_second_cd"])
@@ -395,11 +396,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
     def build_table() -> pd.DataFrame:
         rows = error_analysis_rows(ea_sum[ea_sum.scope == "overall"].iloc[0].to_dict(), q)
         rows += direction_rows(None if "reason" in direction else direction, direction.get("reason", ""))
-        rows += polysemanticity_rows(None if "reason" in pnull else
-                                     {"flags": np.asarray(pnull["flags"], bool), "share": pnull["share"],
-                                      "null_span": np.asarray(pnull["null_span"]),
-                                      "null_dictionary": np.asarray(pnull["null_dictionary"])},
-                                     pnull.get("reason", ""))
+        rows += polysemanticity_rows(None if "reason" in pnull else pnull, pnull.get("reason", ""))
         how_x = ("for neurons whose concept card has a number read-out concept X (largest positive coefficient) "
                  "and an input trigger F (the operand value with the largest mean training centred-effect norm): "
                  "correct validation problems with one operand set to F (gold answer != X) vs the same operand set "
