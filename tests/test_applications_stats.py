@@ -11,7 +11,7 @@ from so2lib import applications as A
 from so2lib import concepts as Co
 from so2lib.tasks import arithmetic_problem, gen_addition
 
-COLS = ["measure", "measured", "ci_low", "ci_high", "null", "target", "verdict", "how"]
+from so2lib.stats import TABLE_COLUMNS as COLS
 
 
 def _confounded(seed, N=600, P=300, real=None, strength=1.5):
@@ -38,7 +38,19 @@ def test_error_analysis_finds_nothing_when_correctness_is_independent_of_every_n
                                       q=0.05, n_perm=100)
     assert res["summary"]["discoveries"] == 0
     rows = A.error_analysis_rows(res["summary"], 0.05)
-    assert rows[0]["verdict"] == "fail" and rows[1]["verdict"] == "not testable"
+    # 0 discoveries without a power simulation: not a finding, not testable
+    assert rows[0]["verdict"] == "not testable" and rows[1]["verdict"] == "not testable"
+    assert "correlates of failure" in rows[0]["measure"] and rows[0]["split"] == "training"
+    # the power simulation: a planted 0.5-SD effect is found at this n (600 problems) -> 0 is a finding
+    power = A.discovery_power([Xt], okt, st, A.stratified_scan([Xt], okt, st, 0)["p"], 0.5, 0.05, 20)
+    assert power >= 0.8
+    rows = A.error_analysis_rows({**res["summary"], "power": power}, 0.05)
+    assert rows[0]["verdict"] == "refuted"
+    # at n = 40 the same planted effect is rarely found: 0 discoveries stays not testable
+    small = A.discovery_power([Xt[:40]], okt[:40], st[:40], A.stratified_scan([Xt[:40]], okt[:40], st[:40], 0)["p"],
+                              0.5, 0.05, 20)
+    assert small < 0.5
+    assert A.error_analysis_rows({**res["summary"], "power": small}, 0.05)[0]["verdict"] == "not testable"
     # the unstratified test of the old analysis is fooled by the stratum: many false discoveries
     naive = A.separating_neurons(Xt[:, None, :], okt, q=0.05)
     assert naive.discovery.sum() > 100
@@ -56,7 +68,20 @@ def test_error_analysis_finds_and_replicates_a_planted_neuron():
     assert df.discovery[7] and df.z[7] > 0 and df.replicated[7]
     assert df.discovery.sum() <= 3
     rows = A.error_analysis_rows(res["summary"], 0.05)
-    assert rows[0]["verdict"] == "pass" and rows[1]["verdict"] == "pass"
+    assert rows[0]["verdict"] == "established"
+    # replicated, but one or two discoveries cannot establish a replication share above 0.5
+    assert rows[1]["measured"] >= 0.5 and rows[1]["verdict"] in ("established", "inconclusive")
+    # without a causal follow-up they stay correlates; an intervention that beats random neurons confirms
+    assert rows[2]["verdict"] == "not testable"
+    ok0 = np.ones(200)
+    rand = np.array([np.where(np.random.default_rng(k).random(200) < 0.03, 0.0, 1.0) for k in range(20)])
+    hurt = np.where(np.arange(200) % 4 == 0, 0.0, 1.0)
+    c = A.chosen_minus_random(ok0, hurt, rand)
+    causal = {**c, "rank_p": 1 / 21, "n_neurons": 1, "n_sets": 20}
+    assert A.error_analysis_rows(res["summary"], 0.05, causal=causal)[2]["verdict"] == "established"
+    c = A.chosen_minus_random(ok0, rand[0], rand[1:])
+    causal = {**c, "rank_p": 0.5, "n_neurons": 1, "n_sets": 19}
+    assert A.error_analysis_rows(res["summary"], 0.05, causal=causal)[2]["verdict"] != "established"
 
 
 def test_error_analysis_without_informative_strata_is_not_testable():
@@ -67,6 +92,14 @@ def test_error_analysis_without_informative_strata_is_not_testable():
     assert res["summary"]["discoveries"] == 0
     rows = A.error_analysis_rows(res["summary"], 0.05)
     assert rows[0]["verdict"] == "not testable" and "not measurable" in rows[0]["how"]
+
+
+def test_error_strata_include_carry_and_operand_size():
+    a = A.error_stratum(arithmetic_problem("addition", 57, 8))
+    b = A.error_stratum(arithmetic_problem("addition", 51, 8))
+    c = A.error_stratum(arithmetic_problem("addition", 51, 18))
+    assert a[0] == "addition" and a[1] == 2 and a[2] == 1 and a[3] is True
+    assert b[3] is False and a != b and b != c
 
 
 def _margin_data(seed=0, N=600):
@@ -181,9 +214,9 @@ def test_paired_rows_and_not_measurable():
     after = np.zeros(200, bool)
     after[:40] = True
     r = A.paired_rows("x", before, after, "how", 0.02)
-    assert r["verdict"] == "pass" and "McNemar" in r["how"] and list(r) == COLS
+    assert r["verdict"] == "established" and "McNemar" in r["how"] and list(r) == COLS
     r = A.paired_rows("x", before, before.copy(), "how", 0.02)
-    assert r["verdict"] == "fail"
+    assert r["verdict"] == "refuted"
     r = A.paired_rows("x", np.zeros(0, bool), np.zeros(0, bool), "how", 0.02)
     assert r["verdict"] == "not testable" and "not measurable" in r["how"]
     t = A.table([r])

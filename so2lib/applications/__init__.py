@@ -18,7 +18,7 @@ from ..stats import verdict_table as table
 from .adversarial import (adversarial_rows, cluster_bootstrap, hardest_operand, ARITHMETIC, adversarial_variants, answers_value, clip_adversarial_pairs,
                           input_trigger, neuron_push, output_concept, paired_rows, random_variants, rebuild, solved)
 from .editing import chosen_minus_random, edit_labels, editing_rows, error_class, random_sets_like, scaling_hooks
-from .errors import (NotMeasurable, direction_vs_baselines, direction_rows, error_analysis_rows, failure_report,
+from .errors import (NotMeasurable, discovery_power, error_stratum, direction_vs_baselines, direction_rows, error_analysis_rows, failure_report,
                      final_normalized, null_discoveries, project_on_direction, separating_neurons,
                      stratified_error_analysis, stratified_scan)
 from .phase import applications_phase

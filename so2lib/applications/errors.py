@@ -207,25 +207,92 @@ def _columns(blocks: Sequence[np.ndarray], cols: np.ndarray) -> np.ndarray:
     return np.stack(out, 1)
 
 
-def error_analysis_rows(summary: dict[str, Any], q: float, scope: str = "task x difficulty") -> list[dict[str, Any]]:
+def error_stratum(p: Problem) -> tuple[Any, ...]:
+    """The error-analysis stratum of a problem: task, difficulty (largest operand's digit count,
+    logic depth, ...), the smaller operand's digit count and whether it needs a carry or borrow
+    (the embedded and SmolLM2 models' main error drivers), so that a neuron tracking operand size
+    or carries is not a discovery."""
+    m = p.meta
+    carry = m.get("carry", m.get("borrow"))
+    small = min(m["digits_a"], m["digits_b"]) if "digits_a" in m and "digits_b" in m else None
+    return (p.task, m.get("max_digits", m.get("depth", m.get("n_steps"))), small,
+            None if carry is None else bool(carry))
+
+
+def discovery_power(blocks: Sequence[np.ndarray], correct: np.ndarray, strata: Sequence[Any], p: np.ndarray,
+                    effect: float = 0.5, q: float = 0.05, n_sim: int = 50, seed: int = 0) -> float:
+    """Power simulation at this n: plant an effect of ``effect`` standard deviations (larger on
+    correct problems) in one random column of the real readout, recompute that column's stratified
+    p-value (the others keep their real ``p``) and count how often BH at ``q`` discovers it. A
+    "0 discoveries" result is a finding only where this power is high (>= 0.8)."""
+    from ..stats import benjamini_hochberg as bh
+
+    y = np.asarray(correct, bool)
+    X = np.concatenate([np.asarray(b, np.float64) for b in blocks], 1)
+    ok = np.flatnonzero(np.isfinite(p))
+    if not len(ok) or y.all() or not y.any():
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(n_sim):
+        j = int(rng.choice(ok))
+        sd = float(X[:, j].std()) or 1.0
+        x = X[:, j] + effect * sd * y
+        pj = stratified_scan([x[:, None]], y, strata, 0, seed)["p"][0]
+        pp = np.asarray(p, float).copy()
+        pp[j] = pj
+        hits += bool(bh(pp)[j] <= q)
+    return hits / n_sim
+
+
+def error_analysis_rows(summary: dict[str, Any], q: float, scope: str = "task x digits x carry",
+                        causal: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows of the error analysis. Its discoveries are **correlates of failure**; only the causal
+    follow-up (the discovered neurons intervened on validation problems against random neurons of
+    the same layers) can confirm them. "0 discoveries" is a finding only where the power simulation
+    (a planted effect at this n) says the scan would have found one."""
     how = (f"second-order effect of every neuron on the correctness direction (a fixed readout, not W_U[gold] - "
            f"W_U[alt]), cross-fitted: direction from the even training problems, test on the odd ones; Van "
-           f"Elteren rank test within {scope} strata, BH at q={q:g}")
+           f"Elteren rank test within {scope} strata, BH at q={q:g}; correlates of failure, not causes")
+    m0 = "error analysis (correlates of failure): training discoveries vs permutation null"
     if not summary["tests"] or not summary["informative_strata"]:
-        return [not_measurable("error analysis: training discoveries vs permutation null", how,
-                               "no stratum has both correct and incorrect training problems", 1)]
+        return [not_measurable(m0, how, "no stratum has both correct and incorrect training problems", 1,
+                               split="training", resampled="labels permuted within strata")]
     n = summary["discoveries"]
-    rows = [row("error analysis: training discoveries vs permutation null", n, (n, n), summary["null_q95"], 1,
-                how + f"; null: 95% quantile of discoveries with labels permuted within strata "
-                f"({summary['n_perm']} permutations, mean {summary['null_mean']:.2f}); a count has no sampling CI")]
-    m = "error analysis: discoveries replicated on validation"
+    power = summary.get("power", float("nan"))
+    pw = f"; power to discover a planted 0.5-SD neuron at this n: {power:.2f}" if power == power else ""
+    how0 = how + f"; null: 95% quantile of discoveries with labels permuted within strata ({summary['n_perm']} " \
+        f"permutations, mean {summary['null_mean']:.2f}); a count has no sampling CI" + pw
+    if n == 0 and not (power >= 0.8):
+        rows = [not_measurable(m0, how0, f"0 discoveries, but the power simulation finds a planted 0.5-SD effect "
+                               f"only {power:.0%} of the time: 0 is not a finding at this n", 1,
+                               split="training", resampled="labels permuted within strata")]
+    else:
+        rows = [row(m0, n, (n, n), summary["null_q95"], 1, how0, split="training",
+                    resampled="labels permuted within strata")]
+    m = "error analysis (correlates of failure): discoveries replicated on validation"
     how_r = ("share of training discoveries whose validation p-value (same test, BH among the discoveries) is "
-             f"<= {q:g} with the same sign; Wilson CI; null: q/2 (p uniform, sign at chance)")
+             f"<= {q:g} with the same sign; Wilson CI over the discoveries' validation tests; control: q/2 (p "
+             "uniform, sign at chance)")
     if n == 0:
         rows.append(not_measurable(m, how_r, "no training discovery to replicate", 0.5))
     else:
         lo, hi = wilson_interval(summary["replicated"], n)
-        rows.append(row(m, summary["replicated_share"], (lo, hi), q / 2, 0.5, how_r))
+        rows.append(row(m, summary["replicated_share"], (lo, hi), q / 2, 0.5, how_r,
+                        resampled="problems (validation tests of each discovery)"))
+    m = "error analysis: causal follow-up, accuracy change ablating discoveries minus random neurons"
+    how_c = ("the discovered neurons (up to 10, largest |z|) zero-ablated in a forward pass on validation problems; "
+             "per-problem accuracy change minus the mean change of random neuron sets of the same size in the "
+             "same layers; paired bootstrap over problems; p: rank among the random sets; established = the "
+             "discoveries matter more than random neurons (a more negative change), which would make them causes")
+    if not causal or causal.get("reason"):
+        rows.append(not_measurable(m, how_c, (causal or {}).get("reason", "no discovery to intervene on"), 0.0,
+                                   higher_is_better=False))
+    else:
+        rows.append(row(m, causal["minus_random"], (causal["ci_low"], causal["ci_high"]), 0.0, 0.0,
+                        how_c + f" ({causal['n_neurons']} neurons, {causal['n_sets']} random sets; ablated "
+                        f"{causal['change']:.3f}, random mean {causal['random_mean']:.3f})", higher_is_better=False,
+                        p=causal["rank_p"]))
     return rows
 
 

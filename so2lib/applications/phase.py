@@ -21,7 +21,7 @@ from ..study import Setup, difficulty
 from .adversarial import ARITHMETIC, adversarial_rows, answers_value, hardest_operand, clip_adversarial_pairs, input_trigger, neuron_push, \
     output_concept, paired_rows, random_variants, solved
 from .editing import chosen_minus_random, edit_labels, editing_rows, error_class, random_sets_like
-from .errors import NotMeasurable, direction_vs_baselines, direction_rows, error_analysis_rows, failure_report, \
+from .errors import NotMeasurable, discovery_power, error_stratum, direction_vs_baselines, direction_rows, error_analysis_rows, failure_report, \
     final_normalized, project_on_direction, stratified_error_analysis
 from .polysemantic import polysemanticity, polysemanticity_rows, polysemanticity_test
 
@@ -44,8 +44,11 @@ def _error_analysis(setup: Setup, q: float, n_perm: int, seed: int) -> dict[str,
     """Cross-fitted: the correctness direction is refitted on the even-indexed training problems
     (fold A) and the discoveries are made on the odd-indexed ones (fold B), so that the readout
     was not fitted on the labels it is tested against; validation uses Phase 2's direction (all
-    training problems), fitted without any validation label."""
+    training problems), fitted without any validation label. With multi-token answers every
+    readout is taken at the first answer token (``labels.read_view``) and the direction refitted
+    there."""
     from ..effects import correctness_direction
+    from ..labels import is_multi_token, read_view
 
     run, model = setup.run, setup.model
     ok_all = setup.labels["train"].correct.values.astype(bool)
@@ -56,17 +59,26 @@ def _error_analysis(setup: Setup, q: float, n_perm: int, seed: int) -> dict[str,
     fold_a = np.arange(len(ok_all)) % 2 == 0
     fold_b = np.flatnonzero(~fold_a)
     tasks_all = np.array([p.task for p in setup.problems.train])
+    # multi-token answers: read at the label-free position (first answer token), never at the
+    # deciding token (which is the first *wrong* token of an incorrect answer)
+    multi = is_multi_token(setup.enc["train"]) or is_multi_token(setup.enc["val"])
+    view = {sp: read_view((setup.prompt_enc or setup.enc)[sp]) if multi else setup.enc[sp] for sp in ("train", "val")}
     try:
-        fn = run.load("correctness_direction")["final_normed_train"]
+        fn = read_features(setup, "train")["final_normed"] if multi else \
+            run.load("correctness_direction")["final_normed_train"]
         d_a = correctness_direction(fn[torch.as_tensor(fold_a)], ok_all[fold_a], tasks_all[fold_a])
+        d_full = correctness_direction(fn, ok_all, tasks_all) if multi else None
     except ValueError:
-        d_a = None
+        d_a = d_full = None
     if d_a is None or last < 1 or not len(fold_b):
         so_tr = np.zeros((0, max(last, 0), n), np.float32)
         fold_b = fold_b[:0]
     else:
-        so_tr = project_on_direction(model, setup.enc["train"].subset(fold_b), d_a, range(last), setup.batch_size)
-    so_va = load_effects(run, "val", "second_cd")
+        so_tr = project_on_direction(model, view["train"].subset(fold_b), d_a, range(last), setup.batch_size)
+    if multi and d_full is not None and last >= 1:
+        so_va = project_on_direction(model, view["val"], d_full, range(last), setup.batch_size)
+    else:
+        so_va = load_effects(run, "val", "second_cd")
     ok_tr = ok_all[fold_b]
     ptr, pva = [setup.problems.train[i] for i in fold_b], setup.problems.val
     scopes, out = [], {}
@@ -75,8 +87,8 @@ def _error_analysis(setup: Setup, q: float, n_perm: int, seed: int) -> dict[str,
         mt = np.ones(len(ptr), bool) if scope == "overall" else tasks_tr == scope
         mv = np.ones(len(pva), bool) if scope == "overall" else tasks_va == scope
         it, iv = np.flatnonzero(mt), np.flatnonzero(mv)
-        st = [(p.task, difficulty(p)) for p in (ptr[i] for i in it)]
-        sv = [(p.task, difficulty(p)) for p in (pva[i] for i in iv)]
+        st = [error_stratum(p) for p in (ptr[i] for i in it)]
+        sv = [error_stratum(p) for p in (pva[i] for i in iv)]
         if last < 1 or not len(it):
             summ = {"tests": 0, "informative_strata": 0, "discoveries": 0, "null_mean": np.nan, "null_q95": np.nan,
                     "n_perm": 0, "replicated": 0, "replicated_share": np.nan}
@@ -87,7 +99,9 @@ def _error_analysis(setup: Setup, q: float, n_perm: int, seed: int) -> dict[str,
             summ = res["summary"]
             if scope == "overall":
                 out["neurons"] = res["neurons"]
-        scopes.append({"scope": scope, "strata": "task x difficulty" if scope == "overall" else "difficulty",
+                summ["power"] = discovery_power([np.asarray(so_tr[it, l]) for l in range(last)], ok_tr[it], st,
+                                                res["neurons"].p.values, 0.5, q, 50, seed)
+        scopes.append({"scope": scope, "strata": "task x digits x smaller operand's digits x carry/borrow",
                        "fold": "B (odd training problems; direction from fold A)",
                        "n_train": int(len(it)), "n_val": int(len(iv)), **summ})
     out["summary"] = pd.DataFrame(scopes)
@@ -110,6 +124,30 @@ def read_features(setup: Setup, split: str) -> dict[str, Any]:
     top = lg.topk(2, -1).values
     return {"final_normed": acts["final_normed"], "margin": (top[:, 0] - top[:, 1]).numpy(),
             "max_prob": lg.softmax(-1).max(-1).values.numpy()}
+
+
+def _causal_followup(setup: Setup, neurons: pd.DataFrame, k: int = 10, n_sets: int = 20, seed: int = 0
+                     ) -> dict[str, Any]:
+    """Zero-ablate the (up to ``k``) discovered neurons with the largest |z| on the validation
+    problems, against ``n_sets`` random neuron sets of the same size in the same layers."""
+    disc = neurons[neurons.discovery] if "discovery" in neurons else neurons.iloc[:0]
+    if not len(disc):
+        return {"reason": "no training discovery to intervene on"}
+    top = disc.reindex(disc.z.abs().sort_values(ascending=False).index).head(k)
+    chosen: dict[int, list[int]] = {}
+    for l, n in top[["layer", "neuron"]].values:
+        chosen.setdefault(int(l), []).append(int(n))
+    model, enc, bs = setup.model, setup.enc["val"], setup.batch_size
+    ok0 = setup.labels["val"].correct.values.astype(float)
+    ok1 = edit_labels(model, enc, chosen, 0.0, bs).correct.values.astype(float)
+    sets = random_sets_like(chosen, model.cfg.d_mlp, n_sets, seed + 7)
+    R = np.array([edit_labels(model, enc, s_, 0.0, bs).correct.values.astype(float)
+                  for s_ in tqdm(sets, desc=f"error analysis: {n_sets} random sets ablated")])
+    c = chosen_minus_random(ok0, ok1, R, seed=seed)
+    set_changes = (R - ok0[None]).mean(1)
+    c["rank_p"] = float((1 + (set_changes <= c["change"]).sum()) / (1 + len(set_changes)))
+    return {**c, "n_neurons": int(len(top)), "n_sets": int(n_sets),
+            "neurons": {str(k_): v for k_, v in chosen.items()}}
 
 
 def _direction(setup: Setup, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -354,9 +392,12 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
         return cache["ea"]
     ea_deps = base + ["correctness_direction", "val_second_cd"]
     ea_params = {"q": q, "n_perm": n_perm, "seed": seed, "readout": "second_cd, cross-fitted",
-                 "strata": "task x difficulty"}
+                 "strata": "task x digits x smaller digits x carry", "power": "planted 0.5 SD, 50 sims"}
     ea_sum = run.step("error_analysis", lambda: ea()["summary"], "05", params=ea_params, deps=ea_deps)
     ea_neurons = run.step("error_analysis_neurons", lambda: ea()["neurons"], "05", params=ea_params, deps=ea_deps)
+    causal = run.step("error_analysis_causal", lambda: _causal_followup(setup, ea_neurons, seed=seed), "05",
+                      params={"k": 10, "n_sets": 20, "ablation": "zero", "seed": seed},
+                      deps=["error_analysis_neurons", "labels_val"])
     failures = run.step("failure_report", lambda: failure_report(
         load_effects(run, "val", "second_ld"), load_effects(run, "val", "direct_ld"),
         setup.labels["val"].correct.values, setup.problems.val, k=5), "05", deps=base + ["val_second_ld"])
@@ -394,7 +435,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
                        deps=base + ["train_second_cd"])
 
     def build_table() -> pd.DataFrame:
-        rows = error_analysis_rows(ea_sum[ea_sum.scope == "overall"].iloc[0].to_dict(), q)
+        rows = error_analysis_rows(ea_sum[ea_sum.scope == "overall"].iloc[0].to_dict(), q, causal=causal)
         rows += direction_rows(None if "reason" in direction else direction, direction.get("reason", ""))
         rows += polysemanticity_rows(None if "reason" in pnull else pnull, pnull.get("reason", ""))
         how_x = ("for neurons whose concept card has a number read-out concept X (largest positive coefficient) "
@@ -419,7 +460,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
         return table(rows)
     tab = run.step("applications_table", build_table, "05",
                    params={"q": q, "threshold": poly_threshold, **ed_params},
-                   deps=["error_analysis", "correctness_direction_auroc", "polysemanticity_null", "adversarial",
+                   deps=["error_analysis", "error_analysis_causal", "correctness_direction_auroc", "polysemanticity_null", "adversarial",
                          "adversarial_guided", "editing"])
     summary = run.step("applications_summary", lambda: {
         "verdicts": {str(k): int(v) for k, v in tab.verdict.value_counts().items()},
@@ -430,7 +471,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
     }, "05", deps=["applications_table", "polysemanticity"])
     examples = adv[["layer", "neuron", "concept_X", "trigger_F", "source", "targeted", "random"]].head(10) \
         if len(adv) else pd.DataFrame()
-    return {"table": tab, "error_analysis": {"summary": ea_sum, "neurons": ea_neurons}, "failures": failures,
+    return {"table": tab, "error_analysis": {"summary": ea_sum, "neurons": ea_neurons, "causal": causal}, "failures": failures,
             "direction": direction, "polysemanticity": poly, "polysemanticity_null": pnull, "adversarial": adv,
             "adversarial_examples": examples, "adversarial_guided": guided, "editing_curve": curve,
             "editing": editing, "summary": summary}
