@@ -58,13 +58,17 @@ def fmt(v: Any) -> str:
 
 def table_html(df: pd.DataFrame, verdict_col: str | None = None) -> str:
     """An HTML table with every cell formatted by :func:`fmt`; nothing is cut off. Rows whose
-    ``verdict_col`` is pass / fail / not testable are coloured."""
+    ``verdict_col`` is established / refuted / inconclusive / not testable (or an older run's pass /
+    fail) are coloured; rows measured on the training split (``split == "training"``) are marked."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
     body = []
     for _, r in df.iterrows():
-        cls = ""
+        classes = []
         if verdict_col and verdict_col in df.columns:
-            cls = f' class="v-{str(r[verdict_col]).replace(" ", "-")}"'
+            classes.append(f"v-{str(r[verdict_col]).replace(' ', '-')}")
+        if "split" in df.columns and str(r["split"]) == "training":
+            classes.append("s-training")
+        cls = f' class="{" ".join(classes)}"' if classes else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in r.values) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -208,11 +212,25 @@ def section_validation(run: Run) -> Section | None:
     found = [(name, title, _verdicts(run.load(name))) for name, title in VERDICT_TABLES if run.has(name)]
     if not found:
         return None
-    s = Section("Validation table", "Each claim of the method measured on held-out problems against its null, "
-                "with a 95% interval: a pass needs the interval to exclude the null and the value to meet the "
-                "target; 'not testable' (or 'not measurable') says the data cannot resolve the question, and why.")
+    s = Section("Validation table", "Every row of every verdict table. Each row is an estimate, usually the "
+                "estimate minus its control (the strongest alternative explanation), with a 95% interval that "
+                "resamples problems: 'established' when the whole interval lies on the target's side and excludes "
+                "the control, 'refuted' when it lies on the other side (or within the stated margin of the "
+                "control), 'inconclusive' otherwise (the minimum detectable effect, mde, says what this n could "
+                "resolve), 'not testable' when the data cannot measure it, and why. Primary rows are Holm-adjusted "
+                "together (p_holm). Rows measured on the training split are marked (split = training, blue edge).")
     verdicts = pd.concat([df.verdict for _, _, df in found if "verdict" in df.columns])
     s.notes.append("Verdicts: " + ", ".join(f"{fmt(int(v))} {k}" for k, v in verdicts.value_counts().items()))
+    allrows = pd.concat([df for _, _, df in found], ignore_index=True)
+    if "split" in allrows:
+        tr = allrows[allrows.split == "training"]
+        s.notes.append(f"Measured on the training split: {len(tr)} of {len(allrows)} rows"
+                       + (" (" + "; ".join(map(str, tr.measure)) + ")" if len(tr) else "") + ".")
+    if "primary" in allrows:
+        pr = allrows[allrows.primary.fillna(False).astype(bool)]
+        if len(pr):
+            s.notes.append("Primary rows: " + "; ".join(f"{m}: {v} (p_holm {fmt(ph)})" for m, v, ph in
+                                                         zip(pr.measure, pr.verdict, pr.p_holm)) + ".")
     for _, title, df in found:
         s.tables.append((title if len(found) > 1 else "", df))
     return s
@@ -261,6 +279,8 @@ def section_applications(run: Run) -> Section | None:
             continue
         if isinstance(obj, pd.DataFrame):
             title = name.replace("_", " ").capitalize()
+            if len(obj) > 30:
+                title += f" (first 30 of {len(obj)} rows; all in the run's artifact {name})"
             s.tables.append((title, obj.head(30)))
             if name == "editing_curve" and "factor" in obj.columns:
                 ys = [c for c in obj.columns if c != "factor" and obj[c].dtype.kind == "f"
@@ -326,7 +346,9 @@ p.lead{color:#444} p.note{color:#555;font-size:14px}
 table{border-collapse:collapse;margin:.6em 0 1.2em 0;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top;text-align:left;white-space:normal}
 th{background:#f4f4f4} caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0}
-tr.v-pass td{background:#e8f6e8} tr.v-fail td{background:#fbe9e9} tr.v-not-testable td{background:#f3f3f3}
+tr.v-pass td,tr.v-established td{background:#e8f6e8} tr.v-fail td,tr.v-refuted td{background:#fbe9e9}
+tr.v-inconclusive td{background:#fff6dc} tr.v-not-testable td{background:#f3f3f3}
+tr.s-training td:first-child{border-left:4px solid #4a78c2}
 nav a{margin-right:1em}
 """
 

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+
+from so2lib.stats import TABLE_COLUMNS, VERDICTS
 import torch
 
 from so2lib import characterize, concepts, effects, selection, study
@@ -109,8 +111,8 @@ def test_phases_3_and_4_run_and_report(phase2):
     setup, _, _ = phase2
     res3 = characterize.characterization_phase(setup, share=0.05, progress=False)
     table = res3["validation"]
-    assert list(table.columns) == ["measure", "measured", "ci_low", "ci_high", "null", "target", "verdict", "how"]
-    assert set(table.verdict) <= {"pass", "fail", "not testable"} and len(table) >= 3
+    assert list(table.columns) == TABLE_COLUMNS
+    assert set(table.verdict) <= set(VERDICTS) and len(table) >= 3
     assert res3["concentration"].magnitude_share.sum() == pytest.approx(1.0)
     res4 = concepts.decomposition_phase(setup, m=8, progress=False)
     q = res4["quality"]
@@ -128,15 +130,26 @@ def test_phase4_and_phase5_tables_never_crash(phase2):
     setup, _, _ = phase2
     if not setup.run.has("validation_table"):
         characterize.characterization_phase(setup, share=0.05, progress=False)
-    cols = ["measure", "measured", "ci_low", "ci_high", "null", "target", "verdict", "how"]
+    cols = TABLE_COLUMNS
     res4 = concepts.decomposition_phase(setup, m=8, progress=False)
-    assert list(res4["table"].columns) == cols and len(res4["table"]) == 7
+    assert list(res4["table"].columns) == cols and len(res4["table"]) == 6
     assert list(setup.run.load("decomposition_table").columns) == cols
     res5 = applications.applications_phase(setup, k_edit=2, n_random_sets=2, n_perm=50, n_draws=3, progress=False)
     t = res5["table"]
     assert list(t.columns) == cols and len(t) >= 10
-    assert set(t.verdict) <= {"pass", "fail", "not testable"}
+    assert set(t.verdict) <= set(VERDICTS)
     assert all("not measurable" in h for h, v in zip(t.how, t.verdict) if v == "not testable")
+    # no interval of the phase 4/5 tables resamples a fully enumerated set of neurons alone
+    for tab in (res4["table"], t):
+        assert applications.neuron_only_rows(tab) == [], tab[["measure", "resampled"]]
+    planted = t.copy()
+    planted.loc[0, ["ci_low", "ci_high", "resampled"]] = [0.1, 0.2, "neurons"]
+    assert applications.neuron_only_rows(planted) == [planted.measure[0]]
+    # the primary rows of phase 5 are named in the table (Holm-adjusted together)
+    prim = set(t.measure[t.primary.astype(bool)])
+    assert {"correctness direction: within-task AUROC minus best label-free baseline",
+            "editing: accuracy change on the error class, chosen minus random sets (validation)"} <= prim
+    assert "split" in t and (t.split == "training").any()
     assert setup.run.has("applications_table")
     for tab in (res4["table"], t, setup.run.load("validation_table")):  # an estimate lies in its own interval
         ok = tab.dropna(subset=["measured", "ci_low", "ci_high"])

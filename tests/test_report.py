@@ -34,6 +34,12 @@ def _fake_run(path) -> Run:
         "measure": ["sparsity", "rank-1 recovery"], "measured": [0.4, float("nan")], "ci_low": [0.3, float("nan")],
         "ci_high": [0.5, float("nan")], "null": [0.1, 0.0], "target": ["> 0.2", "> 0.5"],
         "verdict": ["pass", "not testable"], "how": ["a long explanation " * 12, "no drop to recover"]}))
+    from so2lib.stats import validation_row, verdict_table
+    nan = float("nan")
+    rows = [validation_row(f"row {k}", 0.1 * k, (0.1 * k - 0.05, 0.1 * k + 0.05), 0.0, 0.2, "how", primary=k == 4,
+                           split="training" if k % 2 else "validation", p=0.001) for k in range(5)]
+    rows.append(validation_row("untestable", nan, (nan, nan), nan, 0.0, "how", reason="not measurable: nothing"))
+    run.save("decomposition_table", verdict_table(rows))
     return run
 
 
@@ -46,6 +52,14 @@ def test_report_sections_and_page(tmp_path):
     assert "a long explanation " * 12 in page  # nothing cut off
     assert "12.0" not in re.sub(r"<script.*?</script>", "", page, flags=re.S)  # counts print as integers
     assert ">nan<" not in page.lower() and "v-not-testable" in page
+    # every row of every verdict table, the new verdicts coloured, training rows marked and counted
+    for k in range(5):
+        assert f"<td>row {k}</td>" in page
+    assert "<td>untestable</td>" in page
+    assert "v-established" in page and "v-refuted" in page and "v-inconclusive" in page
+    assert page.count("s-training") == 2 + 1  # two training rows and the CSS rule
+    assert "Measured on the training split: 2 of 8 rows" in page
+    assert "Primary rows: row 4: established" in page
     assert page.count("plotly.js v") <= 2  # plotly.js embedded once (its banner appears once or twice)
 
 

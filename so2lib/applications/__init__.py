@@ -21,7 +21,7 @@ from .editing import chosen_minus_random, edit_labels, editing_rows, error_class
 from .errors import (NotMeasurable, discovery_power, error_stratum, direction_vs_baselines, direction_rows, error_analysis_rows, failure_report,
                      final_normalized, null_discoveries, project_on_direction, separating_neurons,
                      stratified_error_analysis, stratified_scan)
-from .phase import applications_phase
+from .phase import applications_phase, neuron_only_rows
 from .polysemantic import (RELATED, category_group, polysemantic_flags, polysemanticity, polysemanticity_test,
                            polysemanticity_rows, random_in_span, span_basis)
 

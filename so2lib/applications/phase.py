@@ -26,6 +26,20 @@ from .errors import NotMeasurable, discovery_power, error_stratum, direction_vs_
 from .polysemantic import polysemanticity, polysemanticity_rows, polysemanticity_test
 
 
+def neuron_only_rows(table: pd.DataFrame) -> list[str]:
+    """Measures of the rows of a verdict table whose interval resamples **neurons alone** (a fully
+    enumerated set, not a sample): a finite interval whose ``resampled`` unit names no problems
+    (``"problems"``, ``"problems (cluster: neuron)"``, ...) and no label permutation. Should be empty."""
+    bad = []
+    for _, r in table.iterrows():
+        if not (np.isfinite(float(r["ci_low"])) and np.isfinite(float(r["ci_high"]))):
+            continue
+        unit = str(r.get("resampled", "")).lower()
+        if "problem" not in unit and "label" not in unit:
+            bad.append(str(r["measure"]))
+    return bad
+
+
 def _by_layer(flat: Sequence[int], n_mlp: int) -> dict[int, list[int]]:
     """Flat ``layer * d_mlp + neuron`` indices grouped as ``{layer: [neurons]}`` (order kept)."""
     out: dict[int, list[int]] = {}
