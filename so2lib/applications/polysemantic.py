@@ -65,9 +65,11 @@ def span_basis(vectors: np.ndarray, k: int, tol: float = 1e-6) -> np.ndarray:
     """Orthonormal basis ``[r, d]`` (r <= k) of the span of one neuron's effect vectors ``[N, d]``."""
     X = np.asarray(vectors, np.float64)
     X = X - X.mean(0)
-    _, s, Vt = np.linalg.svd(X, full_matrices=False)
+    w, V = np.linalg.eigh(X.T @ X)  # ascending; singular values are sqrt(w)
+    w, V = w[::-1], V[:, ::-1]
+    s = np.sqrt(np.clip(w, 0, None))
     r = max(1, min(k, int((s > tol * max(s[0], 1e-30)).sum())))
-    return Vt[:r]
+    return V[:, :r].T
 
 
 THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3)
@@ -87,6 +89,17 @@ def polysemanticity_test(vectors: Sequence[np.ndarray], ranks: Sequence[int], di
     and span and redraws the random directions. Also a sensitivity curve of both shares over the
     coefficient ``thresholds``. Returns ``flags``, ``share``, ``null`` (draws), ``point``, ``boots``,
     ``curve`` (DataFrame)."""
+    from ..concepts import pc1_direction, sparse_codes
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # many small matrices: threads only contend
+        return _poly_test(vectors, ranks, dictionary, categories, m, threshold, n_draws, n_boot, thresholds, seed)
+
+
+def _poly_test(vectors: Sequence[np.ndarray], ranks: Sequence[int], dictionary: np.ndarray,
+               categories: Sequence[str], m: int, threshold: float, n_draws: int, n_boot: int,
+               thresholds: Sequence[float], seed: int) -> dict[str, Any]:
     from ..concepts import pc1_direction, sparse_codes
 
     rng = np.random.default_rng(seed)
