@@ -261,7 +261,8 @@ def section_protocol(run: Run) -> Section | None:
 
 
 def section_applications(run: Run) -> Section | None:
-    names = [n for n in ("error_analysis", "correctness_direction_auroc", "polysemanticity_null", "adversarial",
+    names = [n for n in ("error_analysis", "error_analysis_causal", "correctness_direction_auroc",
+                         "polysemanticity_null", "adversarial",
                          "adversarial_guided", "editing", "editing_curve", "polysemanticity_summary",
                          "applications_summary") if run.has(n)]
     if not names:
@@ -290,7 +291,8 @@ def section_applications(run: Run) -> Section | None:
                                   title="Neuron editing: validation accuracy against the scaling factor")
                     fig.update_layout(height=380, yaxis_tickformat=".0%")
                     s.figures.append(fig)
-        elif isinstance(obj, dict):
+        elif isinstance(obj, dict):  # bootstrap replicates and per-neuron flags are artifacts, not table cells
+            obj = {k: v for k, v in obj.items() if k not in ("boots", "diff_boot", "within_boot", "flags", "curve")}
             s.tables.append((name.replace("_", " ").capitalize(), dict_table(obj)))
     if summary is None and not s.tables:
         return None
