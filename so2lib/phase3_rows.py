@@ -108,8 +108,8 @@ def rank1_rows(per: Sequence[dict[str, np.ndarray]], label: str, n_boot: int = 2
     """Rank-1 onto PC1 beyond its controls: ``(acc(rank-1 PC1) - acc(rank-1 control)) /
     drop(mean)``, paired over problems (the recovered shares share their denominator), for the
     controls ``random`` (a random unit direction in each neuron's span) and ``mean direction``
-    (the neuron's mean-effect direction). Target and control 0; ``primary`` names the controls
-    whose row is primary."""
+    (the neuron's mean-effect direction). Control 0; target ``margin`` (0 when NaN: established
+    above it, refuted wholly below it); ``primary`` names the controls whose row is primary."""
     c, m, r1 = _stack(per, "clean_correct"), _stack(per, "mean_correct"), _stack(per, "rank1_correct")
     base = drop_ratio(r1, m, c, m, n_boot, seed)
     rows = []
@@ -127,7 +127,9 @@ def rank1_rows(per: Sequence[dict[str, np.ndarray]], label: str, n_boot: int = 2
         if not r["testable"]:
             rows.append(not_measurable(measure, how, f"{_drop_text(r)}: the interval includes 0", 0.0, **kw))
             continue
-        rows.append(interval_row(measure, r["point"], r["boots"], 0.0, 0.0, how, **kw))
+        t = 0.0 if margin != margin else float(margin)
+        rows.append(interval_row(measure, r["point"], r["boots"], 0.0, t, how + (
+            f"; target: beyond the control by more than {t:g} of the drop" if t else ""), **kw))
     return rows
 
 
@@ -221,8 +223,8 @@ def structure_rows(arrays: Sequence[dict[str, Any]], label: str, n_boot: int = 1
     layers: neurons of every layer whose ``k >= max(50, 2K)``; the same validation problems):
     the validation share along the training PC1 (mean over neurons) minus each control, paired
     over validation problems (the training fits held fixed), and the ratio to the validation
-    set's own PC1. ``margin``: equivalence margin of the difference rows (an interval within
-    ``+- margin`` of 0 is refuted). Not testable when no layer fits on enough top problems."""
+    set's own PC1. ``margin``: the difference rows' target and equivalence margin (established
+    above ``margin``; refuted wholly below it, or within ``+- margin`` of 0). Not testable when no layer fits on enough top problems."""
     ok = [a for a in arrays if a["k"] >= max(50, 2 * a["K"])]
     need = ", ".join(f"k={a['k']} vs max(50, 2K)={max(50, 2 * a['K'])}" for a in arrays)
     names = (("mean_direction", "mean-effect direction", "is PC1 more than activation times a fixed vector?"),
@@ -255,8 +257,8 @@ def structure_rows(arrays: Sequence[dict[str, Any]], label: str, n_boot: int = 1
         how = (f"{base_how}, minus the same along the {name} ({why}); PC1 {pc1_pt:.3f}, control {c_pt:.3f}; "
                f"{n_neurons} neurons ({used}); paired bootstrap over validation problems, training fits held fixed")
         rows.append(interval_row(f"{label}: PC1 share minus {name}", pc1_pt - c_pt, pc1_b - _shares(w, C, E), 0.0,
-                                 0.0, how, resampled=PROBLEMS, primary=primary and key == "mean_direction",
-                                 margin=margin))
+                                 margin, how + f"; target: beyond the control by more than {margin:g}",
+                                 resampled=PROBLEMS, primary=primary and key == "mean_direction", margin=margin))
     # ceiling: the validation set's own PC1, refitted per replicate (a fixed subset of neurons within budget)
     ys = [a["y"][:, :, a["keep"]] for a in ok]
     Es = [a["energy"][:, a["keep"]] for a in ok]
