@@ -121,7 +121,7 @@ def fit_from_coefficients(c: torch.Tensor, G: torch.Tensor, share: float = 0.02,
     top_sh = torch.stack([sh[order_sh[:ktop, j], :, j] for j in range(sh.shape[2])], -1)
     _, pshare_sh = fit_pc1(top_sh, G)
     return {"mean": mean, "threshold": threshold, "v": v, "pc1_share": pshare, "pc1_share_shuffled": pshare_sh,
-            "energy": energy, "G": G}
+            "energy": energy, "G": G, "seed": seed}  # seed: also of the random rank-1 control (_edit_batch)
 
 
 @torch.no_grad()
@@ -277,7 +277,6 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
         for l in group:
             c_l = torch.cat(cs.pop(l))
             fits[l] = fit_from_coefficients(c_l, ws[l].gram(), share, seed)
-            fits[l]["seed"] = seed * 1009 + l  # the random rank-1 control's directions
             stats[l] = {"pc1_share": fits[l]["pc1_share"].numpy(), "pc1_share_shuffled":
                         fits[l]["pc1_share_shuffled"].numpy(), "K": K[l], "n_fit": len(idx)}
             del fits[l]["energy"]
