@@ -124,10 +124,10 @@ def rank1_rows(per: Sequence[dict[str, np.ndarray]], label: str, n_boot: int = 2
                f"all neurons, paired bootstrap over problems; PC1 recovers {base['point']:.3f}, the {name} "
                f"{rc['point']:.3f}; {_drop_text(r)}")
         kw = dict(resampled=PROBLEMS, split=split, primary=key[len("rank1_"):] in primary, margin=margin)
-        if not r["testable"]:
-            rows.append(not_measurable(measure, how, f"{_drop_text(r)}: the interval includes 0", 0.0, **kw))
-            continue
         t = 0.0 if margin != margin else float(margin)
+        if not r["testable"]:
+            rows.append(not_measurable(measure, how, f"{_drop_text(r)}: the interval includes 0", t, **kw))
+            continue
         rows.append(interval_row(measure, r["point"], r["boots"], 0.0, t, how + (
             f"; target: beyond the control by more than {t:g} of the drop" if t else ""), **kw))
     return rows
@@ -237,7 +237,7 @@ def structure_rows(arrays: Sequence[dict[str, Any]], label: str, n_boot: int = 1
     if not ok:
         for key, name, why in names:
             rows.append(not_measurable(f"{label}: PC1 share minus {name}", f"{base_how}; control: {why}",
-                                       f"PC1 fitted on too few top problems ({need})", 0.0,
+                                       f"PC1 fitted on too few top problems ({need})", margin,
                                        resampled=PROBLEMS, primary=primary and key == "mean_direction"))
         rows.append(not_measurable(f"{label}: training PC1 share / validation's own PC1 share",
                                    base_how, f"PC1 fitted on too few top problems ({need})", 0.8,
