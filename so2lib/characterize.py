@@ -368,7 +368,7 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
     per_problem = run.step("clip_per_problem", lambda: protocol()["per_problem"], "03",
                            params={"share": share}, deps=["labels_train", "labels_val", "selection"])
     structure = run.step("pc1_structure", lambda: protocol()["structure"], "03",
-                         params={"share": share, "max_structure_neurons": max_structure_neurons},
+                         params={"share": share, "max_structure_neurons": max_structure_neurons, "rows": 2},
                          deps=["labels_train", "labels_val", "selection"])
     gold_train = torch.tensor(setup.labels["train"].gold_token.values)
     outcomes = {"train": second_order_outcomes(model, sums["train"], sums["train"], gold_train),
