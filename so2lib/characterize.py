@@ -26,7 +26,8 @@ from .second_order import SecondOrderEngine
 from .effects import load_effects
 from .selection import load_selection
 from . import protocol as P
-from .stats import bootstrap_ci as _boot, min_detectable_change, top_share, top_share_null, validation_row
+from . import phase3_rows as R
+from .stats import not_measurable, validation_row, verdict_table  # noqa: F401 (validation_row: re-exported)
 from .study import Setup
 
 # ----------------------------------------------------------------------------- pure functions
@@ -125,6 +126,20 @@ def output_space_ablation(model: Any, train: dict[str, torch.Tensor], val: dict[
     df = pd.DataFrame(rows)
     df.attrs["clean_accuracy"], df.attrs["clean_logit_diff"] = acc0, ld0
     return df
+
+
+def second_order_outcomes(model: Any, train: dict[str, torch.Tensor], split: dict[str, torch.Tensor],
+                          gold: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per problem of ``split`` (layer sums of :func:`collect`): ``clean [N]`` correctness and
+    ``ablated [N, L]``: correctness with each layer's summed second-order effect replaced by its
+    TRAINING mean (the edit of :func:`output_space_ablation`, kept per problem)."""
+    ok0, _ = answer_metrics(final_logits(model, split["resid"]), gold)
+    abl = []
+    for l in range(model.cfg.n_layers):
+        ok, _ = answer_metrics(final_logits(model, split["resid"] - split["second"][:, l]
+                                            + train["second"][:, l].mean(0)), gold)
+        abl.append(ok.numpy())
+    return {"clean": ok0.numpy(), "ablated": np.stack(abl, 1)}
 
 
 def layer_concentration(second_abs_by_layer: np.ndarray, ablation: pd.DataFrame,
@@ -260,35 +275,14 @@ def _r2(y: np.ndarray, yhat: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- the phase, for notebooks
 
 
-def sparsity_check(vec_train: dict[int, np.ndarray], vec_val: dict[int, np.ndarray], heads: dict[int, int],
-                   frac: float = 0.02) -> dict[str, Any]:
-    """Threshold-free sparsity of the selected neurons' validation effects: the median over
-    neurons of the share of centred-effect energy (squared norm about the TRAINING mean) held by
-    the top ``frac`` of problems, with a CI from a bootstrap over neurons (resampling problems
-    would bias a top-k share), against a dense null: the 97.5% quantile of the same share for
-    Gaussian effects on every problem along one direction (energy ~ chi^2_1, the most
-    concentrated dense Gaussian; a spread over more of the neuron's ``K``-dim span only lowers
-    the null, so a pass means sparser than any dense Gaussian effect). ``heads`` is kept for the
-    record (``null_isotropic``: the same with chi^2_K)."""
-    shares, nulls, iso = [], [], []
-    for l in vec_train:
-        mean = np.asarray(vec_train[l], np.float32).mean(0)
-        e = (np.square(np.asarray(vec_val[l], np.float32) - mean)).sum(-1)  # [N, n]
-        shares.append(top_share(e, frac))
-        nulls.append(np.quantile(top_share_null(e.shape[0], 1, frac), 0.975))
-        iso.append(np.quantile(top_share_null(e.shape[0], heads[l], frac), 0.975))
-    if not shares:
-        return {"measured": float("nan"), "ci": (float("nan"),) * 2, "null": float("nan")}
-    per_neuron = np.concatenate(shares)
-    return {"measured": float(np.nanmedian(per_neuron)), "ci": _boot(per_neuron, np.nanmedian, 1000),
-            "null": float(np.max(nulls)), "null_isotropic": float(np.max(iso))}
-
-
 def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: int | None = None,
-                           progress: bool = True, n_boot: int = 2000) -> dict[str, Any]:
+                           progress: bool = True, n_boot: int = 2000,
+                           max_structure_neurons: int = 512) -> dict[str, Any]:
     """Phase 3: output-space ablations, the CLIP protocol for all neurons of each layer (and the
-    selected ones), sparsity and rank-1 structure against nulls, layer concentration, effect
-    budget and the validation table. Fitted on the training split, measured on validation."""
+    selected ones), sparsity and rank-1 structure against their controls, layer concentration,
+    effect budget and the validation table (:func:`validation_table`). Fitted on the training
+    split, measured on validation. ``max_structure_neurons``: neurons per critical layer (a fixed
+    random subset when there are more) whose coefficients the PC1-structure rows keep."""
     run, model, bs = setup.run, setup.model, setup.batch_size
     crit, selected = load_selection(run)
     cd = run.load("correctness_direction")
@@ -332,12 +326,29 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
     layers = list(range(L - 1))
     done: dict[str, Any] = {}
 
-    def protocol() -> dict[str, Any]:  # one grouped pass computes both artifacts below
+    seed = setup.run.config.get("seed", 0)
+    d_mlp = model.cfg.d_mlp
+    gen = np.random.default_rng(seed)
+    keep = {l: torch.as_tensor(np.sort(gen.choice(d_mlp, max_structure_neurons, replace=False))
+                               if d_mlp > max_structure_neurons else np.arange(d_mlp)) for l in crit if l < L - 1}
+
+    def protocol() -> dict[str, Any]:  # one grouped pass computes the artifacts below
         if not done:
             scopes = {l: {"all": None, **({"selected": torch.tensor(selected[l])} if l in selected else {})}
                       for l in layers}
             per, st = P.run_protocol(model, setup.enc["train"], setup.enc["val"], gold_val, layers, scopes,
-                                     share, bs, seed=setup.run.config.get("seed", 0), progress=progress)
+                                     share, bs, seed=seed, progress=progress, keep=keep)
+            done["per_problem"] = pd.concat([pd.DataFrame({"layer": l, "neurons": scope, "problem": np.arange(
+                len(pp["clean_correct"])), **{k: v for k, v in pp.items()}}) for (l, scope), pp in per.items()],
+                ignore_index=True)
+            arrays = {l: R.structure_arrays(st[l].pop("structure"), share, seed) for l in keep}
+            srows = []
+            for l, a in arrays.items():
+                srows += [dict(r, layer=str(l)) for r in R.structure_rows([a], f"layer {l}", seed=seed)]
+            if len(arrays) > 1:
+                srows += [dict(r, layer="critical") for r in R.structure_rows(
+                    list(arrays.values()), "critical layers", seed=seed)]
+            done["structure"] = pd.DataFrame(srows)
             frames = []
             for (l, scope), pp in per.items():
                 f = P.protocol_table(pp, l, scope, n_boot)
@@ -354,64 +365,82 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
     clip = run.step("clip_protocol", lambda: protocol()["clip"], "03",
                     params={"share": share, "n_boot": n_boot}, deps=["labels_train", "labels_val", "selection"])
     pc1 = run.step("pc1_by_neuron", lambda: protocol()["pc1"], "03", params={"share": share}, deps=["labels_train"])
-
-    table = run.step("validation_table", lambda: _validation_table(
-        setup, crit, vt, vv, pc1, clip, H, L, share, mags), "03",
-        params={"share": share}, deps=["clip_protocol", "pc1_by_neuron", "val_second_ld"] + vec_deps)
+    per_problem = run.step("clip_per_problem", lambda: protocol()["per_problem"], "03",
+                           params={"share": share}, deps=["labels_train", "labels_val", "selection"])
+    structure = run.step("pc1_structure", lambda: protocol()["structure"], "03",
+                         params={"share": share, "max_structure_neurons": max_structure_neurons, "rows": 2},
+                         deps=["labels_train", "labels_val", "selection"])
+    gold_train = torch.tensor(setup.labels["train"].gold_token.values)
+    outcomes = {"train": second_order_outcomes(model, sums["train"], sums["train"], gold_train),
+                "val": second_order_outcomes(model, sums["train"], sums["val"], gold_val)}
+    sparsity = run.step("clip_sparsity", lambda: clip_sparsity_table(per_problem, crit, L, n_boot, seed), "03",
+                        params={"n_boot": n_boot}, deps=["clip_per_problem", "selection"])
+    table = run.step("validation_table", lambda: validation_table(
+        per_problem, structure, outcomes, vt, vv, crit, L, H, share, n_boot, seed), "03",
+        params={"share": share, "n_boot": n_boot},
+        deps=["clip_per_problem", "pc1_structure", "layer_sums_train", "layer_sums_val", "selection"] + vec_deps)
     return {"ablation": abl, "concentration": conc, "stats": stats, "replacement": repl, "budget": budget,
-            "clip_protocol": clip, "pc1": pc1, "validation": table, "critical_layers": crit}
+            "clip_protocol": clip, "pc1": pc1, "clip_sparsity": sparsity, "pc1_structure": structure,
+            "validation": table, "critical_layers": crit}
 
 
-def _validation_table(setup: Setup, crit: Sequence[int], vt: dict, vv: dict, pc1: pd.DataFrame,
-                      clip: pd.DataFrame, H: int, L: int, share: float, mags: np.ndarray) -> pd.DataFrame:
+def _per(per_problem: pd.DataFrame, layer: int, scope: str = "all") -> dict[str, np.ndarray]:
+    f = per_problem[(per_problem.layer == layer) & (per_problem.neurons == scope)].sort_values("problem")
+    return {c: f[c].to_numpy() for c in f.columns if c not in ("layer", "neurons", "problem")}
+
+
+#: the pre-registered primary rows of phase 3 (docs/measurements.md), Holm-corrected together
+PRIMARY = ("critical layers: drop(ablate significant) / drop(mean)",
+           "critical layers: drop(ablate insignificant) / drop(mean)",
+           "critical layers: rank-1 recovered share, PC1 minus random direction in span")
+
+
+def clip_sparsity_table(per_problem: pd.DataFrame, crit: Sequence[int], L: int, n_boot: int = 2000,
+                        seed: int = 0) -> pd.DataFrame:
+    """CLIP's sparsity rows (:func:`phase3_rows.clip_sparsity_rows`) for every layer with later heads,
+    all neurons, and pooled over the critical layers (column ``layer``)."""
     rows = []
-    n_val = len(setup.labels["val"])
-    acc = float(setup.labels["val"].correct.mean())
-    mdc = 100 * min_detectable_change(acc, n_val)
-    heads = {l: (L - 1 - l) * H for l in crit}
-    sp = sparsity_check(vt, vv, heads, share)
-    rows.append(validation_row(
-        "sparsity: top-2% energy share", sp["measured"], sp["ci"], sp["null"], 0.2,
-        "median over selected neurons of the share of validation centred-effect energy in the top 2% of "
-        "problems (training mean); CI: bootstrap over neurons; null: 97.5% quantile for a dense Gaussian "
-        "effect along one direction (chi^2_1; isotropic in the K-dim span it would be "
-        f"{sp.get('null_isotropic', float('nan')):.3f})",
-        reason="no selected neurons"))
-    crit_pc = pc1[pc1.layer.isin(list(crit))]
-    if len(crit_pc):
-        m = float(crit_pc.pc1_share_topk.mean())
-        null = float(max((1.0 / crit_pc.K).mean(), crit_pc.pc1_share_shuffled.mean()))
-        ci = _boot(crit_pc.pc1_share_topk.values, np.mean)
-    else:
-        m, null, ci = float("nan"), float("nan"), (float("nan"),) * 2
-    rows.append(validation_row(
-        "PC1 variance (top-k, all neurons of critical layers)", m, ci, null, 0.35,
-        "mean over neurons of PC1's share of the top-2% centred effects (training); null: max(1/K, the "
-        "same with each head's coefficients shuffled across problems); CI: bootstrap over neurons"))
-    # layer concentration against the head-count null
-    per_prob = np.abs(np.asarray(load_effects(setup.run, "val", "second_ld"))).sum(2)  # [N, L]
-    crit_share = lambda x: float(x[:, list(crit)].sum() / x.sum()) if x.sum() > 0 else float("nan")  # noqa: E731
-    Ks = np.array([(L - 1 - l) * H for l in range(L)], float)
-    rows.append(validation_row(
-        "critical layers' share of the effect", crit_share(per_prob), _boot(per_prob, crit_share, 300),
-        float(Ks[list(crit)].sum() / Ks.sum()), 0.8,
-        "share of total |second-order effect| on the logit difference (validation) in the critical layers; "
-        "null: their share of later heads (head-count null); CI: bootstrap over problems",
-        reason="no second-order effect at all"))
-    for l in crit:
-        r = clip[(clip.layer == l) & (clip.neurons == "all") & (clip.edit == "rank1")]
-        mean = clip[(clip.layer == l) & (clip.neurons == "all") & (clip.edit == "mean")]
-        if r.empty:
-            continue
-        r, mean = r.iloc[0], mean.iloc[0]
-        rows.append(validation_row(
-            f"layer {l}: share of mean-ablation drop recovered by rank-1 (all neurons)", float(r.recovered_share),
-            (float(r.recovered_ci_low), float(r.recovered_ci_high)), 0.0, 0.8,
-            f"(acc(rank-1) - acc(mean)) / (acc(clean) - acc(mean)) on validation; mean-ablation change "
-            f"{mean.accuracy_change_points:.2f} points [{mean.ci_low_points:.2f}, {mean.ci_high_points:.2f}]; "
-            f"a 1-point change is resolvable only with ~{mdc:.1f}-point sensitivity at n={n_val}",
-            reason=str(r.recovered_note)))
+    for l in range(L - 1):
+        if ((per_problem.layer == l) & (per_problem.neurons == "all")).any():
+            rows += [dict(r, layer=str(l)) for r in R.clip_sparsity_rows([_per(per_problem, l)], f"layer {l}",
+                                                                         n_boot, seed)]
+    cl = [l for l in crit if l < L - 1]
+    if cl:
+        rows += [dict(r, layer="critical") for r in R.clip_sparsity_rows(
+            [_per(per_problem, l) for l in cl], "critical layers", n_boot, seed, primary=True)]
     return pd.DataFrame(rows)
+
+
+def validation_table(per_problem: pd.DataFrame, structure: pd.DataFrame, outcomes: dict[str, dict[str, np.ndarray]],
+                     vt: dict, vv: dict, crit: Sequence[int], L: int, H: int, share: float = 0.02,
+                     n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Phase 3's verdict table (:func:`stats.verdict_table`, columns ``stats.TABLE_COLUMNS``):
+    CLIP's sparsity rows and rank-1 beyond its controls for the critical layers (each, and pooled:
+    the primary rows :data:`PRIMARY`), the PC1-structure rows pooled over the critical layers, the
+    energy share as a description, and layer concentration of the second-order ablation drop.
+    Every interval resamples validation problems."""
+    cl = [l for l in crit if l < L - 1]
+    sp = clip_sparsity_table(per_problem, crit, L, n_boot, seed)
+    rows = [r for r in sp.to_dict("records") if r["layer"] in [str(l) for l in cl] + ["critical"]]
+    for l in cl:
+        rows += R.rank1_rows([_per(per_problem, l)], f"layer {l}", n_boot, seed, margin=0.05)
+    if cl:
+        rows += R.rank1_rows([_per(per_problem, l) for l in cl], "critical layers", n_boot, seed,
+                             primary=("random",), margin=0.05)
+    if len(structure):
+        pooled = "critical" if (structure.layer == "critical").any() else None
+        st = structure[structure.layer == (pooled or structure.layer.iloc[0])]
+        rows += st.to_dict("records")
+    rows.append(R.energy_share_row(vt, vv, share, 1000, seed))
+    conc, _ = R.concentration_row(outcomes["train"], outcomes["val"], L, H, len(crit), n_boot, seed)
+    rows.append(conc)
+    df = verdict_table(rows)
+    missing = [m for m in PRIMARY if m not in set(df.measure)]
+    if missing:  # a primary row is always present (not testable when it cannot be computed)
+        df = verdict_table(rows + [not_measurable(m, "pre-registered primary row", "no critical layer with later "
+                                                  "heads", 0.0, resampled=R.PROBLEMS, primary=True)
+                                   for m in missing])
+    return df
 
 
 def _mean_activations(setup: Setup, progress: bool = True) -> torch.Tensor:

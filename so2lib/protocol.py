@@ -121,7 +121,7 @@ def fit_from_coefficients(c: torch.Tensor, G: torch.Tensor, share: float = 0.02,
     top_sh = torch.stack([sh[order_sh[:ktop, j], :, j] for j in range(sh.shape[2])], -1)
     _, pshare_sh = fit_pc1(top_sh, G)
     return {"mean": mean, "threshold": threshold, "v": v, "pc1_share": pshare, "pc1_share_shuffled": pshare_sh,
-            "energy": energy, "G": G}
+            "energy": energy, "G": G, "seed": seed}  # seed: also of the random rank-1 control (_edit_batch)
 
 
 @torch.no_grad()
@@ -135,6 +135,33 @@ def fit_layer(model: Any, enc_train: Encoded, layer: int, share: float = 0.02, b
         rows = capture_batch(model, x, T, [layer])
         cs.append(coefficients(w.engine, rows, layer))
     return fit_from_coefficients(torch.cat(cs), w.gram(), share, seed)
+
+
+def control_directions(G: torch.Tensor, mean: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The two rank-1 controls of each neuron, as coefficient vectors ``[K, n]`` of unit effect-space
+    norm (``v^T G_n v = 1``; a zero vector where a neuron has no effect at all):
+
+    - ``mean_direction``: the direction of the neuron's training mean effect ``M_n^T mean_n`` (is the
+      PC1 more than "activation times a fixed vector"?);
+    - ``random``: a uniformly random unit direction in the neuron's effect span (the rows of
+      ``M_n``): ``v = Q L^-1/2 z / ||z||`` with ``G_n = Q L Q^T`` (eigenvalues below ``1e-6`` of the
+      largest dropped) and ``z`` standard Gaussian, seeded by ``seed``."""
+    norm = torch.einsum("kn,nkj,jn->n", mean, G, mean).clamp_min(0).sqrt()
+    mdir = torch.where(norm > 0, mean / norm.clamp_min(1e-30), torch.zeros_like(mean))
+    evals, Q = torch.linalg.eigh(G.double())  # [n, K], [n, K, K]
+    ok = evals > 1e-6 * evals[:, -1:].clamp_min(1e-300)
+    z = torch.randn(G.shape[0], G.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z = z * ok
+    r = torch.einsum("nkj,nj->nk", Q, z / evals.clamp_min(1e-300).sqrt() * ok)
+    rn = z.norm(dim=1, keepdim=True)
+    r = torch.where(rn > 0, r / rn.clamp_min(1e-300), torch.zeros_like(r))
+    return {"mean_direction": mdir.float(), "random": r.T.float().contiguous()}
+
+
+def _rank1(w: LayerWeights, dc: torch.Tensor, G: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Residual edit replacing each centred effect ``dc [b, K, n]`` by its projection on ``v [K, n]``."""
+    a = torch.einsum("bkn,nkj,jn->bn", dc, G, v)
+    return w.edit(a[:, None] * v[None] - dc)
 
 
 def _edit_batch(model: Any, w: LayerWeights, fit: dict[str, torch.Tensor], c: torch.Tensor,
@@ -153,6 +180,11 @@ def _edit_batch(model: Any, w: LayerWeights, fit: dict[str, torch.Tensor], c: to
              "ablate_significant": -w.edit(dc * sig[:, None]),
              "ablate_insignificant": -w.edit(dc * ~sig[:, None]),
              "rank1": w.edit(a[:, None] * v[None] - dc)}
+    ctrl = fit.get("controls")
+    if ctrl is None:
+        ctrl = fit["controls"] = control_directions(G, mean, int(fit.get("seed", 0)))
+    edits["rank1_random"] = _rank1(w, dc, G, ctrl["random"])
+    edits["rank1_mean_direction"] = _rank1(w, dc, G, ctrl["mean_direction"])
     for name, e in edits.items():
         ok, ld = answer_metrics(final_logits(model, final_resid + e), gold)
         out.setdefault(f"{name}_correct", []).append(ok.numpy())
@@ -205,7 +237,8 @@ def layer_groups(layers: Sequence[int], n_problems: int, K: dict[int, int], d_ml
 def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: torch.Tensor, layers: Sequence[int],
                  scopes: dict[int, dict[str, torch.Tensor | None]], share: float = 0.02, batch_size: int = 64,
                  budget: int | str = "2GiB", max_fit_problems: int = 4000, seed: int = 0,
-                 progress: bool = True) -> tuple[dict[tuple[int, str], dict[str, np.ndarray]], dict[int, dict]]:
+                 progress: bool = True, keep: dict[int, torch.Tensor] | None = None,
+                 ) -> tuple[dict[tuple[int, str], dict[str, np.ndarray]], dict[int, dict]]:
     """The CLIP protocol for several source layers with few forward passes.
 
     Layers are processed in groups that fit ``budget`` (:func:`layer_groups`); per group, one
@@ -214,7 +247,10 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
     and one pass per validation batch measures every layer and scope of ``scopes``
     (``{layer: {scope name: neurons or None for all}}``). Returns the per-problem readouts
     ``{(layer, scope): ...}`` (as :func:`layer_protocol`) and per layer the PC1 statistics
-    ``{"pc1_share", "pc1_share_shuffled", "K", "n_fit"}``."""
+    ``{"pc1_share", "pc1_share_shuffled", "K", "n_fit"}``. ``keep``: ``{layer: neurons}`` whose
+    training and validation coefficients are also returned, in ``stats[layer]["structure"]``
+    (``neurons``, ``coef_train [N_fit, K, s]``, ``coef_val [N_val, K, s]``, ``G``, ``mean``, ``v``,
+    ``M [s, K, d_model]``: what the PC1-structure rows need)."""
     from .progress import tqdm
     from .second_order import _bytes
     eng = engine_for(model)
@@ -239,10 +275,19 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
                 cs[l].append(coefficients(eng, rows, l))
         fits = {}
         for l in group:
-            fits[l] = fit_from_coefficients(torch.cat(cs.pop(l)), ws[l].gram(), share, seed)
+            c_l = torch.cat(cs.pop(l))
+            fits[l] = fit_from_coefficients(c_l, ws[l].gram(), share, seed)
             stats[l] = {"pc1_share": fits[l]["pc1_share"].numpy(), "pc1_share_shuffled":
                         fits[l]["pc1_share_shuffled"].numpy(), "K": K[l], "n_fit": len(idx)}
             del fits[l]["energy"]
+            if keep and l in keep:
+                kn = torch.as_tensor(keep[l], dtype=torch.long)
+                W = ws[l]
+                Mn = torch.einsum("nm,kmh,khd->nkd", W.W_out[kn], W.W_V, W.W_O)
+                stats[l]["structure"] = {"neurons": kn, "coef_train": c_l[..., kn].clone(),
+                                         "coef_val": [], "G": fits[l]["G"][kn], "mean": fits[l]["mean"][:, kn],
+                                         "v": fits[l]["v"][:, kn], "M": Mn}
+            del c_l
         outs: dict[tuple[int, str], dict[str, list]] = {(l, sc): {} for l in group for sc in scopes.get(l, {})}
         keeps = {(l, sc): _keep(n, ns) for l in group for sc, ns in scopes.get(l, {}).items()}
         for rows_idx, x, T in enc_val.batches(batch_size):
@@ -251,10 +296,15 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
             gold = gold_val[rows_idx.start:rows_idx.stop]
             for l in group:
                 c = coefficients(eng, rows, l)
+                if "structure" in stats[l]:
+                    stats[l]["structure"]["coef_val"].append(c[..., stats[l]["structure"]["neurons"]].clone())
                 for sc in scopes.get(l, {}):
                     _edit_batch(model, ws[l], fits[l], c, fr, gold, keeps[(l, sc)], outs[(l, sc)])
         for key, o in outs.items():
             per[key] = {k: np.concatenate(v) for k, v in o.items()}
+        for l in group:
+            if "structure" in stats[l]:
+                stats[l]["structure"]["coef_val"] = torch.cat(stats[l]["structure"]["coef_val"])
         del fits, ws
         bar.update(len(group))
     bar.close()
@@ -268,7 +318,8 @@ def protocol_table(per_problem: dict[str, np.ndarray], layer: int, scope: str, n
     drop it recovers (bootstrap CI; NaN = not testable when the mean-ablation drop's CI includes 0)."""
     c0, l0 = per_problem["clean_correct"], per_problem["clean_logit_diff"]
     rows = []
-    for name in ("mean", "ablate_significant", "ablate_insignificant", "rank1"):
+    for name in [e for e in ("mean", "ablate_significant", "ablate_insignificant", "rank1", "rank1_random",
+                             "rank1_mean_direction") if f"{e}_correct" in per_problem]:
         c, ld = per_problem[f"{name}_correct"], per_problem[f"{name}_logit_diff"]
         acc = paired_bootstrap(c0, c, n_boot, seed)
         lg = paired_bootstrap(l0, ld, n_boot, seed)

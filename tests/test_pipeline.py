@@ -113,6 +113,7 @@ def test_phases_3_and_4_run_and_report(phase2):
     table = res3["validation"]
     assert list(table.columns) == TABLE_COLUMNS
     assert set(table.verdict) <= set(VERDICTS) and len(table) >= 3
+    assert table.resampled.str.startswith("problems").all() and table.primary.sum() == len(characterize.PRIMARY)
     assert res3["concentration"].magnitude_share.sum() == pytest.approx(1.0)
     res4 = concepts.decomposition_phase(setup, m=8, progress=False)
     q = res4["quality"]

@@ -91,3 +91,24 @@ def test_grouped_protocol_equals_one_layer_at_a_time(tiny_models):
                 np.testing.assert_allclose(per[k][name], ref[k][name], rtol=1e-5, atol=1e-6, err_msg=str((k, name)))
         assert st[0]["K"] == 3 * model.cfg.n_heads and st[0]["n_fit"] == 24
     assert P.layer_groups([0, 1, 2], 24, {0: 12, 1: 8, 2: 4}, 64, 1) == [[0], [1], [2]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rank1_control_edits_match_full_vectors(arch, tiny_models):
+    """The rank-1 edits onto the control directions (coefficient space, metric G) equal projecting
+    each neuron's full effect vector on the control's unit effect-space direction and summing."""
+    model, layer = tiny_models[arch], 1
+    tokens, T = batch()
+    rows = capture_batch(model, tokens, T, [layer])
+    eng = SecondOrderEngine(model, layers=[layer])
+    full = eng.vectors(rows, layer).float().cpu()  # [b, n, d]
+    w = P.LayerWeights(model, layer, eng)
+    c = P.coefficients(eng, rows, layer)
+    G = w.gram()
+    ctrl = P.control_directions(G, c.mean(0) + 0.1, seed=3)
+    M = torch.einsum("nm,kmh,khd->nkd", w.W_out, w.W_V, w.W_O)
+    for key in ("random", "mean_direction"):
+        u = torch.einsum("nkd,kn->nd", M, ctrl[key])  # unit effect-space directions
+        torch.testing.assert_close(u.norm(dim=1), torch.ones(len(u)), rtol=1e-3, atol=1e-3)
+        ref = (torch.einsum("bnd,nd->bn", full, u)[..., None] * u[None] - full).sum(1)
+        torch.testing.assert_close(P._rank1(w, c, G, ctrl[key]), ref, rtol=1e-3, atol=1e-4)
