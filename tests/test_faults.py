@@ -275,3 +275,36 @@ def test_chat_and_position_values_a_user_may_give_are_accepted():
     for v in ("auto", True, False):
         assert check_value("chat", v) is None
     assert check_value("position", "first") is None and check_value("chat", 1)
+
+
+# ----------------------------------------------------------------------------- issue 21: API misuse
+
+
+def test_api_misuse_gets_errors_that_say_what_to_do(tiny_models):
+    import so2lib
+    from so2lib.tasks import make_problem_set
+
+    model = tiny_models["gpt2"]
+    tokens, pos = torch.tensor([[1, 2, 3, 4]]), torch.tensor([3])
+    ok = so2lib.second_order_effects(model, tokens, pos, layer=1, neurons=[0, 1])
+    # a numpy (or 0-d torch) integer layer is the same layer, not "out of range"
+    assert torch.equal(so2lib.second_order_effects(model, tokens, pos, layer=np.int64(1), neurons=[0, 1]), ok)
+    assert torch.equal(so2lib.second_order_effects(model, tokens, pos, layer=torch.tensor(1), neurons=[0, 1]), ok)
+    with pytest.raises(ValueError, match="layer 9 out of range"):
+        so2lib.second_order_effects(model, tokens, pos, layer=np.int64(9))
+    with pytest.raises(TypeError, match="layer must be an integer"):
+        so2lib.second_order_effects(model, tokens, pos, layer=1.5)
+    # a model name instead of a model
+    with pytest.raises(TypeError, match=r"load it first with model = so2lib.load_model\('gpt2'\)"):
+        so2lib.second_order_effects("gpt2", tokens, pos, layer=1)
+    with pytest.raises(TypeError, match=r"so2lib.load_model\('gpt2'\)"):
+        so2lib.projected_effects("gpt2", tokens, pos, torch.zeros(1, model.cfg.d_model))
+    out = so2lib.projected_effects(model, tokens, pos, torch.ones(1, model.cfg.d_model), layers=np.int64(1))
+    assert out["second"].shape[2] == 1
+    # batch_size 0
+    enc = so2lib.encode(model, make_problem_set(4, 2, 0, ["addition"]).train)
+    for bs in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            so2lib.label(model, enc, bs)
+    with pytest.raises(TypeError, match="so2lib.encode"):
+        so2lib.label(model, [[1, 2]], 4)
