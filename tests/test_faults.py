@@ -308,3 +308,119 @@ def test_api_misuse_gets_errors_that_say_what_to_do(tiny_models):
             so2lib.label(model, enc, bs)
     with pytest.raises(TypeError, match="so2lib.encode"):
         so2lib.label(model, [[1, 2]], 4)
+
+
+# ----------------------------------------------------------------------------- issue 21: run directories
+
+
+def test_run_dir_that_is_a_file_or_under_a_file_is_refused_clearly(tmp_path):
+    from so2lib.runs import RunDirUnusable
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for d, match in [(f, "is a file, not a folder: pass another run directory"),
+                     (f / "sub" / "r", f"cannot be created: {f} is a file")]:
+        with pytest.raises(RunDirUnusable, match=match):
+            runner.run_all(str(d), only=["01"])
+        with pytest.raises(RunDirUnusable, match=match):
+            Run(d)
+    assert f.read_text() == "x"
+
+
+@pytest.fixture
+def readonly(tmp_path):
+    """``(src, ro)``: a folder and a read-only view of it (a read-only bind mount as root, else
+    permissions)."""
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "--bind", "-o", "ro", str(src), str(ro)], capture_output=True).returncode:
+            pytest.skip("root without mount: cannot make a read-only folder")
+        mounted = True
+    else:
+        ro.rmdir()
+        ro = src
+    yield src, ro
+    if mounted:
+        subprocess.run(["umount", str(ro)], check=True)
+    else:
+        for p in [src, *src.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def test_finished_run_is_read_from_read_only_storage(readonly):
+    from so2lib.runs import RunDirUnusable
+
+    src, ro = readonly
+    run = Run(src / "r", model="m")
+    run.step("table", lambda: pd.DataFrame({"a": [1.0, 2.0]}), "01")
+    before = (src / "r" / "manifest.json").read_bytes()
+    if ro == src:
+        for p in [*src.rglob("*"), src]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+    r = Run(ro / "r")  # opening only reads...
+    assert r.load("table").a.tolist() == [1.0, 2.0]
+    assert r.step("table", lambda: 1 / 0, "01").a.tolist() == [1.0, 2.0]  # a finished step loads
+    assert (src / "r" / "manifest.json").read_bytes() == before  # ...and rewrites nothing
+    with pytest.raises(RunDirUnusable, match="is read-only.*copy the folder to writable storage"):
+        runner.run_all(str(ro / "r"), only=["01"])
+    with pytest.raises(RunDirUnusable, match="is read-only"):
+        r.save("other", {"x": 1})
+
+
+def test_reopening_a_run_does_not_rewrite_its_manifest(tmp_path):
+    run = Run(tmp_path / "r", model="m")
+    run.save("x", {"v": 1}, "01")
+    before = (tmp_path / "r" / "manifest.json").stat().st_mtime_ns, (tmp_path / "r" / "manifest.json").read_bytes()
+    Run(tmp_path / "r").load("x")
+    Run(tmp_path / "r", model="m")  # the same config: nothing to write
+    after = (tmp_path / "r" / "manifest.json").stat().st_mtime_ns, (tmp_path / "r" / "manifest.json").read_bytes()
+    assert before == after
+
+
+def test_truncated_manifest_is_refused_before_any_notebook(tmp_path, monkeypatch):
+    import papermill as pm
+
+    d = tmp_path / "r"
+    Run(d).save("x", {"v": 1}, "01")
+    text = (d / "manifest.json").read_text()
+    (d / "manifest.json").write_text(text[:len(text) // 2])
+    monkeypatch.setattr(pm, "execute_notebook", lambda *a, **k: pytest.fail("a notebook ran"))
+    with pytest.raises(DamagedArtifact, match="manifest.json is damaged.*Restore it, or start again"):
+        runner.run_all(str(d), only=["01"])
+    p = subprocess.run([sys.executable, "-m", "so2lib.runner", "--run-dir", str(d), "--only", "01"],
+                       capture_output=True, text=True, env=os.environ | {"PYTHONPATH": os.getcwd()})
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "manifest.json is damaged" in p.stderr
+    assert (d / "x.json").exists()  # nothing computed is lost
+
+
+def test_disk_full_while_papermill_saves_is_said_plainly(tmp_path, monkeypatch):
+    import errno
+
+    import papermill as pm
+    from so2lib.runs import RunDirUnusable
+
+    d = tmp_path / "r"
+    state = {"full": False}
+
+    def fake(src, dst, **kw):
+        from pathlib import Path
+        if Path(src).name.startswith("02"):
+            state["full"] = True
+            raise OSError(errno.ENOSPC, "No space left on device", dst)
+        Path(dst).write_text("ok")
+    real_update = Run._update
+
+    def update(self, change):  # the disk stays full: the manifest cannot be written either
+        if state["full"]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.manifest_path))
+        return real_update(self, change)
+
+    monkeypatch.setattr(pm, "execute_notebook", fake)
+    monkeypatch.setattr(Run, "_update", update)
+    with pytest.raises(RunDirUnusable, match=r"disk full at .*02_second_order_effects.*free space and run "
+                                             r"again; nothing computed is lost"):
+        runner.run_all(str(d), only=["01", "02"])
+    assert (d / "notebooks" / "01_setup_and_selection.ipynb").read_text() == "ok"
