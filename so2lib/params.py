@@ -185,3 +185,22 @@ def validate(params: dict[str, Any], declared: dict[str, dict[str, Any]],
     if problems:
         raise ParameterError("invalid parameters:\n  - " + "\n  - ".join(problems))
     return params
+
+
+def check_call(values: dict[str, Any], min_counts: bool = True) -> None:
+    """Check the values a notebook passes to a phase function as the runner checks ``-p`` values
+    (:data:`CHECKS`; ``None`` means "the default / the run's recorded value" and is not checked),
+    so that a notebook run by hand (plain ``papermill ... -p n_val 1``) refuses what the runner
+    refuses. ``min_counts=False`` lifts only the minimum split sizes. Raises :class:`ParameterError`."""
+    problems = []
+    for k, v in values.items():
+        if v is None or k not in CHECKS:
+            continue
+        if not min_counts and k in ("n_train", "n_val"):
+            bad = None if _int_at_least(1)(v) else f"{k}={v!r} is not valid: it must be an integer >= 1"
+        else:
+            bad = check_value(k, v)
+        if bad:
+            problems.append(bad)
+    if problems:
+        raise ParameterError("invalid parameters:\n  - " + "\n  - ".join(problems))

@@ -617,6 +617,7 @@ class Run:
         Keys chain: an artifact's key covers everything upstream of it, so a changed parameter
         changes the key of exactly the steps downstream of it. Raises when an input is missing
         or out of date (computed from inputs that changed since)."""
+        params = self._with_batch_size(params)
         inputs = {}
         for d in deps:
             entry = self.manifest["artifacts"].get(d)
@@ -633,6 +634,15 @@ class Run:
         key = hashlib.sha256(blob.encode()).hexdigest()[:16]
         self._inputs[key] = {"params": json.loads(json.dumps(params or {}, default=str)), "inputs": inputs}
         return key
+
+    def _with_batch_size(self, params: dict[str, Any] | None) -> dict[str, Any] | None:
+        """``params`` plus the run's ``batch_size`` (when set): batched forward passes pad rows to
+        the batch's length, which changes float rounding, so a result computed with another batch
+        size is another result (recomputed, never mixed) and the manifest records, per artifact,
+        the batch size it was computed with."""
+        if self.batch_size is None or (params and "batch_size" in params):
+            return params
+        return {**(params or {}), "batch_size": self.batch_size}
 
     def fresh(self, name: str, key: str) -> bool:
         """Whether artifact ``name`` exists and was computed from inputs with this ``key``."""
@@ -662,7 +672,7 @@ class Run:
         obj = fn()
         _check_result(name, obj, validate, allow_empty)
         dt = round(time.perf_counter() - t0, 3)
-        self.save(name, obj, phase, key=key, params=params or {})
+        self.save(name, obj, phase, key=key, params=self._with_batch_size(params) or {})
         self._update(lambda m: m["timings"].__setitem__(name, dt))
         progress.log(f"{tag} done in {dt:.1f} s")
         return obj

@@ -424,3 +424,42 @@ def test_disk_full_while_papermill_saves_is_said_plainly(tmp_path, monkeypatch):
                                              r"again; nothing computed is lost"):
         runner.run_all(str(d), only=["01", "02"])
     assert (d / "notebooks" / "01_setup_and_selection.ipynb").read_text() == "ok"
+
+
+# ----------------------------------------------------------------------------- issue 21: model folders, data
+
+
+def test_incomplete_or_damaged_model_folder_says_what_to_do(tmp_path):
+    from so2lib.embedded import EMBEDDED_DIR
+    from so2lib.models import load_model
+
+    only_config = tmp_path / "only_config"
+    only_config.mkdir()
+    shutil.copy(EMBEDDED_DIR / "config.json", only_config)
+    with pytest.raises(FileNotFoundError, match="holds config.json but no weights.*incomplete") as e:
+        load_model(only_config, device="cpu")
+    assert "hub" not in str(e.value) and "huggingface-cli" not in str(e.value)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(EMBEDDED_DIR, damaged)
+    raw = bytearray((damaged / "model.safetensors").read_bytes())
+    raw[100:400] = b"x" * 300  # the header is garbage
+    (damaged / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(RuntimeError, match=r"weights in folder .*damaged \(truncated or corrupt file\).*"
+                                           r"Copy or download the model's files") as e:
+        load_model(damaged, device="cpu")
+    assert "hub" not in str(e.value)
+    (damaged / "model.safetensors").write_bytes(bytes(raw[:1000]))  # truncated
+    with pytest.raises(RuntimeError, match="damaged"):
+        load_model(damaged, device="cpu")
+
+
+def test_word_task_without_data_names_SO2LIB_DATA_and_the_layout(tmp_path, monkeypatch):
+    from so2lib import tasks
+
+    monkeypatch.setenv("SO2LIB_DATA", str(tmp_path / "nodata"))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # no hub: offline
+    tasks._load_cached.cache_clear()
+    with pytest.raises(FileNotFoundError, match=r"SO2LIB_DATA.*gsm8k/train.jsonl \+ gsm8k/test.jsonl"):
+        tasks.make_problem_set(60, 30, 0, ["gsm8k"])
+    with pytest.raises(FileNotFoundError, match=r"SO2LIB_DATA.*svamp/SVAMP.json"):
+        tasks.make_problem_set(60, 30, 0, ["svamp"])
