@@ -463,3 +463,129 @@ def test_word_task_without_data_names_SO2LIB_DATA_and_the_layout(tmp_path, monke
         tasks.make_problem_set(60, 30, 0, ["gsm8k"])
     with pytest.raises(FileNotFoundError, match=r"SO2LIB_DATA.*svamp/SVAMP.json"):
         tasks.make_problem_set(60, 30, 0, ["svamp"])
+
+
+# ----------------------------------------------------------------------------- issue 21: silent wrong
+
+
+def test_weights_changed_in_place_are_refused(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+    from so2lib.embedded import EMBEDDED_DIR
+
+    monkeypatch.setenv("SO2LIB_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    shutil.copytree(EMBEDDED_DIR, folder)
+    d = tmp_path / "r"
+    setup = study.open_run(str(d), str(folder), **KW)
+    assert setup.run.manifest["config"]["weights"]
+    # the same weights in another place are the same model
+    shutil.copytree(folder, tmp_path / "model2")
+    from so2lib.sources import weights_fingerprint
+    assert weights_fingerprint(tmp_path / "model2") == setup.run.config["weights"]
+    study.open_run(str(d), str(folder), **KW)  # unchanged: resumes
+    # a fine-tuned checkpoint saved over the old one
+    sd = load_file(folder / "model.safetensors")
+    name = next(k for k in sd if sd[k].dim() == 2)
+    sd[name] = sd[name] * 1.01
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    labels_before = (d / "labels_val.parquet").read_bytes()
+    with pytest.raises(ValueError, match=r"weights of model .* changed since run .* was made.*Use another run "
+                                         r"directory for the new weights"):
+        study.open_run(str(d), str(folder), **KW)
+    assert (d / "labels_val.parquet").read_bytes() == labels_before  # nothing computed is lost
+    study.open_run(str(tmp_path / "new"), str(folder), **KW)  # another directory is fine
+
+
+def test_a_problem_set_that_drops_a_task_does_not_bind_the_directory(tmp_path):
+    d = tmp_path / "r"
+    # the embedded model's context (64 tokens) is shorter than any few-shot prompt
+    with pytest.raises(ValueError, match=r"kept no problem.*too_long.*n_shots=0.*-p n_shots 0.*template='compact'"
+                                         r".*Nothing was saved: run again in the same run directory"):
+        study.open_run(str(d), None, **KW, template="fewshot", n_shots=3)
+    assert not Run(d).has("problems")
+    # following the error's advice in the same directory works
+    setup = study.open_run(str(d), None, **KW, template="compact")
+    assert setup.run.manifest["data"]["n_val"] == 60
+
+
+def test_reopening_with_another_batch_size_recomputes_instead_of_mixing(clean, copy):
+    d, setup, ref = clean
+    s7 = study.open_run(str(copy), None, **(KW | {"batch_size": 7}))
+    m = s7.run.manifest
+    assert "batch_size" not in m["config"]
+    # labels computed with 16 are not passed off as computed with 7: they were recomputed with 7
+    assert m["artifacts"]["labels_val"]["params"]["batch_size"] == 7
+    assert setup.run.manifest["artifacts"]["labels_val"]["params"]["batch_size"] == 16
+    assert m["artifacts"]["val_second_ld"]["params"]["batch_size"] == 16  # not recomputed yet
+    with pytest.raises(StaleArtifact, match="batch_size=7"):  # ...and refused: its inputs changed
+        effects.load_effects(s7.run, "val", "second_ld")
+
+
+def test_notebook_run_by_hand_refuses_what_the_runner_refuses(tmp_path):
+    import papermill as pm
+
+    from so2lib.runs import NOTEBOOKS_DIR
+
+    d = tmp_path / "r"
+    with pytest.raises(pm.PapermillExecutionError, match="n_val=1 is not valid: it must be an integer >= 30"):
+        pm.execute_notebook(str(NOTEBOOKS_DIR / "01_setup_and_selection.ipynb"), str(tmp_path / "out.ipynb"),
+                            parameters={"run_dir": str(d), "n_val": 1, "device": "cpu"}, cwd=str(NOTEBOOKS_DIR),
+                            progress_bar=False)
+    assert not Run(d).has("problems")
+    for bad, match in [({"batch_size": 0}, "batch_size=0"), ({"position": "last"}, "position='last'"),
+                       ({"tasks": ["additionn"]}, "task names"), ({"n_train": 10}, "n_train=10")]:
+        with pytest.raises(ParameterError, match=match):
+            study.open_run(str(d), None, **(KW | bad))
+
+
+# ----------------------------------------------------------------------------- issue 21: the terminal summary
+
+
+def _verdict_frame():
+    from so2lib.stats import TABLE_COLUMNS
+
+    rows = [
+        {"measure": "second-order effects of selected neurons beat matched random neurons " * 2, "measured": 0.1234,
+         "ci_low": 0.05, "ci_high": 0.2, "control": 0.01, "target": 0.0, "verdict": "established", "mde": float("nan"),
+         "resampled": "problems", "split": "validation", "primary": True, "p": 0.001, "p_holm": 0.004,
+         "how": "a very long explanation of how this was measured " * 10},
+        {"measure": "rank-1 recovery", "measured": 0.41, "ci_low": -0.2, "ci_high": 0.9, "control": 0.5,
+         "target": 0.5, "verdict": "inconclusive", "mde": 0.312, "resampled": "problems", "split": "training",
+         "primary": False, "p": 0.3, "p_holm": float("nan"), "how": "x " * 300},
+        {"measure": "sparsity", "measured": float("nan"), "verdict": "not testable", "how": "no drop"},  # odd row
+    ]
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def test_end_of_run_summary_fits_100_columns_and_keeps_the_verdicts():
+    from so2lib.report import Section
+    from so2lib.summary import compact_text
+
+    wide = pd.DataFrame({f"column_{i}_with_a_long_name": [f"value {i} " * 8] for i in range(12)})
+    secs = [Section("Validation table", "s", tables=[("", _verdict_frame())]),
+            Section("Applications", "s", tables=[("Editing", wide), ("Empty", pd.DataFrame())],
+                    notes=["a note " * 40])]
+    text = compact_text(secs)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 100, max(lines, key=len)
+    head = next(l for l in lines if l.startswith("measure"))
+    assert head.split() == ["measure", "estimate", "interval", "control", "verdict"]
+    assert "a very long explanation" not in text and "docs/measurements.md" in text
+    assert any("established" in l and "0.123" in l and "[0.05, 0.2]" in l for l in lines)
+    assert any("rank-1 recovery [train]" in l and "inconclusive (mde 0.312)" in l for l in lines)
+    assert any(l.startswith("sparsity") and "not testable" in l for l in lines)
+    assert "also in report.html: column_" in text
+    # the planted check can fail: the old text summary printed the 'how' column at full width
+    old = "\n".join(df.to_string(index=False) for _, df in secs[0].tables)
+    assert max(map(len, old.splitlines())) > 100
+
+
+def test_report_prints_the_compact_summary(tmp_path, capsys):
+    from so2lib.report import write_report
+
+    run = Run(tmp_path / "r")
+    run.record("model", {"name": "tiny", "n_layers": 4, "d_model": 8, "d_mlp": 16})
+    run.save("validation_table", _verdict_frame())
+    write_report(run)
+    out = capsys.readouterr().out
+    assert max(map(len, out.splitlines())) <= 100 and "inconclusive (mde 0.312)" in out
