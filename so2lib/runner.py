@@ -17,6 +17,7 @@ comes. Finished steps inside a notebook are skipped on a re-run (resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -133,8 +134,9 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
             tmp = out_dir / f".{nb.stem}.running.ipynb"
             t0 = time.perf_counter()
             try:
-                pm.execute_notebook(str(nb), str(tmp), parameters=own, cwd=str(NOTEBOOKS_DIR),
-                                    progress_bar=False, log_output=False)
+                with _kernel_stderr(run_dir_p / KERNEL_LOG):
+                    pm.execute_notebook(str(nb), str(tmp), parameters=own, cwd=str(NOTEBOOKS_DIR),
+                                        progress_bar=False, log_output=False)
             except BaseException as e:
                 times[nb.name] = round(time.perf_counter() - t0, 1)
                 failed = out_dir / f"{nb.stem}.failed.ipynb"
@@ -187,6 +189,31 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
             os.environ[OWNER_ENV] = old_owner
         lock.release()
     return times
+
+
+KERNEL_LOG = "kernels.log"  # the kernels' own stderr (their start-up warnings, their shutdown on Ctrl-C)
+
+
+@contextlib.contextmanager
+def _kernel_stderr(path: Path):
+    """Send file descriptor 2 to ``path`` while a notebook runs: the kernel inherits it, so its
+    log lines (and the traceback it prints when Ctrl-C shuts it down) go to the run's
+    ``kernels.log`` instead of the terminal. The notebook's own errors still reach the runner."""
+    try:
+        f = open(path, "ab")
+    except OSError:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        f.close()
 
 
 def _disk_error(e: OSError, path: Path) -> Exception:

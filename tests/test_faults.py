@@ -589,3 +589,80 @@ def test_report_prints_the_compact_summary(tmp_path, capsys):
     write_report(run)
     out = capsys.readouterr().out
     assert max(map(len, out.splitlines())) <= 100 and "inconclusive (mde 0.312)" in out
+
+
+# ----------------------------------------------------------------------------- issue 21: Ctrl-C
+
+
+def _children(pid):
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                stat = open(f"/proc/{p}/stat").read()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(p))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _artifact_hashes(d):
+    m = json.loads((d / "manifest.json").read_text())
+    return {k: v["hash"] for k, v in m["artifacts"].items() if k != "report"}
+
+
+def test_ctrl_c_stops_the_run_keeps_what_finished_and_the_resume_is_exact(tmp_path):
+    import re
+    import signal
+    import time
+
+    params = ["-p", "n_train", "50", "-p", "n_val", "30", "-p", "batch_size", "4", "-p", "top_n_neurons", "3",
+              "-p", "top_k_layers", "1", "-p", "zero_ablation", "false", "-p", "device", "cpu"]
+    env = os.environ | {"PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+
+    def start(d):
+        return subprocess.Popen([sys.executable, "-m", "so2lib.runner", "--run-dir", str(d), "--only", "01", "02",
+                                 *params], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # its own process group, as a terminal gives it
+
+    clean_p = start(tmp_path / "clean")  # the reference, uninterrupted
+    d = tmp_path / "r"
+    p = start(d)
+    seen = []
+    try:
+        for line in p.stdout:  # wait until notebook 02 is computing its effect arrays
+            seen.append(line)
+            if re.search(r"\[02\] effects \((train|val)\): \d+ of \d+ problems to compute", line):
+                break
+        else:
+            pytest.fail("the run ended before notebook 02 computed effects:\n" + "".join(seen) + p.stderr.read())
+        time.sleep(1.0)
+        kernels = _children(p.pid)
+        t0 = time.perf_counter()
+        os.killpg(p.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        out, err = p.communicate(timeout=30)
+        stopped = time.perf_counter() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert stopped < 10, stopped
+    assert p.returncode == 130, err
+    assert "interrupted (Ctrl-C) during notebook 02_second_order_effects.ipynb" in err
+    assert "every finished step is kept" in err and "Traceback" not in err
+    resume = err.split("resume with the same command (finished steps are loaded, not recomputed):\n", 1)[1].strip()
+    assert resume.split() == [sys.executable, "-m", "so2lib.runner", "--run-dir", str(d), "--only", "01", "02",
+                              *params]
+    time.sleep(2)
+    assert not [k for k in kernels if os.path.exists(f"/proc/{k}")], "a kernel outlived the run"
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["notebook_status"] == {"01_setup_and_selection.ipynb": "ok", "02_second_order_effects.ipynb": "interrupted"}
+    assert {"problems", "labels_train", "labels_val", "selection"} <= set(m["artifacts"])
+    # the resume, exactly as printed
+    again = subprocess.run(resume, shell=True, capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "problems ..." not in again.stdout  # notebook 01's steps were loaded, not recomputed
+    assert clean_p.wait(timeout=900) == 0, clean_p.stderr.read()[-3000:]
+    ref, got = _artifact_hashes(tmp_path / "clean"), _artifact_hashes(d)
+    assert got.keys() == ref.keys()
+    assert {k for k in ref if got[k] != ref[k]} == set()
