@@ -204,3 +204,18 @@ def check_call(values: dict[str, Any], min_counts: bool = True) -> None:
             problems.append(bad)
     if problems:
         raise ParameterError("invalid parameters:\n  - " + "\n  - ".join(problems))
+
+
+def check_notebook_globals(namespace: dict[str, Any]) -> None:
+    """Check a notebook's parameters where they live, in its namespace (the caller of
+    :func:`so2lib.study.open_run` when that is a notebook or script, ``__name__ == "__main__"``):
+    every name of :data:`CHECKS` found there, and ``n_train * significant_share >= 1``, as the
+    runner checks ``-p`` values. Library callers (other modules) are not checked here."""
+    if namespace.get("__name__") != "__main__":
+        return
+    values = {k: namespace[k] for k in CHECKS if k in namespace and not callable(namespace[k])}
+    check_call(values)
+    share, n_train = values.get("significant_share"), values.get("n_train")
+    if _num(share) and _int(n_train) and 0 < share < 1 and n_train * share < 1:
+        raise ParameterError(f"invalid parameters:\n  - n_train={n_train} with significant_share={share} leaves no "
+                             f"significant training problem: n_train must be >= {math.ceil(1 / share)}")

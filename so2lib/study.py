@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Sequence
 
 import pandas as pd
@@ -110,9 +111,10 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
     is part of every step's input key: reopening with another batch size recomputes what
     depends on it instead of mixing batchings.
     """
-    from .params import check_call
+    from .params import check_call, check_notebook_globals
     from .sources import weights_fingerprint
 
+    check_notebook_globals(sys._getframe(1).f_globals)  # a notebook's other parameters (top_k_layers, m, q, ...)
     check_call({"model_name": model_name, "n_train": n_train, "n_val": n_val, "seed": seed, "tasks": tasks,
                 "device": device, "dtype": dtype, "batch_size": batch_size, "template": template,
                 "n_shots": n_shots, "chat": chat, "position": position, "cot_max_tokens": cot_max_tokens},

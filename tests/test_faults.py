@@ -94,14 +94,24 @@ def test_damaged_effect_array_is_detected_and_recomputed(clean, copy, damage):
     same_as_clean(Run(copy), ref)
 
 
-def test_resume_with_another_batch_size(clean, copy, monkeypatch):
-    _, _, ref = clean
+def test_resume_with_another_batch_size(clean, copy, tmp_path):
+    """Issue 21: rows of two batchings were mixed. Now the batch size is part of every step's
+    input key: the resume with 7 recomputes what 16 computed and equals a clean bs-7 run to the
+    bit, and every artifact records the batch size it was computed with."""
+    _, setup, ref = clean
     for f in copy.glob("*.npy"):
         if f.name.startswith(("train_", "val_")) and "rows" not in f.name:
             with open(f, "r+b") as h:  # an interrupted stream: the last third of the rows is lost
                 h.truncate(f.stat().st_size * 2 // 3)
     phases(copy, batch_size=7)
-    same_as_clean(Run(copy), ref, exact=False)
+    fresh7 = Run(phases(tmp_path / "fresh7", batch_size=7).run.path)
+    same_as_clean(Run(copy), arrays(fresh7))  # exact
+    got = Run(copy).manifest["artifacts"]
+    for name in ("labels_val", "selection", "train_vectors_L0" if "train_vectors_L0" in got else "val_direct_cd"):
+        assert got[name]["params"]["batch_size"] == 7, name
+        assert got[name]["hash"] == fresh7.manifest["artifacts"][name]["hash"], name
+    # planted: the bs-16 reference differs from bs 7 somewhere, so mixing would have been caught
+    assert any(not np.array_equal(ref[k], arrays(fresh7)[k]) for k in ref)
 
 
 @pytest.mark.parametrize("change", [dict(top_n=3), dict(by="variance")])
@@ -476,13 +486,13 @@ def test_weights_changed_in_place_are_refused(tmp_path, monkeypatch):
     folder = tmp_path / "model"
     shutil.copytree(EMBEDDED_DIR, folder)
     d = tmp_path / "r"
-    setup = study.open_run(str(d), str(folder), **KW)
+    setup = study.open_run(str(d), str(folder), **KW, template="compact")
     assert setup.run.manifest["config"]["weights"]
     # the same weights in another place are the same model
     shutil.copytree(folder, tmp_path / "model2")
     from so2lib.sources import weights_fingerprint
     assert weights_fingerprint(tmp_path / "model2") == setup.run.config["weights"]
-    study.open_run(str(d), str(folder), **KW)  # unchanged: resumes
+    study.open_run(str(d), str(folder), **KW, template="compact")  # unchanged: resumes
     # a fine-tuned checkpoint saved over the old one
     sd = load_file(folder / "model.safetensors")
     name = next(k for k in sd if sd[k].dim() == 2)
@@ -493,7 +503,7 @@ def test_weights_changed_in_place_are_refused(tmp_path, monkeypatch):
                                          r"directory for the new weights"):
         study.open_run(str(d), str(folder), **KW)
     assert (d / "labels_val.parquet").read_bytes() == labels_before  # nothing computed is lost
-    study.open_run(str(tmp_path / "new"), str(folder), **KW)  # another directory is fine
+    study.open_run(str(tmp_path / "new"), str(folder), **KW, template="compact")  # another directory is fine
 
 
 def test_a_problem_set_that_drops_a_task_does_not_bind_the_directory(tmp_path):
@@ -532,6 +542,11 @@ def test_notebook_run_by_hand_refuses_what_the_runner_refuses(tmp_path):
                             parameters={"run_dir": str(d), "n_val": 1, "device": "cpu"}, cwd=str(NOTEBOOKS_DIR),
                             progress_bar=False)
     assert not Run(d).has("problems")
+    # a parameter open_run does not take is checked in the notebook's namespace
+    with pytest.raises(pm.PapermillExecutionError, match="significant_share=1.5 is not valid"):
+        pm.execute_notebook(str(NOTEBOOKS_DIR / "03_characterization.ipynb"), str(tmp_path / "out3.ipynb"),
+                            parameters={"run_dir": str(d), "significant_share": 1.5, "device": "cpu"},
+                            cwd=str(NOTEBOOKS_DIR), progress_bar=False)
     for bad, match in [({"batch_size": 0}, "batch_size=0"), ({"position": "last"}, "position='last'"),
                        ({"tasks": ["additionn"]}, "task names"), ({"n_train": 10}, "n_train=10")]:
         with pytest.raises(ParameterError, match=match):
