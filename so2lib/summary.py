@@ -66,7 +66,7 @@ def verdict_rows(df: pd.DataFrame) -> pd.DataFrame:
         if get("primary") is True and not math.isnan(_num(get("p_holm"))):
             verdict += f" p_holm={_fmt(_num(get('p_holm')))}"
         out.append({"measure": measure, "estimate": _fmt(get("measured")),
-                    "interval": _interval(get("ci_low"), get("ci_high")), "control": _fmt(get("control")),
+                    "interval": _interval(get("ci_low"), get("ci_high")), "control": _fmt(get("control") if "control" in r.index else get("null")),
                     "verdict": verdict})
     return pd.DataFrame(out, columns=list(VERDICT_COLUMNS))
 
