@@ -661,6 +661,7 @@ def test_ctrl_c_stops_the_run_keeps_what_finished_and_the_resume_is_exact(tmp_pa
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
+    print(f"SIGINT to exit: {stopped:.2f} s")
     assert stopped < 10, stopped
     assert p.returncode == 130, err
     assert "interrupted (Ctrl-C) during notebook 02_second_order_effects.ipynb" in err
