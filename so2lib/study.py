@@ -173,10 +173,15 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
         return ps.to_json() | {"per_task": {t: {"generated": generated[t],
                                                 "kept": generated[t] - sum(dropped.get(t, {}).values()),
                                                 "dropped": dropped.get(t, {})} for t in ps.tasks}}
-    pj = run.step("problems", make_problems, "01",
-                  params=cfg | {"dtype": str(dtype), "single_token_only": opts["single_token_only"],
-                                "template": tparams, "data_dir": opts["data_dir"], "weights": weights},
-                  validate=lambda pj: _check_kept(pj.get("per_task", {}), cfg["model"], opts))
+    try:
+        pj = run.step("problems", make_problems, "01",
+                      params=cfg | {"dtype": str(dtype), "single_token_only": opts["single_token_only"],
+                                    "template": tparams, "data_dir": opts["data_dir"], "weights": weights},
+                      validate=lambda pj: _check_kept(pj.get("per_task", {}), cfg["model"], opts))
+    except ValueError:
+        if run.has("problems"):  # saved by an older version although unusable: do not bind the directory
+            run.forget("problems")
+        raise
     problems = ProblemSet.from_json(pj)
     per_task = pj.get("per_task", {})
     run.record("data", {"n_train": len(problems.train), "n_val": len(problems.val), "seed": seed,
