@@ -49,6 +49,7 @@ from . import progress
 PACKAGES = ("so2lib", "torch", "transformers", "transformer-lens", "scikit-learn", "numpy", "pandas",
             "plotly", "papermill", "datasets")
 LOCK_FILE = ".lock"
+BATCH_FREE = frozenset({"problems"})  # steps that run no batched forward pass: not keyed by the batch size
 _MISSING = object()
 OWNER_ENV = "SO2LIB_RUN_OWNER"  # set by so2lib.runner for its kernels: the PID that holds the lock
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -617,7 +618,7 @@ class Run:
         Keys chain: an artifact's key covers everything upstream of it, so a changed parameter
         changes the key of exactly the steps downstream of it. Raises when an input is missing
         or out of date (computed from inputs that changed since)."""
-        params = self._with_batch_size(params)
+        params = self._with_batch_size(params, name)
         inputs = {}
         for d in deps:
             entry = self.manifest["artifacts"].get(d)
@@ -635,12 +636,12 @@ class Run:
         self._inputs[key] = {"params": json.loads(json.dumps(params or {}, default=str)), "inputs": inputs}
         return key
 
-    def _with_batch_size(self, params: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _with_batch_size(self, params: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
         """``params`` plus the run's ``batch_size`` (when set): batched forward passes pad rows to
         the batch's length, which changes float rounding, so a result computed with another batch
         size is another result (recomputed, never mixed) and the manifest records, per artifact,
         the batch size it was computed with."""
-        if self.batch_size is None or (params and "batch_size" in params):
+        if self.batch_size is None or name in BATCH_FREE or (params and "batch_size" in params):
             return params
         return {**(params or {}), "batch_size": self.batch_size}
 
@@ -672,7 +673,7 @@ class Run:
         obj = fn()
         _check_result(name, obj, validate, allow_empty)
         dt = round(time.perf_counter() - t0, 3)
-        self.save(name, obj, phase, key=key, params=self._with_batch_size(params) or {})
+        self.save(name, obj, phase, key=key, params=self._with_batch_size(params, name) or {})
         self._update(lambda m: m["timings"].__setitem__(name, dt))
         progress.log(f"{tag} done in {dt:.1f} s")
         return obj

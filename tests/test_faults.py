@@ -527,6 +527,8 @@ def test_reopening_with_another_batch_size_recomputes_instead_of_mixing(clean, c
     assert m["artifacts"]["labels_val"]["params"]["batch_size"] == 7
     assert setup.run.manifest["artifacts"]["labels_val"]["params"]["batch_size"] == 16
     assert m["artifacts"]["val_second_ld"]["params"]["batch_size"] == 16  # not recomputed yet
+    assert "batch_size" not in m["artifacts"]["problems"]["params"]  # no batched pass: kept, not recomputed
+    assert m["artifacts"]["problems"]["written"] == setup.run.manifest["artifacts"]["problems"]["written"]
     with pytest.raises(StaleArtifact, match="batch_size=7"):  # ...and refused: its inputs changed
         effects.load_effects(s7.run, "val", "second_ld")
 
