@@ -11,6 +11,7 @@ import dataclasses
 import re
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from .progress import tqdm
@@ -116,6 +117,7 @@ class Encoded:
     def batches(self, batch_size: int, with_answer: bool = False, device: str | torch.device = "cpu",
                 desc: str | None = None) -> Iterator[tuple[range, torch.Tensor, torch.Tensor]]:
         """Yield ``(row range, tokens, answer_pos)`` in order, with a progress bar when ``desc``."""
+        batch_size = check_batch_size(batch_size)
         starts = range(0, len(self), batch_size)
         for s in tqdm(starts, desc=desc, disable=desc is None, leave=False):
             rows = range(s, min(s + batch_size, len(self)))
@@ -322,6 +324,14 @@ def greedy_path(model: Any, enc: Encoded, n_tokens: int, batch_size: int = 64) -
 
 
 @torch.no_grad()
+def check_batch_size(batch_size: Any) -> int:
+    """``batch_size`` as an int >= 1, else a ``ValueError`` that says what to pass."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (problems per forward pass, e.g. 64), "
+                         f"got {batch_size!r}")
+    return int(batch_size)
+
+
 def label(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True,
           hooks: Sequence[tuple[str, Any]] = (), position: str = "decide", stop: bool = True) -> pd.DataFrame:
     """Label every problem correct or not with one teacher-forced forward pass per batch.
@@ -343,6 +353,13 @@ def label(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True,
     ``n_answer_tokens``, ``margin_min`` (smallest ``d_k``), ``first_wrong`` (first ``k`` with
     ``d_k <= 0``, -1 if none), ``first_logit_diff`` (``d_0``) and ``first_token`` (``a_0``).
     """
+    check_batch_size(batch_size)
+    if isinstance(model, str) or not hasattr(model, "tokenizer"):
+        raise TypeError(f"label() takes a model loaded with so2lib.load_model(...), not {type(model).__name__} "
+                        f"{model!r}"[:200])
+    if not isinstance(enc, Encoded):
+        raise TypeError(f"label() takes the problems encoded with so2lib.encode(model, problems, template), "
+                        f"not {type(enc).__name__}")
     device = next(model.parameters()).device
     cont = continuation_mask(model.tokenizer).to(device) if stop else None
     rows: list[dict[str, Any]] = []

@@ -148,6 +148,9 @@ def load_model(name: str | os.PathLike | None = None, device: str | None = None,
         raise ValueError("process_on='cpu' applies to a model on one device; with device_map/n_devices "
                          "TransformerLens processes each layer where it lives (leave process_on unset)")
     path = resolve_model_path(name)
+    local = Path(path).is_dir()
+    if local:
+        _check_model_folder(Path(path), name)
     kw: dict[str, Any] = {}
     if multi:
         kw.update(device_map=device_map, n_devices=n_devices, max_memory=max_memory)
@@ -157,6 +160,8 @@ def load_model(name: str | os.PathLike | None = None, device: str | None = None,
         bridge = TransformerBridge.boot_transformers(path, dtype=dt, **kw)
     except Exception as e:
         msg = str(e)
+        if local:
+            raise _local_load_error(Path(path), name, e) from e
         offline = any(s in msg for s in ("resolve", "connect", "Connection", "offline", "couldn't",
                                          "Can't load", "not a valid model identifier", "does not appear",
                                          "Repository Not Found", "401", "404", "OSError", "local_files_only"))
@@ -185,6 +190,48 @@ def load_model(name: str | os.PathLike | None = None, device: str | None = None,
     bridge.eval()
     bridge.so2lib_name = "embedded" if name is None else str(name)
     return bridge
+
+
+_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin", "*.pt", "*.pth", "tf_model.h5",
+                 "flax_model.msgpack")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "tokenizer_config.json")
+
+
+def _fix_hint(name: Any, folder: Path) -> str:
+    from .embedded import EMBEDDED_DIR
+
+    if name is None or str(name) == "embedded" or folder.resolve() == EMBEDDED_DIR.resolve():
+        return ("restore the embedded model (`git checkout -- data/models/so2lib-tiny-math`) or train it "
+                "again (`make model`)")
+    return (f"copy or download the model's files into {folder} again (or save the model there with "
+            f"model.save_pretrained({str(folder)!r}) and tokenizer.save_pretrained(...))")
+
+
+def _check_model_folder(folder: Path, name: Any) -> None:
+    """A local model folder must hold weights and a tokenizer beside its config.json."""
+    weights = [p for pat in _WEIGHT_FILES for p in folder.glob(pat)]
+    if not weights:
+        raise FileNotFoundError(
+            f"model folder {folder} holds config.json but no weights (model.safetensors, pytorch_model.bin "
+            f"or their shards): the download or copy is incomplete; {_fix_hint(name, folder)}")
+    if not any((folder / f).exists() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model folder {folder} holds no tokenizer (tokenizer.json, tokenizer.model or vocab.json): the "
+            f"download or copy is incomplete; {_fix_hint(name, folder)}")
+
+
+def _local_load_error(folder: Path, name: Any, e: Exception) -> RuntimeError:
+    """A clear error for a local folder whose files cannot be read (no hub advice: it is local)."""
+    msg = f"{type(e).__name__}: {str(e)[:300]}"
+    damaged = ("safetensor" in type(e).__name__.lower() or "safetensor" in str(e).lower()
+               or any(s in str(e) for s in ("deserializ", "header", "unpickl", "invalid load key",
+                                            "PytorchStreamReader", "incomplete metadata", "truncated")))
+    if damaged:
+        return RuntimeError(f"could not load model {str(name or 'embedded')!r}: the weights in folder {folder} are damaged (truncated or corrupt file): {msg}. "
+                            f"{_fix_hint(name, folder).capitalize()}")
+    return RuntimeError(f"could not load model {str(name or 'embedded')!r} from folder {folder}: {msg}. Check that its config.json, "
+                        f"weights and tokenizer belong together; {_fix_hint(name, folder)}")
 
 
 # --- Loading in bounded memory ------------------------------------------------------------------

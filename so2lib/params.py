@@ -185,3 +185,37 @@ def validate(params: dict[str, Any], declared: dict[str, dict[str, Any]],
     if problems:
         raise ParameterError("invalid parameters:\n  - " + "\n  - ".join(problems))
     return params
+
+
+def check_call(values: dict[str, Any], min_counts: bool = True) -> None:
+    """Check the values a notebook passes to a phase function as the runner checks ``-p`` values
+    (:data:`CHECKS`; ``None`` means "the default / the run's recorded value" and is not checked),
+    so that a notebook run by hand (plain ``papermill ... -p n_val 1``) refuses what the runner
+    refuses. ``min_counts=False`` lifts only the minimum split sizes. Raises :class:`ParameterError`."""
+    problems = []
+    for k, v in values.items():
+        if v is None or k not in CHECKS:
+            continue
+        if not min_counts and k in ("n_train", "n_val"):
+            bad = None if _int_at_least(1)(v) else f"{k}={v!r} is not valid: it must be an integer >= 1"
+        else:
+            bad = check_value(k, v)
+        if bad:
+            problems.append(bad)
+    if problems:
+        raise ParameterError("invalid parameters:\n  - " + "\n  - ".join(problems))
+
+
+def check_notebook_globals(namespace: dict[str, Any]) -> None:
+    """Check a notebook's parameters where they live, in its namespace (the caller of
+    :func:`so2lib.study.open_run` when that is a notebook or script, ``__name__ == "__main__"``):
+    every name of :data:`CHECKS` found there, and ``n_train * significant_share >= 1``, as the
+    runner checks ``-p`` values. Library callers (other modules) are not checked here."""
+    if namespace.get("__name__") != "__main__":
+        return
+    values = {k: namespace[k] for k in CHECKS if k in namespace and not callable(namespace[k])}
+    check_call(values)
+    share, n_train = values.get("significant_share"), values.get("n_train")
+    if _num(share) and _int(n_train) and 0 < share < 1 and n_train * share < 1:
+        raise ParameterError(f"invalid parameters:\n  - n_train={n_train} with significant_share={share} leaves no "
+                             f"significant training problem: n_train must be >= {math.ceil(1 / share)}")

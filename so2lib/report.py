@@ -381,16 +381,12 @@ def render(run: Run, secs: list[Section], notebooks: list[tuple[str, str | None]
 
 
 def text_summary(secs: list[Section]) -> str:
-    """The same content as plain text for the terminal (tables only)."""
-    out = []
-    for s in secs:
-        out.append(f"\n== {s.title}")
-        for caption, df in s.tables:
-            if caption:
-                out.append(f"-- {caption}")
-            out.append(df.map(fmt).to_string(index=False))
-        out += s.notes
-    return "\n".join(out)
+    """The same content as compact plain text for the terminal, at most 100 columns
+    (:func:`so2lib.summary.compact_text`: verdict tables as measure, estimate, interval, control,
+    verdict; the long explanations stay in the page)."""
+    from .summary import compact_text
+
+    return compact_text(secs)
 
 
 def write_report(run: Run | str | Path, quiet: bool = False) -> Path:

@@ -17,8 +17,12 @@ comes. Finished steps inside a notebook are skipped on a re-run (resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
+import shlex
+import signal
 import sys
 import threading
 import time
@@ -26,13 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from .params import ParameterError, notebook_parameters, validate
-from .runs import OWNER_ENV, NOTEBOOKS_DIR, Run, RunInUse, RunLock
+from .runs import OWNER_ENV, NOTEBOOKS_DIR, DamagedArtifact, Run, RunDirUnusable, RunInUse, RunLock
 
 RESERVED = ("run_dir",)
 
 
 class NotebookFailed(RuntimeError):
     """A notebook raised; the message names the executed copy that shows where."""
+
+
+class RunInterrupted(RuntimeError):
+    """Ctrl-C (SIGINT) stopped the run; finished steps are kept (the message says how to resume)."""
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -103,14 +111,22 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
     if model:
         parameters["model_name"] = model
     lock = RunLock(run_dir_p).acquire()
+    try:
+        Run(run_dir_p)  # a damaged manifest.json is refused here, before any notebook starts
+    except BaseException:
+        lock.release()
+        raise
     old_owner = os.environ.get(OWNER_ENV)
     os.environ[OWNER_ENV] = str(os.getpid())  # the kernels inherit it: they work under this lock
     out_dir = run_dir_p / "notebooks"
-    out_dir.mkdir(parents=True, exist_ok=True)
     tail = _Tail(run_dir_p / "progress.log")
-    tail.start()
     times: dict[str, float] = {}
     try:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _disk_error(e, out_dir) from None
+        tail.start()
         for nb in nbs:
             print(f"== {nb.name}", flush=True)
             own = {k: v for k, v in parameters.items() if k in declared[nb.name]}
@@ -118,36 +134,55 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
             tmp = out_dir / f".{nb.stem}.running.ipynb"
             t0 = time.perf_counter()
             try:
-                pm.execute_notebook(str(nb), str(tmp), parameters=own, cwd=str(NOTEBOOKS_DIR),
-                                    progress_bar=False, log_output=False)
+                with _kernel_stderr(run_dir_p / KERNEL_LOG):
+                    pm.execute_notebook(str(nb), str(tmp), parameters=own, cwd=str(NOTEBOOKS_DIR),
+                                        progress_bar=False, log_output=False)
             except BaseException as e:
                 times[nb.name] = round(time.perf_counter() - t0, 1)
                 failed = out_dir / f"{nb.stem}.failed.ipynb"
-                if tmp.exists():
-                    os.replace(tmp, failed)
-                    os.chmod(failed, 0o644)
-                _record(run_dir_p, times, {nb.name: "failed"})
+                interrupted = isinstance(e, KeyboardInterrupt)
+                try:
+                    if tmp.exists():
+                        os.replace(tmp, failed)
+                        os.chmod(failed, 0o644)
+                except OSError:
+                    pass
+                note = _record(run_dir_p, times, {nb.name: "interrupted" if interrupted else "failed"})
+                if interrupted:
+                    raise RunInterrupted(f"interrupted (Ctrl-C) during notebook {nb.name} after "
+                                         f"{times[nb.name]} s; every finished step is kept in {run_dir_p}{note}")
+                if isinstance(e, SystemExit):
+                    raise
+                if isinstance(e, OSError):
+                    raise _disk_error(e, tmp) from None
                 kept = f"; the last good copy {final} is kept" if final.exists() else ""
                 what = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
-                if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    raise
                 raise NotebookFailed(f"notebook {nb.name} failed after {times[nb.name]} s: {what}\n"
-                                     f"  the executed copy with the error is {failed}{kept}") from None
-            os.replace(tmp, final)
-            os.chmod(final, 0o644)
-            (out_dir / f"{nb.stem}.failed.ipynb").unlink(missing_ok=True)  # superseded by this good copy
+                                     f"  the executed copy with the error is {failed}{kept}{note}") from None
+            try:
+                os.replace(tmp, final)
+                os.chmod(final, 0o644)
+                (out_dir / f"{nb.stem}.failed.ipynb").unlink(missing_ok=True)  # superseded by this good copy
+            except OSError as e:
+                raise _disk_error(e, final) from None
             times[nb.name] = round(time.perf_counter() - t0, 1)
             tail.poll()
             print(f"   {nb.name}: {times[nb.name]} s", flush=True)
-            _record(run_dir_p, times, {nb.name: "ok"})
+            note = _record(run_dir_p, times, {nb.name: "ok"})
+            if note:
+                print("   " + note.lstrip("; "), flush=True)
         run = Run(run_dir_p)
         if run.has("accuracy"):
             from .report import write_report
 
             print(f"report: {write_report(run)}", flush=True)
+    except KeyboardInterrupt:  # between notebooks, or while the report is written
+        _record(run_dir_p, times, {})
+        raise RunInterrupted(f"interrupted (Ctrl-C); every finished step is kept in {run_dir_p}") from None
     finally:
         tail.stop.set()
-        tail.join(timeout=2)
+        if tail.is_alive():
+            tail.join(timeout=2)
         if old_owner is None:
             os.environ.pop(OWNER_ENV, None)
         else:
@@ -156,10 +191,48 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
     return times
 
 
-def _record(run_dir: Path, times: dict[str, float], status: dict[str, str]) -> None:
-    run = Run(run_dir)
-    run.record("notebook_seconds", {**run.manifest.get("notebook_seconds", {}), **times})
-    run.record("notebook_status", {**run.manifest.get("notebook_status", {}), **status})
+KERNEL_LOG = "kernels.log"  # the kernels' own stderr (their start-up warnings, their shutdown on Ctrl-C)
+
+
+@contextlib.contextmanager
+def _kernel_stderr(path: Path):
+    """Send file descriptor 2 to ``path`` while a notebook runs: the kernel inherits it, so its
+    log lines (and the traceback it prints when Ctrl-C shuts it down) go to the run's
+    ``kernels.log`` instead of the terminal. The notebook's own errors still reach the runner."""
+    try:
+        f = open(path, "ab")
+    except OSError:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        f.close()
+
+
+def _disk_error(e: OSError, path: Path) -> Exception:
+    """A full disk (or another write failure) while saving ``path``, said plainly."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RunDirUnusable(f"disk full at {e.filename or path}; free space and run again; nothing computed "
+                              "is lost (finished steps are kept and the run resumes from them)")
+    return RunDirUnusable(f"could not write {e.filename or path}: {type(e).__name__}: {e}")
+
+
+def _record(run_dir: Path, times: dict[str, float], status: dict[str, str]) -> str:
+    """Record notebook times and status in the manifest; ``""``, or a note on why it could not be."""
+    try:
+        run = Run(run_dir)
+        run.record("notebook_seconds", {**run.manifest.get("notebook_seconds", {}), **times})
+        run.record("notebook_status", {**run.manifest.get("notebook_status", {}), **status})
+        return ""
+    except (DamagedArtifact, RunDirUnusable, OSError) as e:
+        return f"; the notebook times could not be recorded ({str(e)[:300]})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="notebook parameter (JSON value or string); see --list-params")
     ap.add_argument("--list-params", action="store_true", help="print every notebook's parameters and exit")
     a = ap.parse_args(argv)
+    # Ctrl-C stops the run even when the shell that started it ignores SIGINT (background jobs)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if a.list_params:
             for nb, ps in declared_parameters(notebooks(a.only)).items():
@@ -180,7 +255,13 @@ def main(argv: list[str] | None = None) -> None:
             return
         t0 = time.perf_counter()
         times = run_all(a.run_dir, a.model, {k: _value(v) for k, v in a.param}, a.only)
-    except (ParameterError, RunInUse, NotebookFailed) as e:
+    except (RunInterrupted, KeyboardInterrupt) as e:
+        again = shlex.join([sys.executable, "-m", "so2lib.runner",
+                            *(sys.argv[1:] if argv is None else argv)])
+        print(f"{e or 'interrupted (Ctrl-C)'}\nresume with the same command (finished steps are loaded, not recomputed):\n  {again}",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
+    except (ParameterError, RunInUse, NotebookFailed, RunDirUnusable, DamagedArtifact) as e:
         sys.exit(f"error: {e}")
     total = time.perf_counter() - t0
     print(f"done: {len(times)} notebooks in {total:.0f} s; run directory {a.run_dir}", flush=True)

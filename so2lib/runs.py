@@ -49,6 +49,8 @@ from . import progress
 PACKAGES = ("so2lib", "torch", "transformers", "transformer-lens", "scikit-learn", "numpy", "pandas",
             "plotly", "papermill", "datasets")
 LOCK_FILE = ".lock"
+BATCH_FREE = frozenset({"problems"})  # steps that run no batched forward pass: not keyed by the batch size
+_MISSING = object()
 OWNER_ENV = "SO2LIB_RUN_OWNER"  # set by so2lib.runner for its kernels: the PID that holds the lock
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -69,7 +71,63 @@ class RunInUse(RuntimeError):
     """Another live process holds the run directory's lock."""
 
 
+class RunDirUnusable(RuntimeError):
+    """The run directory is a file, lies under a file, or cannot be written (read-only storage,
+    full disk); the message says what to do."""
+
+
+def _dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be (or become) a run directory: it is a file, or under one."""
+    if path.exists() and not path.is_dir():
+        return f"run directory {path} is a file, not a folder: pass another run directory (or move the file away)"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return (f"run directory {path} cannot be created: {parent} is a file, not a folder; "
+                        "pass another run directory")
+            break
+    return None
+
+
+def _write_error(path: Path, e: OSError, what: str = "") -> RunDirUnusable:
+    """A clear error for a failed write into run directory ``path`` (read-only, disk full, ...)."""
+    import errno
+
+    where = f" ({what})" if what else ""
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        return RunDirUnusable(f"disk full at {path}{where}; free space and run again; nothing computed is lost "
+                              "(finished steps are kept and the run resumes from them)")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return RunDirUnusable(
+            f"run directory {path} is read-only{where}: a run writes its results there. Its finished results "
+            f"can still be read (so2lib.runs.Run({str(path)!r}).load(name)); to resume or extend the run, copy "
+            "the folder to writable storage and run there")
+    return RunDirUnusable(f"cannot write into run directory {path}{where}: {type(e).__name__}: {e}")
+
+
+def ensure_run_dir(path: Path) -> Path:
+    """Create run directory ``path`` (and its parents), or raise :class:`RunDirUnusable` saying why not."""
+    why = _dir_problem(path)
+    if why:
+        raise RunDirUnusable(why)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    return path
+
+
+@lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    return tuple(_versions_now().items())
+
+
 def versions() -> dict[str, str]:
+    """Python's and the recorded packages' versions (read once per process)."""
+    return dict(_versions())
+
+
+def _versions_now() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for p in PACKAGES:
         try:
@@ -321,8 +379,11 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self, retries: int = 5) -> "RunLock":
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        ensure_run_dir(self.path)
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _write_error(self.path, e, f"cannot create its lock file {LOCK_FILE}") from None
         for i in range(retries):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -332,10 +393,14 @@ class RunLock:
                     os.close(fd)
                     raise RunInUse(_in_use_message(self.path, _lock_info(self.path))) from None
                 time.sleep(0.1)  # a Run() checking the lock holds it for microseconds
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
-                                 "cmd": " ".join(sys.argv)[:200]}).encode())
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+                                     "cmd": " ".join(sys.argv)[:200]}).encode())
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            raise _write_error(self.path, e, f"cannot write its lock file {LOCK_FILE}") from None
         self.fd = fd
         return self
 
@@ -382,18 +447,26 @@ class Run:
     """A run directory. ``Run("outputs/runs/default", model="embedded", seed=0)`` opens or creates it.
 
     Keyword arguments are recorded in the manifest's ``config`` (a later phase adds its own).
-    Raises :class:`RunInUse` when another process's runner holds the directory.
+    Opening an existing run only reads it: nothing is written until something is recorded or
+    saved (the package versions are recorded with the next write), so a finished run can be
+    read from read-only storage. Raises :class:`RunInUse` when another process's runner holds
+    the directory, :class:`RunDirUnusable` when the path is a file or lies under one.
     """
+
+    batch_size: int | None = None  # set by study.open_run: part of every step's input key
 
     def __init__(self, path: str | os.PathLike, **config: Any):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.path.is_dir():
+            ensure_run_dir(self.path)
         check_lock(self.path)
         self.manifest_path = self.path / "manifest.json"
         self._inputs: dict[str, dict[str, Any]] = {}  # input key -> what key_for saw (for register)
-        self.manifest = self._read_manifest() or self._new_manifest()
+        existing = self._read_manifest()
+        self.manifest = existing or self._new_manifest()
         self.manifest["config"].update(config)
-        self._update(lambda m: m.__setitem__("versions", versions()))
+        if existing is None or any(existing["config"].get(k, _MISSING) != v for k, v in config.items()):
+            self._update(lambda m: None)
         progress.LOG = self.path / "progress.log"
         progress.quiet_libraries()
 
@@ -420,14 +493,22 @@ class Run:
     def _update(self, change: Callable[[dict[str, Any]], None]) -> None:
         """Apply ``change`` to the manifest on disk (re-read under a file lock, so updates by
         other processes are kept) and to this object's copy; this process's config wins."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".manifest.lock", "a") as lk:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lk = open(self.path / ".manifest.lock", "a")
+        except OSError as e:
+            raise _write_error(self.path, e, "cannot update manifest.json") from None
+        with lk:
             fcntl.flock(lk, fcntl.LOCK_EX)
             try:
                 m = self._read_manifest() or self.manifest
                 m["config"].update(self.manifest.get("config", {}))
+                m["versions"] = versions()
                 change(m)
-                atomic_write(self.manifest_path, lambda p: p.write_text(json.dumps(m, indent=1, default=str)))
+                try:
+                    atomic_write(self.manifest_path, lambda p: p.write_text(json.dumps(m, indent=1, default=str)))
+                except OSError as e:
+                    raise _write_error(self.path, e, "cannot update manifest.json") from None
                 self.manifest = m
             finally:
                 fcntl.flock(lk, fcntl.LOCK_UN)
@@ -469,7 +550,10 @@ class Run:
         ``key``: the input key it was computed from (:meth:`key_for`). The content hash is taken
         from the file read back, so the manifest describes what a later load will see."""
         path = self.path / f"{name}{_suffix(obj)}"
-        atomic_write(path, lambda tmp: _write_as(obj, tmp, path.suffix))
+        try:
+            atomic_write(path, lambda tmp: _write_as(obj, tmp, path.suffix))
+        except OSError as e:
+            raise _write_error(self.path, e, f"cannot write {path.name}") from None
         h = _file_hash(path)
         entry = self._entry(name, path.name, phase, key, h, params)
         self._update(lambda m: m["artifacts"].__setitem__(name, entry))
@@ -534,6 +618,7 @@ class Run:
         Keys chain: an artifact's key covers everything upstream of it, so a changed parameter
         changes the key of exactly the steps downstream of it. Raises when an input is missing
         or out of date (computed from inputs that changed since)."""
+        params = self._with_batch_size(params, name)
         inputs = {}
         for d in deps:
             entry = self.manifest["artifacts"].get(d)
@@ -550,6 +635,15 @@ class Run:
         key = hashlib.sha256(blob.encode()).hexdigest()[:16]
         self._inputs[key] = {"params": json.loads(json.dumps(params or {}, default=str)), "inputs": inputs}
         return key
+
+    def _with_batch_size(self, params: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+        """``params`` plus the run's ``batch_size`` (when set): batched forward passes pad rows to
+        the batch's length, which changes float rounding, so a result computed with another batch
+        size is another result (recomputed, never mixed) and the manifest records, per artifact,
+        the batch size it was computed with."""
+        if self.batch_size is None or name in BATCH_FREE or (params and "batch_size" in params):
+            return params
+        return {**(params or {}), "batch_size": self.batch_size}
 
     def fresh(self, name: str, key: str) -> bool:
         """Whether artifact ``name`` exists and was computed from inputs with this ``key``."""
@@ -579,7 +673,7 @@ class Run:
         obj = fn()
         _check_result(name, obj, validate, allow_empty)
         dt = round(time.perf_counter() - t0, 3)
-        self.save(name, obj, phase, key=key, params=params or {})
+        self.save(name, obj, phase, key=key, params=self._with_batch_size(params, name) or {})
         self._update(lambda m: m["timings"].__setitem__(name, dt))
         progress.log(f"{tag} done in {dt:.1f} s")
         return obj

@@ -30,9 +30,11 @@ naming what differs, rather than return wrong numbers.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from . import models as M
@@ -481,6 +483,28 @@ def engine_for(model: Any, max_memory: int | str | None = None) -> SecondOrderEn
     return eng
 
 
+def _check_model(model: Any, what: str) -> None:
+    """Refuse anything but a loaded model (a hub name, a path, an HF model) with what to do."""
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"{what}() takes a loaded model, not the name {str(model)!r}: load it first with "
+                        f"model = so2lib.load_model({str(model)!r}), then call {what}(model, ...)")
+    if not hasattr(model, "cfg") or not hasattr(model, "parameters"):
+        raise TypeError(f"{what}() takes a TransformerLens model from so2lib.load_model(...), not "
+                        f"{type(model).__name__}")
+
+
+def _check_layer(layer: Any, L: int) -> int:
+    """``layer`` as a Python int (numpy and 0-d torch integers accepted), or a clear error."""
+    if isinstance(layer, torch.Tensor) and layer.numel() == 1 and not layer.is_floating_point() \
+            and layer.dtype != torch.bool:
+        layer = int(layer.item())
+    if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
+        raise TypeError(f"layer must be an integer MLP layer index 0..{L - 1}, not {type(layer).__name__} {layer!r}")
+    if not 0 <= int(layer) < L:
+        raise ValueError(f"layer {int(layer)} out of range: the model has MLP layers 0..{L - 1}")
+    return int(layer)
+
+
 def _check_inputs(model: Any, tokens: Any, answer_pos: Any) -> tuple[torch.Tensor, torch.Tensor]:
     dev = next(model.parameters()).device
     tokens = torch.as_tensor(tokens)
@@ -546,9 +570,9 @@ def second_order_effects(model: Any, tokens: torch.Tensor, answer_pos: torch.Ten
     layer cost one forward pass plus ``(L - layer - 1) * n_heads * d_mlp * d_model * (d_head + batch)``
     multiply-adds.
     """
+    _check_model(model, "second_order_effects")
     L = model.cfg.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
-        raise ValueError(f"layer {layer!r} out of range: the model has MLP layers 0..{L - 1}")
+    layer = _check_layer(layer, L)
     tokens, answer_pos = _check_inputs(model, tokens, answer_pos)
     idx = None if neurons is None else _check_neurons(neurons, model.cfg.d_mlp, layer)
     engine = engine or engine_for(model)
@@ -576,11 +600,16 @@ def projected_effects(model: Any, tokens: torch.Tensor, answer_pos: torch.Tensor
     (causal attention: later tokens change nothing at T). The outputs (``2 * batch * n_dirs *
     n_layers * d_mlp`` floats, on the engine's device) come on top of the budget.
     """
+    _check_model(model, "projected_effects")
     L = model.cfg.n_layers
-    layers = list(range(L)) if layers is None else [int(l) for l in layers]
-    bad = [l for l in layers if not 0 <= l < L]
+    if layers is not None and not isinstance(layers, (list, tuple, range, np.ndarray, torch.Tensor)):
+        layers = [layers]  # one layer given as a number
+    layers = list(range(L)) if layers is None else list(layers)
+    bad = [l for l in layers if isinstance(l, (bool, np.bool_)) or not isinstance(l, (int, np.integer, torch.Tensor))
+           or not 0 <= int(l) < L]
     if bad or not layers:
         raise ValueError(f"layers {bad or layers} out of range: the model has MLP layers 0..{L - 1}")
+    layers = [int(l) for l in layers]
     tokens, answer_pos = _check_inputs(model, tokens, answer_pos)
     d = torch.as_tensor(directions).float()
     dm, b = model.cfg.d_model, tokens.shape[0]

@@ -13,7 +13,9 @@ not needed to read its file).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -100,3 +102,75 @@ def gguf_model_path(gguf: str | os.PathLike) -> Path:
     if not (out / "config.json").exists():
         convert_gguf(g, out)
     return out
+
+
+# ----------------------------------------------------------------------------- weights' identity
+
+# files of a model folder that decide what the model computes (weights, architecture, tokenizer)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".model")
+_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                "merges.txt", "special_tokens_map.json", "added_tokens.json")
+
+
+def _file_digest(path: Path) -> str:
+    """blake2b of a file's bytes, cached in ``cache_dir()/file_hashes.json`` by resolved path,
+    size and modification time (a multi-GB checkpoint is read once, not at every notebook)."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    store = cache_dir() / "file_hashes.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:  # best effort: a read-only cache only costs the re-read
+        known[key] = digest
+        store.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=store.parent, prefix=".file_hashes.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f)
+        os.replace(tmp, store)
+    except OSError:
+        pass
+    return digest
+
+
+def model_files(folder: str | os.PathLike) -> list[Path]:
+    """The files of a Hugging Face model folder that decide what it computes."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and (p.suffix in _WEIGHT_SUFFIXES or p.name in _MODEL_FILES))
+
+
+def hub_folder(name: str) -> Path | None:
+    """The local snapshot folder of hub model ``name`` in the Hugging Face cache, if cached."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached, not a repo id, no huggingface_hub
+        return None
+
+
+def weights_fingerprint(path: str | os.PathLike) -> str | None:
+    """A content hash of a model folder's weights, config and tokenizer files (``None`` when
+    ``path`` is a hub name that is not in the local cache). Same files, same fingerprint,
+    wherever the folder lives; a checkpoint saved over the old one changes it."""
+    folder = Path(path)
+    if not folder.is_dir():
+        folder = hub_folder(str(path))
+        if folder is None:
+            return None
+    files = model_files(folder)
+    if not files:
+        return None
+    h = hashlib.blake2b(digest_size=12)
+    for f in files:
+        h.update(f"{f.name}|{_file_digest(f)}|".encode())
+    return h.hexdigest()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Sequence
 
 import pandas as pd
@@ -16,7 +17,7 @@ import torch
 
 from .labels import (POSITIONS, Encoded, accuracy_table, bos_ids, check_classes, encode, has_chat_template,
                      label)
-from .models import ModelInfo, load_model
+from .models import ModelInfo, load_model, resolve_model_path
 from .runs import Run, expect_rows
 from .tasks import TASKS, Problem, ProblemSet, Template, make_problem_set, stable_hash, template_for
 
@@ -75,7 +76,7 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
              n_shots: int | None = None, single_token_only: bool | None = None, progress: bool = True,
              chat: str | bool | None = None, position: str | None = None, bos: str | bool | None = None,
              space: str | None = None, cot: bool | None = None, cot_max_tokens: int | None = None,
-             data_dir: str | None = None) -> Setup:
+             data_dir: str | None = None, min_counts: bool = True) -> Setup:
     """Open (or resume) a run: load the model, build or reload the problems, label both splits.
 
     A run directory belongs to one model and one problem set: reopening it with other
@@ -97,12 +98,30 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
       ``cot_max_tokens`` tokens, correctness from the extracted final answer.
 
     The manifest's ``data.per_task`` records ``{"generated", "kept", "dropped"}`` per task; a
-    task that keeps no problem raises a ``ValueError`` that says why.
+    task that keeps no problem raises a ``ValueError`` that says why, and nothing is saved (the
+    directory stays free for other settings).
+
+    Every value is checked as the runner checks it (:func:`so2lib.params.check_call`), so a
+    notebook run by hand refuses what ``python -m so2lib.runner`` refuses; ``min_counts=False``
+    lifts only the minimum split sizes (``n_train >= 50``, ``n_val >= 30``), for tests and quick
+    looks whose verdicts cannot mean anything.
+
+    The run is keyed by the model's weights (:func:`so2lib.sources.weights_fingerprint`): a
+    directory made with other weights under the same name or folder is refused. ``batch_size``
+    is part of every step's input key: reopening with another batch size recomputes what
+    depends on it instead of mixing batchings.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    from .params import check_call, check_notebook_globals
+    from .sources import weights_fingerprint
+
+    check_notebook_globals(sys._getframe(1).f_globals)  # a notebook's other parameters (top_k_layers, m, q, ...)
+    check_call({"model_name": model_name, "n_train": n_train, "n_val": n_val, "seed": seed, "tasks": tasks,
+                "device": device, "dtype": dtype, "batch_size": batch_size, "template": template,
+                "n_shots": n_shots, "chat": chat, "position": position, "cot_max_tokens": cot_max_tokens},
+               min_counts=min_counts)
     torch.manual_seed(seed)
     run = Run(run_dir)
+    run.batch_size = batch_size
     given = {"tasks": None if tasks is None else list(tasks), "template": template, "n_shots": n_shots,
              "chat": chat, "position": position, "single_token_only": single_token_only, "bos": bos,
              "space": space, "cot": cot, "cot_max_tokens": cot_max_tokens, "data_dir": data_dir}
@@ -116,15 +135,24 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
     if run.has("problems") and (old != cfg or any(recorded.get(k, PHASE1_DEFAULTS[k]) != opts[k] for k in opts)):
         raise ValueError(f"run {run_dir} was made with {old | recorded}, not {cfg | opts}; "
                          "use another run directory")
+    path = resolve_model_path(model_name)
+    weights = weights_fingerprint(path)
+    _check_weights(run, run_dir, cfg["model"], path, weights)
     model = load_model(model_name, device=device, dtype=dtype)
+    if weights is None:  # a hub model fetched just now is in the local cache
+        weights = weights_fingerprint(path)
+        _check_weights(run, run_dir, cfg["model"], path, weights)
     has_chat = has_chat_template(model.tokenizer)
     use_chat = has_chat if opts["chat"] == "auto" else bool(opts["chat"])
     style = opts["template"] or ("cot" if opts["cot"] else template_for(model_name).style)
     if opts["cot"] and style != "cot":
         raise ValueError(f"cot=True needs the 'cot' template (worked examples), not {style!r}")
     tmpl = Template(style, n_shots=opts["n_shots"], chat=use_chat, space=opts["space"], bos=opts["bos"])
-    run.manifest["config"].update(cfg | {"device": device, "dtype": dtype, "batch_size": batch_size,
-                                         "phase1": opts})
+    # batch_size is not recorded here: each artifact's params record the one it was computed with
+    if "batch_size" in run.config:  # written by an older version
+        run.manifest["config"].pop("batch_size")
+        run._update(lambda m: m["config"].pop("batch_size", None))
+    run.manifest["config"].update(cfg | {"device": device, "dtype": dtype, "phase1": opts, "weights": weights})
     run.record("model", {"name": cfg["model"], **dataclasses.asdict(ModelInfo.of(model)),
                          "bos_prepended": model.tokenizer.convert_ids_to_tokens(bos_ids(model, opts["bos"])),
                          "has_chat_template": has_chat, "chat_template_used": use_chat})
@@ -145,9 +173,15 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
         return ps.to_json() | {"per_task": {t: {"generated": generated[t],
                                                 "kept": generated[t] - sum(dropped.get(t, {}).values()),
                                                 "dropped": dropped.get(t, {})} for t in ps.tasks}}
-    pj = run.step("problems", make_problems, "01",
-                  params=cfg | {"dtype": str(dtype), "single_token_only": opts["single_token_only"],
-                                "template": tparams, "data_dir": opts["data_dir"]})
+    try:
+        pj = run.step("problems", make_problems, "01",
+                      params=cfg | {"dtype": str(dtype), "single_token_only": opts["single_token_only"],
+                                    "template": tparams, "data_dir": opts["data_dir"], "weights": weights},
+                      validate=lambda pj: _check_kept(pj.get("per_task", {}), cfg["model"], opts))
+    except ValueError:
+        if run.has("problems"):  # saved by an older version although unusable: do not bind the directory
+            run.forget("problems")
+        raise
     problems = ProblemSet.from_json(pj)
     per_task = pj.get("per_task", {})
     run.record("data", {"n_train": len(problems.train), "n_val": len(problems.val), "seed": seed,
@@ -156,14 +190,6 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
                         "position": opts["position"], "cot": opts["cot"], "per_task": per_task,
                         "dropped": n_train + n_val - len(problems.train) - len(problems.val),
                         "hash": stable_hash(str([p.compact for p in problems.train + problems.val]))})
-    empty = {t: v for t, v in per_task.items() if v["kept"] == 0}
-    if empty:
-        raise ValueError(
-            f"task(s) {sorted(empty)} kept no problem for model {cfg['model']!r}: {empty}. "
-            "too_long: prompts longer than the model's context (use fewer shots, n_shots=...); "
-            "multi_token_answer: single_token_only=True drops answers of several tokens (set it "
-            "to False); untokenizable_answer: the tokenizer cannot write the answer. Or leave the "
-            "task out (tasks=[...]).")
     prompt_enc = {s: encode(model, problems.split(s), tmpl) for s in ("train", "val")}
     lparams = {"position": opts["position"], "cot": opts["cot"], "cot_max_tokens": opts["cot_max_tokens"],
                "stop": True}  # correct = gold tokens and the answer ends there (labels.label)
@@ -191,6 +217,39 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
                   for s in ("train", "val")}
         enc = {s: prompt_enc[s].analysis_view(labels[s].decide_k.values) for s in ("train", "val")}
     return Setup(run, model, problems, tmpl, enc, labels, batch_size, prompt_enc)
+
+
+def _check_weights(run: Run, run_dir: str, model: str, path: str, weights: str | None) -> None:
+    """Refuse a run directory made with other weights under the same model name or folder."""
+    was = run.config.get("weights")
+    if run.has("problems") and was is not None and weights is not None and was != weights:
+        raise ValueError(
+            f"the weights of model {model!r} ({path}) changed since run {run_dir} was made (weights "
+            f"fingerprint {was}, now {weights}): its labels, layers, selection and effects belong to the old "
+            "weights, so it is not resumed with the new ones. Use another run directory for the new weights "
+            f"(or delete {run_dir} to recompute everything with them; `make clean-run` for the default run)")
+
+
+def _check_kept(per_task: dict[str, Any], model: str, opts: dict[str, Any]) -> None:
+    """Refuse a problem set in which a task kept no problem (before it is saved, so that the run
+    directory is not bound to settings that cannot work)."""
+    empty = {t: v for t, v in per_task.items() if v["kept"] == 0}
+    if not empty:
+        return
+    reasons = {r for v in empty.values() for r in v.get("dropped", {})}
+    what = []
+    if "too_long" in reasons:
+        what.append(f"too_long: the prompts are longer than the model's context; use fewer solved examples "
+                    f"(n_shots=0, or 1; with the runner `-p n_shots 0`; now {opts.get('n_shots')!r}) or the "
+                    "short template (template='compact', `-p template compact`)")
+    if "multi_token_answer" in reasons:
+        what.append("multi_token_answer: single_token_only=True drops answers of several tokens; set it to False")
+    if "untokenizable_answer" in reasons:
+        what.append("untokenizable_answer: the tokenizer cannot write the answer; leave the task out")
+    raise ValueError(
+        f"task(s) {sorted(empty)} kept no problem for model {model!r}: {empty}. "
+        + "; ".join(what) + f". Or leave the task out (tasks=[...], `-p tasks '[...]'`). Nothing was saved: "
+        "run again in the same run directory with other settings.")
 
 
 def per_task_table(setup: Setup) -> pd.DataFrame:

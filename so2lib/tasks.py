@@ -392,6 +392,10 @@ def solution_text(p: Problem) -> str:
     return f"We compute {p.compact.rstrip(' =;')} step by step."
 
 
+DATA_LAYOUT = ("gsm8k/train.jsonl + gsm8k/test.jsonl (one {\"question\", \"answer\"} record per line), "
+               "svamp/SVAMP.json, mawps/trainset.json + mawps/testset.json + mawps/validset.json")
+
+
 def default_data_dir() -> Path:
     """``$SO2LIB_DATA``, else the first ``shared/data`` beside the repository or one of its
     parent folders (``../shared/data`` from the repository root in the usual layout)."""
@@ -470,8 +474,8 @@ def load_gsm8k(split: str = "test", path: str | Path | None = None, limit: int |
 
 def _read_json_list(path: Path, what: str) -> list[Any]:
     if not path.exists():
-        raise FileNotFoundError(f"{what} file {path} not found; put the {what} files in the "
-                                "../shared/data layout (see its SOURCE.md) or set SO2LIB_DATA")
+        raise FileNotFoundError(f"{what} file {path} not found; put the {what} files there, or set the "
+                                f"environment variable SO2LIB_DATA to a folder laid out as {DATA_LAYOUT}")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -525,7 +529,16 @@ def _load_cached(task: str, split: str, data_dir: str | None) -> tuple[Problem, 
     d = Path(data_dir) if data_dir else default_data_dir()
     if task == "gsm8k":
         folder = d / "gsm8k"
-        return tuple(load_gsm8k(split, folder) if folder.exists() or data_dir else load_gsm8k(split))
+        if folder.exists() or data_dir:
+            return tuple(load_gsm8k(split, folder))
+        try:
+            return tuple(load_gsm8k(split))
+        except RuntimeError as e:  # offline and not cached
+            raise FileNotFoundError(
+                f"word task 'gsm8k' needs its data: no folder {folder} (and the Hugging Face hub is "
+                f"unreachable: {str(e.__cause__ or e)[:120]}). Put the data in that folder, or set the "
+                f"environment variable SO2LIB_DATA to a folder laid out as {DATA_LAYOUT}, then run again "
+                "(e.g. SO2LIB_DATA=/path/to/data python -m so2lib.runner -p tasks '[\"gsm8k\"]')") from None
     if task == "svamp":
         return tuple(load_svamp(split, d / "svamp"))
     if task == "mawps":

@@ -41,7 +41,7 @@ def digit_models(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_open_run_multi_token_answers(arch, digit_models, tmp_path):
-    setup = study.open_run(str(tmp_path / "r"), str(digit_models[arch]), n_train=12, n_val=6, seed=0,
+    setup = study.open_run(str(tmp_path / "r"), str(digit_models[arch]), n_train=12, n_val=6, min_counts=False, seed=0,
                            tasks=("addition", "multiplication", "comparison"), device="cpu", batch_size=5,
                            template="compact", progress=False)
     tok = setup.model.tokenizer
@@ -64,16 +64,16 @@ def test_open_run_multi_token_answers(arch, digit_models, tmp_path):
         assert (again.decide_k == lab.decide_k).all() and (again.correct == lab.correct).all()
         np.testing.assert_allclose(again.logit_diff, lab.logit_diff, atol=1e-4)
     # reopening without phase-1 options reuses the recorded ones; other options are refused
-    study.open_run(str(tmp_path / "r"), str(digit_models[arch]), n_train=12, n_val=6, device="cpu",
+    study.open_run(str(tmp_path / "r"), str(digit_models[arch]), n_train=12, n_val=6, min_counts=False, device="cpu",
                    batch_size=5, progress=False)
     with pytest.raises(ValueError, match="another run directory"):
-        study.open_run(str(tmp_path / "r"), str(digit_models[arch]), n_train=12, n_val=6, device="cpu",
+        study.open_run(str(tmp_path / "r"), str(digit_models[arch]), n_train=12, n_val=6, min_counts=False, device="cpu",
                        position="first", progress=False)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_effects_at_the_deciding_token_equal_brute_force(arch, digit_models, tmp_path):
-    setup = study.open_run(str(tmp_path / "r"), str(digit_models[arch]), n_train=8, n_val=4, seed=2,
+    setup = study.open_run(str(tmp_path / "r"), str(digit_models[arch]), n_train=8, n_val=4, min_counts=False, seed=2,
                            tasks=("addition", "multiplication"), device="cpu", batch_size=4,
                            template="compact", progress=False)
     model, base = setup.model, setup.prompt_enc["train"]

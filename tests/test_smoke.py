@@ -7,7 +7,7 @@ from so2lib.smoke import check
 
 
 def test_smoke_check_catches_missing_phases_and_dropped_problems(tmp_path):
-    setup = study.open_run(str(tmp_path / "r"), None, n_train=12, n_val=6, device="cpu", progress=False)
+    setup = study.open_run(str(tmp_path / "r"), None, n_train=12, n_val=6, min_counts=False, device="cpu", progress=False)
     bad = check(setup.run.path)
     assert any("phase 02 wrote no artifact" in b for b in bad)
     assert any("executed notebooks" in b for b in bad)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not HAVE_DATA, reason="shared word-problem data 
 def test_a_task_that_loses_every_problem_is_an_error_that_says_why(tmp_path):
     # the embedded model's context (64 tokens) is shorter than any few-shot GSM8K prompt
     with pytest.raises(ValueError, match=r"gsm8k.*kept no problem.*too_long"):
-        study.open_run(str(tmp_path / "r"), None, n_train=6, n_val=3, tasks=("addition", "gsm8k"),
+        study.open_run(str(tmp_path / "r"), None, n_train=6, n_val=3, min_counts=False, tasks=("addition", "gsm8k"),
                        template="fewshot", n_shots=1, device="cpu", progress=False)
 
 
@@ -28,7 +28,7 @@ def test_word_tasks_open_run(tmp_path):
     folder = tmp_path / "m"
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
-    setup = study.open_run(str(tmp_path / "r"), str(folder), n_train=6, n_val=3, tasks=WORD_TASKS,
+    setup = study.open_run(str(tmp_path / "r"), str(folder), n_train=6, n_val=3, min_counts=False, tasks=WORD_TASKS,
                            template="fewshot", n_shots=1, device="cpu", batch_size=3, progress=False)
     per = setup.run.manifest["data"]["per_task"]
     assert set(per) == set(WORD_TASKS) and all(v["kept"] == v["generated"] == 3 for v in per.values())
