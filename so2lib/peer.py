@@ -32,10 +32,12 @@ def _detach(x: torch.Tensor, hook: Any) -> torch.Tensor:
 
 
 def attribution_patching(model: Any, tokens: torch.Tensor, answer_pos: torch.Tensor, directions: torch.Tensor,
-                         layers: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+                         layers: Sequence[int] | None = None, detach_attention: bool = True) -> dict[str, torch.Tensor]:
     """``{"second", "direct"}`` ``[b, D, len(layers), d_mlp]``: effects of every neuron of
     ``layers`` projected on ``directions [b, D, d_model]`` of the final normalized residual
-    (as :meth:`SecondOrderEngine.project`), by one forward pass and ``D`` backward passes."""
+    (as :meth:`SecondOrderEngine.project`), by one forward pass and ``D`` backward passes.
+    ``detach_attention=False`` leaves head-to-head composition in (not the definition: a check
+    that can fail)."""
     L = model.cfg.n_layers
     layers = list(range(L)) if layers is None else list(layers)
     info = M.ModelInfo.of(model)
@@ -56,7 +58,7 @@ def attribution_patching(model: Any, tokens: torch.Tensor, answer_pos: torch.Ten
 
     def read_attn(x: torch.Tensor, hook: Any) -> torch.Tensor:
         reads.append(x[ar, T].float())  # [b, dm], keeps the graph
-        return x.detach()
+        return x.detach() if detach_attention else x
 
     def keep(name: str):
         def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
