@@ -66,6 +66,7 @@ def attribution_patching(model: Any, tokens: torch.Tensor, answer_pos: torch.Ten
             return x.detach()
         return hook
 
+    g = M.final_norm_gain(model)  # before the hooks: it runs the final norm on a probe
     hd = model.hook_dict
     hooks = [(n, _detach) for n in hd if n.endswith(("attn.hook_pattern", "hook_scale")) and n != M.FINAL_SCALE
              and not any(n == M.ln2_post_scale(l) for l in range(L))]
@@ -78,7 +79,6 @@ def attribution_patching(model: Any, tokens: torch.Tensor, answer_pos: torch.Ten
         U = directions.float().to(dev)
         if info.norm == "LN":
             U = U - U.mean(-1, keepdim=True)
-        g = M.final_norm_gain(model)
         if g is not None:
             U = U * g.to(U)
         U = U / store[M.FINAL_SCALE][ar, T, 0].float()[:, None, None]  # [b, D, dm]

@@ -339,13 +339,17 @@ class SecondOrderEngine:
         """
         if skip_percentile is None and self.factored:
             basis, idx, wts = self._token_basis(answer, alternative)
-            if basis.shape[0] * 4 <= 3 * len(answer) * wts.shape[1]:  # fewer directions than problem-directions
+            b, D = len(answer), wts.shape[1]
+            # weight side once per basis direction and an n-batched matmul, against once per
+            # problem-direction: cheaper when K (b + d_head) < b D d_head
+            if basis.shape[0] * (b + self.info.d_head) < b * D * self.info.d_head:
                 return self.project_factored(rows, T, basis, idx, wts, layers)
         return self.project(rows, T, self.directions(answer, alternative), layers, skip_percentile)
 
-    #: :meth:`projected` uses :meth:`project_factored` where it is cheaper (set False for the
-    #: per-problem path of :meth:`project`; both give the same effects up to float rounding)
-    factored: bool = True
+    #: ``True``: :meth:`projected` uses :meth:`project_factored` where its arithmetic is smaller.
+    #: Off by default: on 2 CPU cores its gathers cost more than they save (docs/performance.md);
+    #: both give the same effects up to float rounding.
+    factored: bool = False
 
     @torch.no_grad()
     def _token_basis(self, answer: torch.Tensor, alternative: torch.Tensor
@@ -377,8 +381,9 @@ class SecondOrderEngine:
         in the final normalized residual space, ``idx [b, Q]``, ``weights [b, D, Q]``).
 
         The weight side ``w_n W_V W_O u_k`` is formed once per basis direction and later head
-        (``K`` products, not ``b * D``), then gathered per problem; the coefficients of all
-        later layers come from one batched matmul per source layer. Same outputs as
+        (``K`` products, not ``b * D``); the coefficients of all later heads come from one
+        batched matmul per source layer; each problem gathers the weight side of its own
+        basis directions. Same outputs as
         :meth:`project` on the expanded directions, up to float rounding."""
         layers = self.layers if layers is None else list(layers)
         dev = self.device
@@ -451,7 +456,8 @@ class SecondOrderEngine:
                 part = torch.zeros(b, D, n, device=w.device)
                 for g0 in range(0, kv, step):
                     MU = torch.einsum("bgGDe,gne->bgGDn", o[:, g0:g0 + step], wv[g0:g0 + step])
-                    part += torch.einsum("bgGn,bgGDn->bDn", c[:, g0:g0 + step], MU)
+                    MU *= c[:, g0:g0 + step, :, None]
+                    part += MU.sum((1, 2))
                 acc += part.to(self.device)
             second.append(acc)
             wl = self.weights(l)

@@ -84,7 +84,7 @@ def test_peer_and_factored_projection_equal_the_engine(arch, tiny_models):
     alt = torch.tensor([8, 8, 9, 8, 6, 5])
     rows = capture_batch(m, x, T, range(m.cfg.n_layers))
     ref = eng.project(rows, T, eng.directions(gold, alt))
-    fac = eng.projected(rows, T, gold, alt)  # factored path (6 distinct tokens < 3/4 * 6 * 3)
+    fac = eng.project_factored(rows, T, *eng._token_basis(gold, alt))
     peer = attribution_patching(m, x, T, eng.directions(gold, alt))
     scale = float(ref["second"].abs().max())
     assert scale > 1e-3
