@@ -413,8 +413,8 @@ def bench_peer(model: Any, template: Template, n_problems: int, batch_size: int,
     probs = make_problem_set(n_problems, 0, seed=0, heldout=False).train
     enc = encode(model, probs, template)
     L = model.cfg.n_layers
-    from .labels import label
-    lab = label(model, enc, batch_size, progress=False)  # the study's readout: gold vs the best other token
+    from .labels import label as label_problems
+    lab = label_problems(model, enc, batch_size, progress=False)  # the study's readout: gold vs the best other token
     gold, alt = torch.tensor(lab.gold_token.values), torch.tensor(lab.alt_token.values)
     eng = SecondOrderEngine(model, correctness_dir=_fixed_direction(model.cfg.d_model))
     batches = [(r, x[:, :int(T.max()) + 1], T) for r, x, T in enc.batches(batch_size, device=device, desc=None)]
