@@ -27,7 +27,7 @@ from .effects import load_effects
 from .selection import load_selection
 from . import protocol as P
 from .stats import bootstrap_ci as _boot, min_detectable_change, top_share, top_share_null, validation_row
-from . import partial as P
+from . import partial as PA
 from .study import Setup
 
 # ----------------------------------------------------------------------------- pure functions
@@ -226,7 +226,7 @@ def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine
         ar = torch.arange(len(T), device=dev)
         x = x[:, :int(T.max()) + 1]  # stop at the last answer position (causal: nothing after it matters)
         rows = capture_batch(model, x, T, range(L))
-        lc = P.logits_at(model, rows.final_resid)  # [b, V] at T only
+        lc = PA.logits_at(model, rows.final_resid)  # [b, V] at T only
         clean = lc[ar, g] - lc[ar, a]
         for l, ns in neurons.items():
             idx = torch.tensor(ns, device=dev)
@@ -239,14 +239,14 @@ def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine
             for j, n in enumerate(ns):
                 pred[(l, n)].append(d[:, j] + s2[:, j])
                 pred_direct[(l, n)].append(d[:, j])
-        pre = P.resid_pre(model, x, sorted(neurons))  # each ablated pass starts at its neuron's layer
+        pre = PA.resid_pre(model, x, sorted(neurons))  # each ablated pass starts at its neuron's layer
         for l, n in tqdm(pairs, desc="neuron ablations", leave=False, disable=not progress):
             def hook(t: torch.Tensor, hook: Any, n: int = n, l: int = l) -> torch.Tensor:
                 t = t.clone()
                 t[..., n] = mean_act[l, n]
                 return t
-            r = P.run_from(model, pre[l], l, [(M.mlp_post(l), hook)])
-            lg = P.logits_at(model, r[ar, T])  # logits at T only
+            r = PA.run_from(model, pre[l], l, [(M.mlp_post(l), hook)])
+            lg = PA.logits_at(model, r[ar, T])  # logits at T only
             total[(l, n)].append((clean - (lg[ar, g] - lg[ar, a])).cpu())
         del pre
     out = []
