@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -396,6 +397,183 @@ def bench_memory(shape: str, n_layers: int | None, n_problems: int, max_memory: 
     return results
 
 
+# ----------------------------------------------------------------------------- the peer
+
+
+@torch.no_grad()
+def bench_peer(model: Any, template: Template, n_problems: int, batch_size: int, device: str,
+               label: str, repeats: int = 2) -> dict[str, Any]:
+    """so2lib against the exact-path attribution-patching peer (:mod:`so2lib.peer`) on the same
+    batches: projected second-order + direct effects of every neuron of every layer on the two
+    built-in directions (logit difference to a fixed alternative, a fixed correctness
+    direction), capture included. Each side is timed ``repeats`` times (best kept, interleaved),
+    on prompts cut after their answer position; agreement is the largest absolute difference."""
+    from .peer import attribution_patching
+
+    probs = make_problem_set(n_problems, 0, seed=0, heldout=False).train
+    enc = encode(model, probs, template)
+    L = model.cfg.n_layers
+    from .labels import label as label_problems
+    lab = label_problems(model, enc, batch_size, progress=False)  # the study's readout: gold vs the best other token
+    gold, alt = torch.tensor(lab.gold_token.values), torch.tensor(lab.alt_token.values)
+    eng = SecondOrderEngine(model, correctness_dir=_fixed_direction(model.cfg.d_model))
+    batches = [(r, x[:, :int(T.max()) + 1], T) for r, x, T in enc.batches(batch_size, device=device, desc=None)]
+    t_so, t_peer, diff, scale = [], [], {"second": 0.0, "direct": 0.0}, {"second": 0.0, "direct": 0.0}
+    c_so, c_peer = [], []  # process CPU seconds (less disturbed than wall time on a shared machine)
+    for rep in range(repeats):
+        so_out, peer_out = [], []
+        t0, c0 = time.perf_counter(), time.process_time()
+        for r, x, T in batches:
+            rows = capture_batch(model, x, T, range(L))
+            so_out.append(eng.projected(rows, T, gold[r.start:r.stop], alt[r.start:r.stop]))
+            del rows
+        _sync(device)
+        t_so.append(time.perf_counter() - t0)
+        c_so.append(time.process_time() - c0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for r, x, T in batches:
+            U = eng.directions(gold[r.start:r.stop].to(eng.device), alt[r.start:r.stop].to(eng.device))
+            peer_out.append(attribution_patching(model, x, T, U))
+        _sync(device)
+        t_peer.append(time.perf_counter() - t0)
+        c_peer.append(time.process_time() - c0)
+    for a_, b_ in zip(so_out, peer_out):
+        for k in diff:
+            diff[k] = max(diff[k], float((a_[k] - b_[k]).abs().max()))
+            scale[k] = max(scale[k], float(a_[k].abs().max()))
+    t0 = time.perf_counter()
+    for _, x, T in batches:
+        model(x)
+    _sync(device)
+    t_fwd = time.perf_counter() - t0
+    return {"model": label, "device": device, "problems": n_problems, "batch_size": batch_size,
+            "directions": 2, "layers": L, "d_mlp": model.cfg.d_mlp,
+            "so2lib_s": round(min(t_so), 3), "peer_s": round(min(t_peer), 3), "forward_s": round(t_fwd, 3),
+            "speedup": round(min(t_peer) / min(t_so), 2),
+            "so2lib_over_forward": round(min(t_so) / t_fwd, 2), "peer_over_forward": round(min(t_peer) / t_fwd, 2),
+            "max_abs_diff_second": diff["second"], "max_abs_diff_direct": diff["direct"],
+            "max_abs_second": scale["second"], "max_abs_direct": scale["direct"],
+            "all_so2lib_s": [round(t, 3) for t in t_so], "all_peer_s": [round(t, 3) for t in t_peer],
+            "so2lib_cpu_s": round(min(c_so), 3), "peer_cpu_s": round(min(c_peer), 3),
+            "speedup_cpu_time": round(min(c_peer) / min(c_so), 2), "load": _load()}
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def fpe_table(timings: dict[str, float], forward_s: float, n_layers: int,
+              phases: dict[str, str] | None = None) -> "pd.DataFrame":
+    """Steps sorted by cost: ``step``, ``phase``, ``seconds``, ``fpe`` (seconds / one plain
+    forward pass over the run's problems) and ``share`` of the whole. ``attrs`` hold the total,
+    the budget ``n_layers + 30`` and whether the total is within it."""
+    import pandas as pd
+
+    phases = phases or {}
+    df = pd.DataFrame({"step": list(timings), "phase": [phases.get(k, "") for k in timings],
+                       "seconds": [float(v) for v in timings.values()]})
+    df["fpe"] = df.seconds / forward_s
+    total = float(df.seconds.sum())
+    df["share"] = df.seconds / total if total > 0 else 0.0
+    df = df.sort_values("seconds", ascending=False, kind="stable").reset_index(drop=True)
+    df.attrs.update({"total_fpe": float(df.fpe.sum()), "budget_fpe": n_layers + 30,
+                     "within_budget": float(df.fpe.sum()) <= n_layers + 30, "forward_s": forward_s})
+    return df
+
+
+def _step_phase(manifest: dict[str, Any], step: str) -> str:
+    arts = manifest.get("artifacts", {})
+    if step in arts:
+        return str(arts[step].get("phase") or "")
+    if step.startswith("effects_"):
+        return "02"
+    return next((str(e.get("phase")) for n, e in arts.items() if n.startswith(step) and e.get("phase")), "")
+
+
+@torch.no_grad()
+def forward_seconds(setup: Any, repeats: int = 3) -> float:
+    """Seconds of one plain forward pass over the run's training and validation problems
+    (teacher-forced prompts and answers, as labelling reads them) in the run's batch size, on
+    its device and dtype: the median of ``repeats`` passes."""
+    model = setup.model
+    dev = next(model.parameters()).device
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for s in ("train", "val"):
+            for _, x, _T in setup.prompt_enc[s].batches(setup.batch_size, with_answer=True, device=dev):
+                model(x)
+        _sync(str(dev))
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
+def pipeline(run_dir: str, model: str | None, params: dict[str, Any], run: bool = True) -> dict[str, Any]:
+    """Run the five notebooks (``so2lib.runner``) into ``run_dir`` unless ``run`` is False, then
+    time one plain forward pass over its problems in this process and express every recorded
+    step (manifest ``timings``) and notebook in forward-pass equivalents; records the result as
+    the manifest's ``fpe`` entry and returns it."""
+    from . import runner
+    from .runs import Run
+    from .study import open_run
+
+    if run:
+        runner.run_all(run_dir, model, params)
+    m = json.loads((Path(run_dir) / "manifest.json").read_text())
+    cfg = m["config"]
+    setup = open_run(run_dir, model, n_train=cfg["n_train"], n_val=cfg["n_val"], seed=cfg["seed"],
+                     device=cfg.get("device"), dtype=cfg.get("dtype"), batch_size=cfg["batch_size"], progress=False)
+    fwd = forward_seconds(setup)
+    m = json.loads((Path(run_dir) / "manifest.json").read_text())
+    timings = {k: v for k, v in m["timings"].items()}
+    L = setup.model.cfg.n_layers
+    phases = {k: _step_phase(m, k) for k in timings}
+    steps = fpe_table(timings, fwd, L, phases)
+    nbs = m.get("notebook_seconds", {})
+    other = {}
+    for nb, sec in nbs.items():
+        inside = float(steps[steps.phase == nb[:2]].seconds.sum())
+        other[nb] = round(max(0.0, sec - inside), 3)  # model loading, kernel start, tables, figures
+    out = {"forward_s": round(fwd, 4), "n_layers": L, "budget_fpe": L + 30,
+           "problems": len(setup.problems.train) + len(setup.problems.val), "batch_size": setup.batch_size,
+           "device": str(next(setup.model.parameters()).device), "dtype": str(next(setup.model.parameters()).dtype),
+           "steps_fpe": round(steps.attrs["total_fpe"], 2), "within_budget": bool(steps.attrs["within_budget"]),
+           "notebook_seconds": nbs, "notebook_fpe": {k: round(v / fwd, 2) for k, v in nbs.items()},
+           "notebooks_fpe": round(sum(nbs.values()) / fwd, 2), "outside_steps_s": other,
+           "steps": [{"step": r.step, "phase": r.phase, "seconds": round(r.seconds, 3), "fpe": round(r.fpe, 2),
+                      "share": round(r.share, 4)} for r in steps.itertuples()],
+           "machine": _machine_line(), "load": _load()}
+    Run(run_dir).record("fpe", out)
+    return out
+
+
+def _machine_line() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+
+
+def _load() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def print_pipeline(r: dict[str, Any], top: int = 12) -> None:
+    print(f"\none plain forward pass over {r['problems']} problems (batch {r['batch_size']}, {r['device']}, "
+          f"{r['dtype']}): {r['forward_s']} s")
+    print(f"{'step':<32} {'phase':>5} {'seconds':>9} {'FPE':>8} {'share':>6}")
+    for s in r["steps"][:top]:
+        print(f"{s['step']:<32} {s['phase']:>5} {s['seconds']:>9.2f} {s['fpe']:>8.2f} {100 * s['share']:>5.1f}%")
+    rest = r["steps"][top:]
+    if rest:
+        print(f"{'(' + str(len(rest)) + ' more steps)':<32} {'':>5} {sum(s['seconds'] for s in rest):>9.2f} "
+              f"{sum(s['fpe'] for s in rest):>8.2f} {100 * sum(s['share'] for s in rest):>5.1f}%")
+    print(f"whole study, cached steps: {r['steps_fpe']} FPE (budget n_layers + 30 = {r['budget_fpe']}: "
+          f"{'within' if r['within_budget'] else 'OVER'}); notebooks' wall time {sum(r['notebook_seconds'].values()):.1f} s "
+          f"= {r['notebooks_fpe']} FPE (outside the steps: {r['outside_steps_s']})")
+
+
 def _torch_dtype(name: str | None) -> torch.dtype:
     from .models import _dtype
     return _dtype(name)
@@ -428,7 +606,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--process-on", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    ap.add_argument("--pipeline", action="store_true",
+                    help="run the five notebooks and give every step's wall time and forward-pass equivalents")
+    ap.add_argument("--run-dir", default=None, help="--pipeline: run directory (default: a new temporary one)")
+    ap.add_argument("--model", default=None, help="--pipeline: model name (default: the embedded model)")
+    ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="--pipeline: notebook parameter, as for so2lib.runner")
+    ap.add_argument("--no-run", action="store_true", help="--pipeline: only measure an existing run directory")
+    ap.add_argument("--peer", action="store_true",
+                    help="only so2lib against the attribution-patching peer (--models, --problems, --batch-size)")
     a = ap.parse_args(argv)
+    if a.pipeline:
+        from .runner import _value
+        params = {k: _value(v) for k, v in a.param}
+        params.setdefault("zero_ablation", False)
+        run_dir = a.run_dir or tempfile.mkdtemp(prefix="so2lib-pipeline-")
+        r = pipeline(run_dir, a.model, params, run=not a.no_run)
+        print_pipeline(r)
+        _save(r, a.out)
+        return r
+    if a.peer:
+        rs = []
+        for name in a.models:
+            if name == "gpt2-small-shaped":
+                model, tmpl = load_model(gpt2_small_shaped(Path(tempfile.mkdtemp())), a.device, a.dtype), Template("fewshot", n_shots=3)
+            else:
+                model, tmpl = load_model(None if name == "embedded" else name, a.device, a.dtype), Template("compact")
+            n = a.problems or (1000 if name == "embedded" else 64)
+            r = bench_peer(model, tmpl, n, a.batch_size, a.device, name)
+            print(json.dumps(r, indent=1), flush=True)
+            rs.append(r)
+        _save({"peer": rs, "machine": _machine_line(), "load": _load()}, a.out)
+        return {"peer": rs}
     if a.memory_worker:
         r = memory_worker(a.memory_worker, a.problems or 16, a.max_memory, a.dtype or "float32", a.device,
                           a.process_on, a.save)
@@ -450,6 +659,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["machine"] = machine
         results["projected"].append(r)
         print(json.dumps(r, indent=1), flush=True)
+        _save(results, a.out)
+        results.setdefault("peer", []).append(bench_peer(model, tmpl, n, a.batch_size, a.device, name))
+        print(json.dumps(results["peer"][-1], indent=1), flush=True)
         _save(results, a.out)
         if name == "gpt2-small-shaped":
             results["public_api"] = bench_public(model, tmpl, n, a.device)
@@ -474,6 +686,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in results["projected"]:
         print(f"{r['model']:<18} | {r['engine_problems_per_s']:>10} | {r['engine_over_forward']:>14} | "
               f"{r['engine_neuron_problems_per_s']:>26,} | {r['naive_neuron_problems_per_s']:>6,} | {r['ratio']:,}x")
+    for r in results.get("peer", []):
+        print(f"{r['model']}: so2lib {r['so2lib_s']} s vs attribution-patching peer {r['peer_s']} s on the same "
+              f"{r['problems']} problems: {r['speedup']}x faster; agreement (max abs diff) second "
+              f"{r['max_abs_diff_second']:.1e}, direct {r['max_abs_diff_direct']:.1e}")
     if "public_api" in results:
         pa = results["public_api"]
         print(f"projected_effects, all neurons x {pa['problems']} problems in one call (budget {pa['budget_mb']} MiB, "

@@ -50,6 +50,14 @@ def _rows(t: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
     return t[torch.arange(len(T), device=t.device), T]
 
 
+class _Stopped(Exception):
+    pass
+
+
+def _stop(x: torch.Tensor, hook: Any) -> None:
+    raise _Stopped
+
+
 @torch.no_grad()
 def capture_batch(model: Any, tokens: torch.Tensor, T: torch.Tensor, mlp_layers: Sequence[int] = (),
                   want_logits: bool = False) -> AnswerRows:
@@ -80,8 +88,16 @@ def capture_batch(model: Any, tokens: torch.Tensor, T: torch.Tensor, mlp_layers:
     hooks += [(M.ln1_post_scale(l), keep(M.ln1_post_scale(l), lambda x: at_T(x)[..., 0])) for l in post_attn]
     hooks += [(M.FINAL_SCALE, keep(M.FINAL_SCALE, lambda x: at_T(x)[..., 0])),
               (M.FINAL_RESID, keep(M.FINAL_RESID, at_T))]
-    with model.hooks(fwd_hooks=hooks):
-        logits = model(tokens)
+    logits = None
+    if want_logits:
+        with model.hooks(fwd_hooks=hooks):
+            logits = model(tokens)
+    else:  # stop after the final norm: no unembedding of every position
+        try:
+            with model.hooks(fwd_hooks=hooks + [("ln_final.hook_out", _stop)]):
+                model(tokens)
+        except _Stopped:
+            pass
     b, S = tokens.shape
     ones = torch.ones(b, S, device=dev)
     attn_scale = None

@@ -28,6 +28,7 @@ from .selection import load_selection
 from . import protocol as P
 from . import phase3_rows as R
 from .stats import not_measurable, validation_row, verdict_table  # noqa: F401 (validation_row: re-exported)
+from . import partial as PA
 from .study import Setup
 
 # ----------------------------------------------------------------------------- pure functions
@@ -238,8 +239,10 @@ def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine
     for rows_idx, x, T in enc_val.batches(batch_size, device=dev, desc="effect budget" if progress else None):
         g, a = gold[rows_idx.start:rows_idx.stop].to(dev), alt[rows_idx.start:rows_idx.stop].to(dev)
         ar = torch.arange(len(T), device=dev)
-        rows = capture_batch(model, x, T, range(L), want_logits=True)
-        clean = rows.logits[ar, g] - rows.logits[ar, a]
+        x = x[:, :int(T.max()) + 1]  # stop at the last answer position (causal: nothing after it matters)
+        rows = capture_batch(model, x, T, range(L))
+        lc = PA.logits_at(model, rows.final_resid)  # [b, V] at T only
+        clean = lc[ar, g] - lc[ar, a]
         for l, ns in neurons.items():
             idx = torch.tensor(ns, device=dev)
             const = AnswerRows({**rows.mlp_post, l: mean_act[l].to(dev).expand_as(rows.mlp_post[l]).clone()},
@@ -251,14 +254,16 @@ def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine
             for j, n in enumerate(ns):
                 pred[(l, n)].append(d[:, j] + s2[:, j])
                 pred_direct[(l, n)].append(d[:, j])
+        pre = PA.resid_pre(model, x, sorted(neurons))  # each ablated pass starts at its neuron's layer
         for l, n in tqdm(pairs, desc="neuron ablations", leave=False, disable=not progress):
             def hook(t: torch.Tensor, hook: Any, n: int = n, l: int = l) -> torch.Tensor:
                 t = t.clone()
                 t[..., n] = mean_act[l, n]
                 return t
-            with model.hooks(fwd_hooks=[(M.mlp_post(l), hook)]):
-                lg = model(x)[ar, T].float()
+            r = PA.run_from(model, pre[l], l, [(M.mlp_post(l), hook)])
+            lg = PA.logits_at(model, r[ar, T])  # logits at T only
             total[(l, n)].append((clean - (lg[ar, g] - lg[ar, a])).cpu())
+        del pre
     out = []
     for l, n in pairs:
         t, p, pd_ = (torch.cat(v[(l, n)]).numpy() for v in (total, pred, pred_direct))
@@ -320,7 +325,7 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
     budget_sel = {l: ns[:budget_neurons] for l, ns in selected.items()} if budget_neurons else selected
     budget = run.step("effect_budget", lambda: effect_budget(
         model, setup.enc["val"], setup.labels["val"], engine, budget_sel, mean_act, max(bs, 256), progress), "03",
-        params={"budget_neurons": budget_neurons}, deps=["mean_activations", "selection", "labels_val"])
+        params={"budget_neurons": budget_neurons, "version": 2}, deps=["mean_activations", "selection", "labels_val"])
 
     # the CLIP protocol, every layer with later heads: all neurons, and the selected ones
     layers = list(range(L - 1))

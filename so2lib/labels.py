@@ -370,30 +370,65 @@ def label(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True,
         for r, i in enumerate(idx):
             p, ans = enc.full(i)
             t0 = len(p) - 1
-            lt = logits[r, t0 : t0 + len(ans)].float()  # [n, V]
-            a = torch.tensor(ans, device=device)
-            ar = torch.arange(len(ans), device=device)
-            g = lt[ar, a]
-            masked = lt.clone()
-            masked[ar, a] = -float("inf")
-            alt_logit, alt = masked.max(-1)
-            d = (g - alt_logit).tolist()
-            k = enc.prefix(i) if enc.n_prefix is not None else deciding_index(d, position)
-            wrong = [j for j, dj in enumerate(d) if dj <= 0]
-            if cont is not None:
-                nxt = logits[r, t0 + len(ans)].float()
-                c = torch.zeros(nxt.shape[0], dtype=torch.bool, device=device)
-                c[: min(len(cont), len(c))] = cont[: len(c)]
-                ds = float(nxt[~c].max() - nxt[c].max()) if c.any() else float("inf")
-            else:
-                ds = float("inf")
-            rows.append({"correct": not wrong and ds > 0, "stopped": ds > 0, "stop_margin": ds, "pred_token": int(lt[k].argmax()), "gold_token": ans[k],
-                         "alt_token": int(alt[k]), "answer_logit": float(g[k]), "logit_diff": d[k],
-                         "answer_pos": t0 + k, "decide_k": k, "prompt_pos": t0,
-                         "n_answer_tokens": len(ans), "margin_min": min(d),
-                         "first_wrong": wrong[0] if wrong else -1, "first_logit_diff": d[0],
-                         "first_token": ans[0]})
+            rows.append(_label_row(enc, i, logits[r, t0: t0 + len(ans) + (cont is not None)], cont, position))
     return pd.DataFrame(rows)
+
+
+def answer_rows(enc: Encoded, idx: Sequence[int], stop: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Where :func:`label` reads the logits of the problems ``idx`` of a batch: ``(row, pos)``
+    index tensors of every answer position ``T_1 .. T_n`` (and the stop position after the last
+    gold token with ``stop``), and the count per problem."""
+    rr, pp, counts = [], [], []
+    for r, i in enumerate(idx):
+        p, ans = enc.full(i)
+        k = len(ans) + bool(stop)
+        rr += [r] * k
+        pp += list(range(len(p) - 1, len(p) - 1 + k))
+        counts.append(k)
+    return torch.tensor(rr), torch.tensor(pp), counts
+
+
+def label_from_logits(enc: Encoded, idx: Sequence[int], logits: torch.Tensor, counts: Sequence[int],
+                      cont: torch.Tensor | None, position: str = "decide") -> list[dict[str, Any]]:
+    """:func:`label`'s rows for the problems ``idx`` from their answer-position logits only
+    (``logits [sum(counts), V]`` at the positions of :func:`answer_rows`, in that order)."""
+    out, s = [], 0
+    for i, k in zip(idx, counts):
+        out.append(_label_row(enc, i, logits[s:s + k], cont, position))
+        s += k
+    return out
+
+
+def _label_row(enc: Encoded, i: int, lt_all: torch.Tensor, cont: torch.Tensor | None,
+               position: str) -> dict[str, Any]:
+    """One problem's label from the logits at its answer positions ``T_1..T_n`` (and, with
+    ``cont``, the stop position after them): ``lt_all [n (+1), V]``."""
+    device = lt_all.device
+    p, ans = enc.full(i)
+    t0 = len(p) - 1
+    lt = lt_all[: len(ans)].float()  # [n, V]
+    a = torch.tensor(ans, device=device)
+    ar = torch.arange(len(ans), device=device)
+    g = lt[ar, a]
+    masked = lt.clone()
+    masked[ar, a] = -float("inf")
+    alt_logit, alt = masked.max(-1)
+    d = (g - alt_logit).tolist()
+    k = enc.prefix(i) if enc.n_prefix is not None else deciding_index(d, position)
+    wrong = [j for j, dj in enumerate(d) if dj <= 0]
+    if cont is not None:
+        nxt = lt_all[len(ans)].float()
+        c = torch.zeros(nxt.shape[0], dtype=torch.bool, device=device)
+        c[: min(len(cont), len(c))] = cont[: len(c)].to(device)
+        ds = float(nxt[~c].max() - nxt[c].max()) if c.any() else float("inf")
+    else:
+        ds = float("inf")
+    return {"correct": not wrong and ds > 0, "stopped": ds > 0, "stop_margin": ds, "pred_token": int(lt[k].argmax()), "gold_token": ans[k],
+            "alt_token": int(alt[k]), "answer_logit": float(g[k]), "logit_diff": d[k],
+            "answer_pos": t0 + k, "decide_k": k, "prompt_pos": t0,
+            "n_answer_tokens": len(ans), "margin_min": min(d),
+            "first_wrong": wrong[0] if wrong else -1, "first_logit_diff": d[0],
+            "first_token": ans[0]}
 
 
 def accuracy_table(labels: pd.DataFrame, problems: Sequence[Problem]) -> pd.DataFrame:

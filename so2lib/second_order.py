@@ -339,7 +339,93 @@ class SecondOrderEngine:
         ``skip_percentile`` (approximation, opt-in): zero activations whose magnitude is below
         that percentile of the layer's batch before computing the coefficients.
         """
+        if skip_percentile is None and self.factored:
+            basis, idx, wts = self._token_basis(answer, alternative)
+            b, D = len(answer), wts.shape[1]
+            # weight side once per basis direction and an n-batched matmul, against once per
+            # problem-direction: cheaper when K (b + d_head) < b D d_head
+            if basis.shape[0] * (b + self.info.d_head) < b * D * self.info.d_head:
+                return self.project_factored(rows, T, basis, idx, wts, layers)
         return self.project(rows, T, self.directions(answer, alternative), layers, skip_percentile)
+
+    #: ``True``: :meth:`projected` uses :meth:`project_factored` where its arithmetic is smaller.
+    #: Off by default: on 2 CPU cores its gathers cost more than they save (docs/performance.md);
+    #: both give the same effects up to float rounding.
+    factored: bool = False
+
+    @torch.no_grad()
+    def _token_basis(self, answer: torch.Tensor, alternative: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The built-in directions as combinations of a few shared ones: ``basis [K, d_model]``
+        (the unembedding columns of the distinct answer and alternative tokens of the batch,
+        then the correctness direction), ``idx [b, Q]`` (the basis directions problem ``b``
+        uses) and ``weights [b, D, Q]`` with ``directions()[b, d] = sum_q weights[b, d, q] *
+        basis[idx[b, q]]`` (before centring)."""
+        dev = self.W_U.device
+        a, alt = answer.to(dev).long(), alternative.to(dev).long()
+        toks, inv = torch.unique(torch.cat([a, alt]), return_inverse=True)
+        b = len(a)
+        basis = [self.W_U[:, toks].float().T.to(self.device)]
+        idx = [inv[:b].to(self.device), inv[b:].to(self.device)]
+        one, zero = torch.ones(b, device=self.device), torch.zeros(b, device=self.device)
+        wts = [torch.stack([one, -one], -1)]  # the logit difference
+        if self.correctness_dir is not None:
+            basis.append(self.correctness_dir[None])
+            idx.append(torch.full((b,), len(toks), device=self.device, dtype=torch.long))
+            wts = [torch.cat([wts[0], zero[:, None]], -1), torch.stack([zero, zero, one], -1)]
+        return torch.cat(basis), torch.stack(idx, 1), torch.stack(wts, 1)
+
+    @torch.no_grad()
+    def project_factored(self, rows: AnswerRows, T: torch.Tensor, basis: torch.Tensor, idx: torch.Tensor,
+                         weights: torch.Tensor, layers: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """:meth:`project` for directions that combine a few shared ones:
+        ``directions[b, d] = sum_q weights[b, d, q] * basis[idx[b, q]]`` (``basis [K, d_model]``
+        in the final normalized residual space, ``idx [b, Q]``, ``weights [b, D, Q]``).
+
+        The weight side ``w_n W_V W_O u_k`` is formed once per basis direction and later head
+        (``K`` products, not ``b * D``); the coefficients of all later heads come from one
+        batched matmul per source layer; each problem gathers the weight side of its own
+        basis directions. Same outputs as
+        :meth:`project` on the expanded directions, up to float rounding."""
+        layers = self.layers if layers is None else list(layers)
+        dev = self.device
+        B = basis.float().to(dev)
+        if self.final_center:
+            B = B - B.mean(-1, keepdim=True)
+        if self.final_gain is not None:
+            B = B * self.final_gain
+        K = B.shape[0]
+        b, D, Q = weights.shape
+        wts = weights.float().to(dev) / rows.final_scale.to(dev)[:, None, None]  # [b, D, Q]
+        idx = idx.to(dev)
+        L, H, n = self.info.n_layers, self.info.n_heads, self.info.d_mlp
+        A = rows.pattern / rows.scale[:, :, None, :]  # [b, L, H, S]
+        if rows.attn_out_scale is not None:
+            A = A / rows.attn_out_scale[:, :, None, None]
+        ob = {}
+        ar = torch.arange(b, device=dev)
+        second = torch.zeros(b, D, len(layers), n, device=dev)
+        direct = torch.zeros(b, D, len(layers), n, device=dev)
+        for j, l in enumerate(layers):
+            p = self._acts(rows, l, None)  # [b, S, n]
+            wl = self.weights(l)
+            later = list(range(l + 1, L))
+            if later:
+                c = torch.bmm(A[:, l + 1:].flatten(1, 2), p).reshape(b, len(later), H, n)
+                acc = torch.zeros(b, Q, n, device=dev)  # sum_{l', h} c * (w_n W_V W_O u_idx)
+                for i, lp in enumerate(later):
+                    w = self.weights(lp)
+                    if lp not in ob:  # [kv, G, K, dh]
+                        o = torch.einsum("hem,Km->hKe", w.W_O, B.to(w.device))
+                        ob[lp] = o.reshape(w.W_V.shape[0], -1, K, o.shape[-1])
+                    wv = self.product(l, lp)  # [kv, n, dh]
+                    MB = torch.einsum("gGKe,gne->KgGn", ob[lp], wv).flatten(1, 2).to(dev)  # [K, H, n]
+                    acc += (c[:, i, None] * MB[idx]).sum(2)  # [b, Q, H, n] -> [b, Q, n]
+                second[:, :, j] = torch.bmm(wts, acc)
+            WB = (B.to(wl.device) @ wl.W_out.T).to(dev)  # [K, n]
+            pT = p[ar, T.to(dev)]  # [b, n]
+            direct[:, :, j] = pT[:, None] * torch.bmm(wts, WB[idx])
+        return {"second": second, "direct": direct}
 
     @torch.no_grad()
     def project(self, rows: AnswerRows, T: torch.Tensor, directions: torch.Tensor,
@@ -372,7 +458,8 @@ class SecondOrderEngine:
                 part = torch.zeros(b, D, n, device=w.device)
                 for g0 in range(0, kv, step):
                     MU = torch.einsum("bgGDe,gne->bgGDn", o[:, g0:g0 + step], wv[g0:g0 + step])
-                    part += torch.einsum("bgGn,bgGDn->bDn", c[:, g0:g0 + step], MU)
+                    MU *= c[:, g0:g0 + step, :, None]
+                    part += MU.sum((1, 2))
                 acc += part.to(self.device)
             second.append(acc)
             wl = self.weights(l)

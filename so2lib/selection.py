@@ -17,7 +17,8 @@ import torch
 from . import models as M
 from .capture import answer_activations, position_means
 from .progress import tqdm
-from .labels import Encoded, label
+from . import partial as P
+from .labels import Encoded, answer_rows, continuation_mask, label, label_from_logits
 from .runs import Run
 from .study import Setup, accuracy
 
@@ -47,16 +48,35 @@ def layer_ablation(model: Any, enc: Encoded, means: torch.Tensor, clean: pd.Data
     unknown = set(kinds) - {"mean", "zero"}
     if "mean" not in kinds or unknown:
         raise ValueError(f"kinds must include 'mean' and be among ('mean', 'zero'), got {tuple(kinds)}")
+    L = model.cfg.n_layers
+    device = next(model.parameters()).device
+    cont = continuation_mask(model.tokenizer).to(device)
+    combos = [(l, k, v) for l in range(L) for k, v in (("mean", means[l]), ("zero", None)) if k in kinds]
+    labs: dict[tuple[int, str], list[dict[str, Any]]] = {(l, k): [] for l, k, _ in combos}
+    for idx, x, T in tqdm(list(enc.batches(batch_size, with_answer=True, device=device)), desc="layer ablation",
+                          disable=not progress):
+        rr, pp, counts = answer_rows(enc, idx)
+        x = x[:, :int(pp.max()) + 1]  # nothing after the last position read
+        pre = P.resid_pre(model, x, range(L))  # the clean pass, once per batch
+        for l, kind, value in combos:
+            # the ablated pass starts at layer l from the clean residual: layers below are unchanged
+            r = P.run_from(model, pre[l], l, [(M.mlp_out(l), ablation_hook(value))])
+            logits = P.logits_at(model, r[rr.to(device), pp.to(device)])  # answer positions only
+            labs[(l, kind)] += label_from_logits(enc, list(idx), logits, counts, cont)
+        del pre
     rows = []
-    for l in tqdm(range(model.cfg.n_layers), desc="layer ablation", disable=not progress):
-        for kind, value in [(k, v) for k, v in (("mean", means[l]), ("zero", None)) if k in kinds]:
-            lab = label(model, enc, batch_size, progress=False,
-                        hooks=[(M.mlp_out(l), ablation_hook(value))])
-            rows.append({"layer": l, "kind": kind, "accuracy": lab.correct.mean(),
-                         "mean_logit_diff": lab.logit_diff.mean(),
-                         "accuracy_drop": clean.correct.mean() - lab.correct.mean(),
-                         "logit_diff_drop": clean.logit_diff.mean() - lab.logit_diff.mean()})
+    for l, kind, _ in combos:
+        lab = pd.DataFrame(labs[(l, kind)])
+        rows.append({"layer": l, "kind": kind, "accuracy": lab.correct.mean(),
+                     "mean_logit_diff": lab.logit_diff.mean(),
+                     "accuracy_drop": clean.correct.mean() - lab.correct.mean(),
+                     "logit_diff_drop": clean.logit_diff.mean() - lab.logit_diff.mean()})
     return pd.DataFrame(rows)
+
+
+#: version of :func:`layer_ablation`'s algorithm, part of its step key (2: partial passes from
+#: the cached residual, logits at the answer positions only)
+LAYER_ABLATION_VERSION = 2
 
 
 def critical_layers(ablation: pd.DataFrame, k: int = 2, exclude_last: bool = True,
@@ -139,7 +159,7 @@ def setup_and_selection(setup: Setup, top_k_layers: int = 2, top_n_neurons: int 
     kinds = ("mean", "zero") if zero_ablation else ("mean",)
     ablation = run.step("layer_ablation", lambda: layer_ablation(
         model, setup.enc["train"], means, setup.labels["train"], bs, progress, kinds), "01",
-        params={"split": "train", "kinds": list(kinds)}, deps=["mlp_out_means", "labels_train"])
+        params={"split": "train", "kinds": list(kinds), "version": LAYER_ABLATION_VERSION}, deps=["mlp_out_means", "labels_train"])
     crit = critical_layers(ablation, top_k_layers, n_layers=model.cfg.n_layers)
     scores = run.step("neuron_scores", lambda: neuron_scores(
         model, setup.enc["train"], setup.labels["train"], None, bs, progress), "01", deps=["labels_train"])
