@@ -158,3 +158,13 @@ def test_open_run_calibrates_on_a_tiny_model(tmp_path, tiny_dirs):
     with pytest.raises(ValueError, match="another run directory"):
         study.open_run(str(tmp_path / "run"), str(tiny_dirs["llama"]), n_train=60, n_val=30, seed=1,
                        calibration_n=20, device="cpu", progress=False)
+
+
+def test_calibration_parameters_are_checked_before_any_work():
+    from so2lib import params, runner
+    d = runner.declared_parameters(runner.notebooks(["01"]))
+    params.validate({"calibrate": True, "accuracy_band": [0.3, 0.7], "calibration_policy": "drop",
+                     "calibration_shots": [3, 8]}, d)
+    with pytest.raises(params.ParameterError) as e:
+        params.validate({"accuracy_band": [0.8, 0.7], "calibration_policy": "keep", "calibration_n": 3}, d)
+    assert "accuracy_band" in str(e.value) and "calibration_policy" in str(e.value) and "calibration_n" in str(e.value)
