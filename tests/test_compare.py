@@ -105,3 +105,16 @@ def test_rows_from_several_tables_and_duplicate_models(tmp_path):
     assert res["labels"][0] == "same" and res["labels"][1] != "same"
     assert res["table"].loc["pc1 share", "table"] == "decomposition_table"
     assert res["table"].loc["pc1 share", "outcome"] == "replicates"
+
+
+def test_notebook_06_builds_the_table_headless(tmp_path):
+    pm = pytest.importorskip("papermill")
+    from so2lib.runs import NOTEBOOKS_DIR
+    a = _run(tmp_path / "a", "model-a", ROWS_A)
+    b = _run(tmp_path / "b", "model-b", ROWS_B, seed=1)
+    out = tmp_path / "06.ipynb"
+    pm.execute_notebook(str(NOTEBOOKS_DIR / "06_compare.ipynb"), str(out), cwd=str(NOTEBOOKS_DIR), progress_bar=False,
+                        parameters={"run_dir": str(a), "compare_with": [str(b)], "html": str(tmp_path / "c.html")})
+    text = json.dumps([c.get("outputs", []) for c in json.loads(out.read_text())["cells"]])
+    assert "MISMATCHED INPUTS" in text and "replicates" in text and "contradicts" in text
+    assert (tmp_path / "c.html").exists()
