@@ -77,16 +77,21 @@ def _check(band: Sequence[float], policy: str, n: int) -> tuple[float, float]:
 
 def calibrate(tasks: Sequence[str], score: Callable[[list[Problem], int | None], Sequence[bool]],
               n: int = 60, band: Sequence[float] = DEFAULT_BAND, seed: int = 0, policy: str = "flag",
-              shots: Sequence[int | None] = (None,), heldout: bool = True) -> dict[str, Any]:
+              shots: Sequence[int | None] = (None,), heldout: bool = True, search: str = "ladder") -> dict[str, Any]:
     """Pick each task's difficulty level so that the model's accuracy lies in ``band``.
 
     ``score(problems, n_shots)`` returns whether the model solves each problem (``n_shots=None``:
-    the run's own shot count; NaN: the problem cannot be posed to the model, e.g. too long); ``shots`` the shot counts tried at every level. Returns
+    the run's own shot count; NaN: the problem cannot be posed to the model, e.g. too long);
+    ``search="ladder"`` walks the levels from the easiest and stops after the first level whose
+    accuracy (at every shot count) is below the band (harder levels are not tried; levels too
+    small to supply ``n`` problems are not labelled), ``"full"`` labels every level; ``shots`` the shot counts tried at every level. Returns
     ``{"band", "n", "seed", "policy", "tasks": {task: {...}}}`` where each task records
     ``level`` (the chosen one, ``None`` for unlevelled tasks), ``n_shots``, ``accuracy`` and
     ``n`` at it, ``in_band``, ``action`` (``"kept"``, ``"flagged"``, ``"dropped"`` or
     ``"not levelled"``) and the whole ``curve`` (every level and shot count tried)."""
     lo, hi = _check(band, policy, n)
+    if search not in ("ladder", "full"):
+        raise ValueError(f"search={search!r}: use 'ladder' or 'full'")
     centre = (lo + hi) / 2
     out: dict[str, Any] = {"band": [lo, hi], "n": n, "seed": seed, "seed_stream": calibration_seed(seed),
                            "policy": policy, "tasks": {}}
@@ -99,6 +104,14 @@ def calibrate(tasks: Sequence[str], score: Callable[[list[Problem], int | None],
         for rank, level in enumerate(LEVELS[task]):
             probs = calibration_problems(task, level, n, seed, heldout)
             compacts += [p.compact for p in probs]
+            if len(probs) < n and search == "ladder":  # cannot be chosen: not worth labelling
+                curve += [{"level": dict(level), "rank": rank, "n_shots": k, "n": 0, "accuracy": float("nan"),
+                           "too_few": True} for k in shots]
+                continue
+            if search == "ladder" and curve and any(c["n"] > 0 for c in curve):
+                last = [c for c in curve if c["rank"] == curve[-1]["rank"] and c["n"] > 0]
+                if last and all(c["accuracy"] < lo for c in last):
+                    break  # harder levels than one already below the band: not tried
             for k in shots:
                 ok = np.asarray(score(probs, k), float)  # 1 correct, 0 incorrect, NaN not scorable
                 if len(ok) != len(probs):

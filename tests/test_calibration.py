@@ -168,3 +168,21 @@ def test_calibration_parameters_are_checked_before_any_work():
     with pytest.raises(params.ParameterError) as e:
         params.validate({"accuracy_band": [0.8, 0.7], "calibration_policy": "keep", "calibration_n": 3}, d)
     assert "accuracy_band" in str(e.value) and "calibration_policy" in str(e.value) and "calibration_n" in str(e.value)
+
+
+def test_ladder_search_stops_below_the_band_and_agrees_with_the_full_search():
+    calls = []
+    base = _skill_scorer({"addition": 1.0, "logic": 0.5})
+
+    def counting(problems, k):
+        calls.append(problems[0].meta["level"])
+        return base(problems, k)
+    full = CAL.calibrate(["addition", "logic"], counting, n=30, search="full")
+    n_full = len(calls)
+    calls.clear()
+    ladder = CAL.calibrate(["addition", "logic"], counting, n=30)
+    assert len(calls) < n_full
+    for t in ("addition", "logic"):
+        assert ladder["tasks"][t]["level"] == full["tasks"][t]["level"]
+    # logic: 0.5, 0.3 (below the band) -> depth=3 and 4 not tried
+    assert {"depth": 3} not in calls and {"depth": 2} in calls
