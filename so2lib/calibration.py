@@ -120,6 +120,9 @@ def calibrate(tasks: Sequence[str], score: Callable[[list[Problem], int | None],
                 curve.append({"level": dict(level), "rank": rank, "n_shots": k, "n": int(m.sum()),
                               "accuracy": float(ok[m].mean()) if m.any() else float("nan"),
                               "too_few": len(probs) < n})
+                from . import progress
+                progress.log(f"calibration {task} {level_name(level)}"
+                             f"{'' if k is None else f' {k} shots'}: accuracy {curve[-1]['accuracy']:.2f} (n {curve[-1]['n']})")
         # a level whose space holds fewer than n distinct problems cannot supply a problem set
         valid = [c for c in curve if c["n"] > 0 and not c["too_few"]]
         if not valid:
