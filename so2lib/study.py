@@ -235,6 +235,7 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
 def per_task_table(setup: Setup) -> pd.DataFrame:
     """Per task: problems generated, kept (and why others were dropped), validation accuracy."""
     per = setup.run.manifest.get("data", {}).get("per_task", {})
+    cal = (setup.run.manifest.get("calibration") or {}).get("tasks", {})
     acc = accuracy_table(setup.labels["val"], setup.problems.val)
     rows = []
     for t, v in per.items():
@@ -242,6 +243,10 @@ def per_task_table(setup: Setup) -> pd.DataFrame:
                      "kept_share": v["kept"] / max(v["generated"], 1),
                      "dropped": ", ".join(f"{k}: {n}" for k, n in v.get("dropped", {}).items()) or "",
                      "val_accuracy": acc.loc[t, "accuracy"] if t in acc.index else float("nan")})
+        if cal:  # calibrated run: the chosen level and its accuracy on the calibration split
+            c = cal.get(t, {})
+            rows[-1] |= {"level": c.get("level"), "calibration_accuracy": c.get("accuracy"),
+                         "calibration": c.get("action")}
     return pd.DataFrame(rows).set_index("task")
 
 

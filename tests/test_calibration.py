@@ -152,6 +152,9 @@ def test_open_run_calibrates_on_a_tiny_model(tmp_path, tiny_dirs):
     assert not ex & {p.compact for p in setup.problems.train + setup.problems.val}
     for p in setup.problems.train:
         assert p.meta["level"] == cal["tasks"][p.task]["level"]
+    tab = study.per_task_table(setup)
+    assert set(tab.index) == {"addition", "logic"} and tab["level"].notna().all()
+    assert tab["calibration"].isin(["kept", "flagged"]).all()
     # reopening with the same options resumes; other options are refused
     study.open_run(str(tmp_path / "run"), str(tiny_dirs["llama"]), n_train=60, n_val=30, seed=1, device="cpu",
                    progress=False)
