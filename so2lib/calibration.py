@@ -6,8 +6,8 @@ leaves the incorrect class empty. Before training and validation problems are dr
 :data:`so2lib.tasks.LEVELS` (operand digits, formula depth) and, optionally, at several shot
 counts, and picks the level whose accuracy lies in ``band`` (default ``[0.35, 0.75]``),
 closest to the band's centre (ties: the harder level, then fewer shots). A level whose space
-holds fewer than ``n`` distinct problems (one-digit sums under the held-out partition) is
-never chosen: it could not supply a problem set.
+holds fewer than ``n`` calibration problems plus the training and validation problems the run
+will draw (one-digit sums under the held-out partition) is never chosen: it could not supply them.
 
 The calibration split is its own seed stream (``seed`` mixed with :data:`CALIBRATION_STREAM`),
 and the training and validation problems are then drawn excluding every calibration compact
@@ -77,14 +77,17 @@ def _check(band: Sequence[float], policy: str, n: int) -> tuple[float, float]:
 
 def calibrate(tasks: Sequence[str], score: Callable[[list[Problem], int | None], Sequence[bool]],
               n: int = 60, band: Sequence[float] = DEFAULT_BAND, seed: int = 0, policy: str = "flag",
-              shots: Sequence[int | None] = (None,), heldout: bool = True, search: str = "ladder") -> dict[str, Any]:
+              shots: Sequence[int | None] = (None,), heldout: bool = True, search: str = "ladder",
+              need: int = 0) -> dict[str, Any]:
     """Pick each task's difficulty level so that the model's accuracy lies in ``band``.
 
     ``score(problems, n_shots)`` returns whether the model solves each problem (``n_shots=None``:
     the run's own shot count; NaN: the problem cannot be posed to the model, e.g. too long);
     ``search="ladder"`` walks the levels from the easiest and stops after the first level whose
     accuracy (at every shot count) is below the band (harder levels are not tried; levels too
-    small to supply ``n`` problems are not labelled), ``"full"`` labels every level; ``shots`` the shot counts tried at every level. Returns
+    small to supply ``n`` problems are not labelled), ``"full"`` labels every level; ``need``:
+    problems per task the training and validation splits will draw at the chosen level (a level
+    whose space holds fewer than ``n + need`` distinct problems is never chosen); ``shots`` the shot counts tried at every level. Returns
     ``{"band", "n", "seed", "policy", "tasks": {task: {...}}}`` where each task records
     ``level`` (the chosen one, ``None`` for unlevelled tasks), ``n_shots``, ``accuracy`` and
     ``n`` at it, ``in_band``, ``action`` (``"kept"``, ``"flagged"``, ``"dropped"`` or
@@ -102,9 +105,10 @@ def calibrate(tasks: Sequence[str], score: Callable[[list[Problem], int | None],
             continue
         curve, compacts = [], []
         for rank, level in enumerate(LEVELS[task]):
-            probs = calibration_problems(task, level, n, seed, heldout)
+            space = calibration_problems(task, level, n + need, seed, heldout)
+            probs = space[:n]  # the same draw as calibration_problems(..., n, ...)
             compacts += [p.compact for p in probs]
-            if len(probs) < n and search == "ladder":  # cannot be chosen: not worth labelling
+            if len(space) < n + need and search == "ladder":  # cannot be chosen: not worth labelling
                 curve += [{"level": dict(level), "rank": rank, "n_shots": k, "n": 0, "accuracy": float("nan"),
                            "too_few": True} for k in shots]
                 continue
@@ -119,7 +123,7 @@ def calibrate(tasks: Sequence[str], score: Callable[[list[Problem], int | None],
                 m = ~np.isnan(ok)
                 curve.append({"level": dict(level), "rank": rank, "n_shots": k, "n": int(m.sum()),
                               "accuracy": float(ok[m].mean()) if m.any() else float("nan"),
-                              "too_few": len(probs) < n})
+                              "too_few": len(space) < n + need})
                 from . import progress
                 progress.log(f"calibration {task} {level_name(level)}"
                              f"{'' if k is None else f' {k} shots'}: accuracy {curve[-1]['accuracy']:.2f} (n {curve[-1]['n']})")

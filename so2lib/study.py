@@ -152,7 +152,8 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
         cal = run.step("calibration", lambda: CAL.calibrate(
             opts["tasks"], CAL.model_scorer(model, tmpl, batch_size), n=int(opts["calibration_n"]),
             band=opts["accuracy_band"], seed=seed, policy=opts["calibration_policy"],
-            shots=opts["calibration_shots"] or [None]), "01", params=cparams)
+            shots=opts["calibration_shots"] or [None],
+            need=-(-(n_train + n_val) // max(len(opts["tasks"]), 1)) + 1), "01", params=cparams | {"need_of": [n_train, n_val]})
         run.record("calibration", CAL.summary(cal))
         levels, exclude = CAL.chosen_levels(cal), CAL.excluded_compacts(cal)
         run_tasks = CAL.kept_tasks(opts["tasks"], cal)
