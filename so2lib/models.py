@@ -42,10 +42,10 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def resolve_model_path(name: str | os.PathLike | None) -> str:
     """``None``/``"embedded"`` -> the embedded model's folder; a named offline model
-    (``"smollm2-135m"``, see :mod:`so2lib.sources`) or a ``.gguf`` file -> its converted folder
+    (``"smollm2-135m"``, ``"gemma3-270m"``, see :mod:`so2lib.sources`) or a ``.gguf`` file -> its converted folder
     in the so2lib cache (converted once); a local folder -> itself; else the hub name."""
     from .embedded import EMBEDDED_DIR
-    from .sources import NAMED, gguf_model_path, named_model_path
+    from .sources import gguf_model_path, is_named, named_model_path
 
     if name is None or str(name) == "embedded":
         if not (EMBEDDED_DIR / "config.json").exists():
@@ -53,7 +53,7 @@ def resolve_model_path(name: str | os.PathLike | None) -> str:
                 f"the embedded model is missing from {EMBEDDED_DIR}; train it again with "
                 "`python -m so2lib.embedded`")
         return str(EMBEDDED_DIR)
-    if str(name) in NAMED:
+    if is_named(str(name)):
         return str(named_model_path(str(name)))
     if str(name).endswith(".gguf"):
         return str(gguf_model_path(name))

@@ -114,6 +114,14 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], Callable[[], str]]] = {
     "position": (lambda v: v in ("decide", "first"), lambda: '"decide" (the deciding answer token) or "first"'),
     "cot_max_tokens": (_int_at_least(1), lambda: "an integer >= 1"),
     "model_name": (lambda v: v is None or isinstance(v, str), lambda: "None (the embedded model), a hub name or a folder"),
+    # calibration of task difficulty (so2lib.calibration)
+    "calibrate": (lambda v: isinstance(v, bool), lambda: "true or false"),
+    "calibration_n": (_int_at_least(10), lambda: "an integer >= 10 (problems per task and difficulty level)"),
+    "accuracy_band": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_num(x) for x in v)
+                      and 0 <= v[0] < v[1] <= 1, lambda: "[low, high] with 0 <= low < high <= 1, e.g. [0.35, 0.75]"),
+    "calibration_policy": (lambda v: v in ("drop", "flag"), lambda: '"drop" or "flag" (tasks no level brings into the band)'),
+    "calibration_shots": (_optional(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_int(x) and x >= 0 for x in v)),
+                          lambda: "None (the run's n_shots) or a non-empty list of shot counts >= 0"),
 }
 
 

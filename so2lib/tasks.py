@@ -209,6 +209,91 @@ GENERATORS: dict[str, Callable[[random.Random], Problem]] = {
 }
 
 
+# ----------------------------------------------------------------------------- difficulty levels
+#
+# Each synthetic task has a ladder of difficulty levels, easiest first (see
+# :mod:`so2lib.calibration`, which picks one per model). A level is a small dict:
+# ``{"digits": d}`` (arithmetic, comparison, algebra: every operand has 1..d digits, drawn as
+# the default generator draws them) or ``{"depth": D}`` (logic: formula depth 1..D). The
+# default generators above are not a level (they stay exactly as they were, e.g. the capped
+# products of the embedded model's vocabulary). A problem drawn at a level carries it in
+# ``meta["level"]``, and its few-shot examples are drawn at the same level.
+
+LEVELS: dict[str, tuple[dict[str, int], ...]] = {
+    "addition": tuple({"digits": d} for d in (1, 2, 3, 4, 5)),
+    "subtraction": tuple({"digits": d} for d in (1, 2, 3, 4, 5)),
+    "multiplication": tuple({"digits": d} for d in (1, 2, 3, 4)),
+    "comparison": tuple({"digits": d} for d in (1, 2, 3, 4, 6)),
+    "algebra": tuple({"digits": d} for d in (1, 2, 3)),
+    "logic": tuple({"depth": d} for d in (1, 2, 3, 4)),
+}
+
+
+def level_name(level: dict[str, int] | None) -> str:
+    """``{"digits": 2}`` -> ``"digits=2"``; ``None`` -> ``"default"``."""
+    return "default" if not level else ",".join(f"{k}={v}" for k, v in sorted(level.items()))
+
+
+def _gen_level(task: str, level: dict[str, int], rng: random.Random) -> Problem:
+    if task == "logic":
+        depth = rng.randint(1, int(level["depth"]))
+        text, value, conn = _logic_expr(rng, depth)
+        while len(text.split()) > 12 * depth:
+            text, value, conn = _logic_expr(rng, depth)
+        ans = "true" if value else "false"
+        meta = {"depth": depth, "n_ops": len(conn), "truth": value, "connectives": sorted(set(conn)),
+                "main_connective": conn[-1], "alternative": "false" if value else "true",
+                **{f"has_{c}": c in conn for c in _CONNECTIVES}}
+        return Problem("logic", f"{text} =", f"Is '{text}' true or false?", ans, meta)
+    d = int(level["digits"])
+    draw = lambda: _rand_int(rng, rng.randint(1, d))  # noqa: E731
+    if task == "addition":
+        return arithmetic_problem(task, draw(), draw())
+    if task == "subtraction":
+        a, b = draw(), draw()
+        return arithmetic_problem(task, max(a, b), min(a, b))
+    if task == "multiplication":
+        return arithmetic_problem(task, draw(), rng.randint(0, 9))
+    if task == "comparison":
+        nd = rng.randint(1, d)
+        a = _rand_int(rng, nd)
+        b = _rand_int(rng, nd) if rng.random() < 0.5 else draw()
+        while b == a:
+            b = _rand_int(rng, nd)
+        return arithmetic_problem(task, a, b)
+    if task == "algebra":
+        x, a = draw(), draw()
+        if rng.random() < 0.5:
+            op, b = "+", x + a
+        else:
+            x = x + a
+            op, b = "-", x - a
+        meta = {"a": a, "b": b, "op": op, "answer_value": x, "digits_answer": len(str(x)),
+                "max_digits": max(len(str(a)), len(str(b))),
+                "answer_parity": "even" if x % 2 == 0 else "odd"}
+        return Problem("algebra", f"x {op} {a} = {b} ; x =", f"If x {op} {a} = {b}, what is x?", str(x), meta)
+    raise ValueError(f"{task!r} has no difficulty levels; levelled tasks: {sorted(LEVELS)}")
+
+
+def generator(task: str, level: dict[str, int] | None = None) -> Callable[[random.Random], Problem]:
+    """The problem generator of ``task`` at difficulty ``level`` (``None``: the default generator)."""
+    if level is None:
+        return GENERATORS[task]
+    if task not in LEVELS:
+        raise ValueError(f"{task!r} has no difficulty levels; levelled tasks: {sorted(LEVELS)}")
+    keys = {k for lv in LEVELS[task] for k in lv}
+    if set(level) != keys or any(not isinstance(v, int) or v < 1 for v in level.values()):
+        raise ValueError(f"level {level!r} of {task!r} is not valid: use a dict with key(s) {sorted(keys)} "
+                         f"and integer values >= 1, e.g. {LEVELS[task][0]}")
+    lv = dict(level)
+
+    def gen(rng: random.Random) -> Problem:
+        p = _gen_level(task, lv, rng)
+        p.meta["level"] = dict(lv)
+        return p
+    return gen
+
+
 @dataclasses.dataclass
 class ProblemSet:
     """Train and validation problems, disjoint by compact form."""
@@ -234,11 +319,12 @@ class ProblemSet:
 
 
 def _draw(task: str, n: int, rng: random.Random, seen: set[str],
-          keep: Callable[[Problem], bool]) -> list[Problem]:
+          keep: Callable[[Problem], bool], level: dict[str, int] | None = None) -> list[Problem]:
     out: list[Problem] = []
     misses = 0
+    gen = generator(task, level)
     while len(out) < n:
-        p = GENERATORS[task](rng)
+        p = gen(rng)
         if p.compact not in seen and keep(p):
             seen.add(p.compact)
             out.append(p)
@@ -252,7 +338,8 @@ def _draw(task: str, n: int, rng: random.Random, seen: set[str],
 
 def make_problem_set(n_train: int = 5000, n_val: int = 500, seed: int = 0,
                      tasks: Sequence[str] = TASKS, heldout: bool = True,
-                     data_dir: str | Path | None = None) -> ProblemSet:
+                     data_dir: str | Path | None = None, levels: dict[str, dict[str, int]] | None = None,
+                     exclude: Iterable[str] = ()) -> ProblemSet:
     """Draw ``n_train`` + ``n_val`` distinct problems, split evenly over ``tasks``.
 
     ``heldout=True`` keeps only problems the embedded model was not trained on (see
@@ -279,9 +366,10 @@ def make_problem_set(n_train: int = 5000, n_val: int = 500, seed: int = 0,
                     raise ValueError(f"{task} has {len(pool)} {split} problems, fewer than the {n} asked for; ask for fewer")
                 out += random.Random(seed + stable_hash(task + split) % 10**6).sample(pool, n)
             continue
-        seen: set[str] = set()
-        val += _draw(task, share(n_val), rng, seen, keep)
-        train += _draw(task, share(n_train), rng, seen, keep)
+        seen: set[str] = set(exclude)
+        lv = (levels or {}).get(task)
+        val += _draw(task, share(n_val), rng, seen, keep, lv)
+        train += _draw(task, share(n_train), rng, seen, keep, lv)
     return ProblemSet(train, val, seed, tuple(tasks), heldout)
 
 
@@ -304,6 +392,8 @@ class Template:
     starts with ``A:``); ``space="auto"``: a whitespace token the tokenizer writes before the
     answer goes to the end of the prompt (``"keep"``: leave it in the answer);
     ``bos``: ``"auto"`` (the model's document-start token when it was trained with one), True, False.
+    ``task_shots``: ``((task, n), ...)`` overrides ``n_shots`` for those tasks (set by calibration).
+    Problems drawn at a difficulty level (``meta["level"]``) get examples at that level.
     """
 
     style: str = "compact"
@@ -312,6 +402,7 @@ class Template:
     chat: bool = False
     space: str = "auto"
     bos: Any = "auto"
+    task_shots: tuple = ()
 
     def shots(self, p: Problem) -> list[Problem]:
         """The solved examples shown before ``p`` (same task, never ``p`` itself)."""
@@ -322,8 +413,10 @@ class Template:
             return cands[: self.n_shots]
         rng = random.Random(self.shot_seed + stable_hash(p.task) % 1000)
         shots: list[Problem] = []
-        while len(shots) < self.n_shots and p.task in GENERATORS:
-            s = GENERATORS[p.task](rng)
+        gen = generator(p.task, p.meta.get("level")) if p.task in GENERATORS else None
+        n_shots = dict(self.task_shots).get(p.task, self.n_shots)
+        while len(shots) < n_shots and gen is not None:
+            s = gen(rng)
             if s.compact != p.compact:
                 shots.append(s)
         return shots
