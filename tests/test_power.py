@@ -38,7 +38,7 @@ def test_runner_sizes_the_run_and_prints_the_sensitivity(tmp_path, monkeypatch, 
         raise KeyboardInterrupt  # stop after the first notebook received its parameters
     import papermill
     monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(runner.RunInterrupted):  # the runner turns Ctrl-C into RunInterrupted
         runner.run_all(str(tmp_path / "run"), params={"target_mde": 0.1}, only=["01"])
     (params,) = seen.values()
     s = power.size_by_power(0.1)
