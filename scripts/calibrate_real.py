@@ -13,7 +13,7 @@ import time
 
 import pandas as pd
 
-from so2lib import calibration, study
+from so2lib.phases import calibration, study
 
 name, run_dir = sys.argv[1], sys.argv[2]
 n_cal = int(sys.argv[3]) if len(sys.argv) > 3 else 20

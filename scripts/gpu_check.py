@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import build_tiny  # noqa: E402
 from test_families import build_family, padded_batch  # noqa: E402
 
-from so2lib.bruteforce import brute_force_second_order  # noqa: E402
-from so2lib.models import load_model  # noqa: E402
-from so2lib.second_order import check_weights, second_order_effects  # noqa: E402
+from so2lib.engine.bruteforce import brute_force_second_order  # noqa: E402
+from so2lib.engine.models import load_model  # noqa: E402
+from so2lib.engine.second_order import check_weights, second_order_effects  # noqa: E402
 
 FAMILIES = ("gpt2", "neox", "llama", "mqa", "gemma2", "gemma3", "olmo2", "qwen3")
 

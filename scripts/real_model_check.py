@@ -15,11 +15,11 @@ import torch
 
 
 def main(name: str) -> None:
-    from so2lib.bruteforce import brute_force_second_order
-    from so2lib.labels import bos_ids, encode, has_chat_template, label, prompt_text
-    from so2lib.models import ModelInfo, load_model
-    from so2lib.second_order import check_weights, second_order_effects
-    from so2lib.tasks import Template, make_problem_set
+    from so2lib.engine.bruteforce import brute_force_second_order
+    from so2lib.data.labels import bos_ids, encode, has_chat_template, label, prompt_text
+    from so2lib.engine.models import ModelInfo, load_model
+    from so2lib.engine.second_order import check_weights, second_order_effects
+    from so2lib.data.tasks import Template, make_problem_set
 
     t0 = time.perf_counter()
     model = load_model(name, device="cpu")

@@ -44,19 +44,19 @@ from typing import Any
 
 import torch
 
-from .bruteforce import _clean_run, frozen_path_effect
-from .capture import capture_batch
-from .labels import encode
-from .models import load_model
-from .second_order import SecondOrderEngine, engine_for, second_order_effects
-from .tasks import Template, make_problem_set
+from so2lib.data.labels import encode
+from so2lib.data.tasks import Template, make_problem_set
+from so2lib.engine.bruteforce import _clean_run, frozen_path_effect
+from so2lib.engine.capture import capture_batch
+from so2lib.engine.models import load_model
+from so2lib.engine.second_order import SecondOrderEngine, engine_for, second_order_effects
 
 
 def gpt2_small_shaped(folder: Path, seed: int = 0) -> Path:
     """Write a randomly initialised GPT-2-small-shaped model with so2lib's tokenizer to ``folder``."""
     import transformers
 
-    from .tokenizer import build_tokenizer
+    from so2lib.data.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(seed)
@@ -173,7 +173,7 @@ def llama_shaped(folder: Path, shape: str = "1b", n_layers: int | None = None, s
     weights are drawn (a GPU draws an 8B shape in seconds)."""
     import transformers
 
-    from .tokenizer import build_tokenizer
+    from so2lib.data.tokenizer import build_tokenizer
 
     d, f, L, H, kv = LLAMA_SHAPES[shape]
     tok = build_tokenizer()
@@ -199,7 +199,7 @@ def llama_1b_shaped(folder: Path, n_layers: int = 16, seed: int = 0, dtype: torc
 def bench_public(model: Any, template: Template, n_problems: int, device: str) -> dict[str, Any]:
     """``so2lib.projected_effects`` on the whole problem set in one call, with the engine's
     default budget (it picks its own sub-batches): seconds, and the sub-batch it chose."""
-    from .second_order import projected_effects
+    from so2lib.engine.second_order import projected_effects
 
     probs = make_problem_set(n_problems, 0, seed=0, heldout=False).train
     enc = encode(model, probs, template)
@@ -304,7 +304,7 @@ def memory_worker(folder: str, n_problems: int, max_memory: str, dtype: str, dev
     (``max_memory_allocated``), with the CPU RSS of loading besides. ``process_on`` goes to
     :func:`load_model`; ``save`` writes the logits at T and the second-order effects (to compare
     loads)."""
-    from .second_order import projected_effects
+    from so2lib.engine.second_order import projected_effects
 
     cuda = device.startswith("cuda")
     base = _rss_mb()
@@ -403,17 +403,17 @@ def bench_memory(shape: str, n_layers: int | None, n_problems: int, max_memory: 
 @torch.no_grad()
 def bench_peer(model: Any, template: Template, n_problems: int, batch_size: int, device: str,
                label: str, repeats: int = 2) -> dict[str, Any]:
-    """so2lib against the exact-path attribution-patching peer (:mod:`so2lib.peer`) on the same
+    """so2lib against the exact-path attribution-patching peer (:mod:`so2lib.engine.peer`) on the same
     batches: projected second-order + direct effects of every neuron of every layer on the two
     built-in directions (logit difference to a fixed alternative, a fixed correctness
     direction), capture included. Each side is timed ``repeats`` times (best kept, interleaved),
     on prompts cut after their answer position; agreement is the largest absolute difference."""
-    from .peer import attribution_patching
+    from so2lib.engine.peer import attribution_patching
 
     probs = make_problem_set(n_problems, 0, seed=0, heldout=False).train
     enc = encode(model, probs, template)
     L = model.cfg.n_layers
-    from .labels import label as label_problems
+    from so2lib.data.labels import label as label_problems
     lab = label_problems(model, enc, batch_size, progress=False)  # the study's readout: gold vs the best other token
     gold, alt = torch.tensor(lab.gold_token.values), torch.tensor(lab.alt_token.values)
     eng = SecondOrderEngine(model, correctness_dir=_fixed_direction(model.cfg.d_model))
@@ -508,13 +508,13 @@ def forward_seconds(setup: Any, repeats: int = 3) -> float:
 
 
 def pipeline(run_dir: str, model: str | None, params: dict[str, Any], run: bool = True) -> dict[str, Any]:
-    """Run the five notebooks (``so2lib.runner``) into ``run_dir`` unless ``run`` is False, then
+    """Run the five notebooks (``so2lib.runs.runner``) into ``run_dir`` unless ``run`` is False, then
     time one plain forward pass over its problems in this process and express every recorded
     step (manifest ``timings``) and notebook in forward-pass equivalents; records the result as
     the manifest's ``fpe`` entry and returns it."""
-    from . import runner
-    from .runs import Run
-    from .study import open_run
+    from so2lib.phases.study import open_run
+    from so2lib.runs import runner
+    from so2lib.runs.rundir import Run
 
     if run:
         runner.run_all(run_dir, model, params)
@@ -575,7 +575,7 @@ def print_pipeline(r: dict[str, Any], top: int = 12) -> None:
 
 
 def _torch_dtype(name: str | None) -> torch.dtype:
-    from .models import _dtype
+    from so2lib.engine.models import _dtype
     return _dtype(name)
 
 
@@ -611,13 +611,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--run-dir", default=None, help="--pipeline: run directory (default: a new temporary one)")
     ap.add_argument("--model", default=None, help="--pipeline: model name (default: the embedded model)")
     ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                    help="--pipeline: notebook parameter, as for so2lib.runner")
+                    help="--pipeline: notebook parameter, as for so2lib.runs.runner")
     ap.add_argument("--no-run", action="store_true", help="--pipeline: only measure an existing run directory")
     ap.add_argument("--peer", action="store_true",
                     help="only so2lib against the attribution-patching peer (--models, --problems, --batch-size)")
     a = ap.parse_args(argv)
     if a.pipeline:
-        from .runner import _value
+        from so2lib.runs.runner import _value
         params = {k: _value(v) for k, v in a.param}
         params.setdefault("zero_ablation", False)
         run_dir = a.run_dir or tempfile.mkdtemp(prefix="so2lib-pipeline-")

@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
-from so2lib.models import load_model
-from so2lib.tokenizer import build_tokenizer
+from so2lib.engine.models import load_model
+from so2lib.data.tokenizer import build_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from so2lib import applications as A
-from so2lib.tasks import gen_addition, make_problem_set
+from so2lib.phases import applications as A
+from so2lib.data.tasks import gen_addition, make_problem_set
 
 
 def test_bh_matches_a_direct_computation():
@@ -114,10 +114,10 @@ def test_scaling_hook_changes_exactly_the_intended_activations(tiny_models):
 
 
 def test_random_variants_and_neuron_push(tiny_models):
-    from so2lib.capture import capture_batch
-    from so2lib.labels import encode
-    from so2lib.second_order import SecondOrderEngine
-    from so2lib.tasks import Template
+    from so2lib.engine.capture import capture_batch
+    from so2lib.data.labels import encode
+    from so2lib.engine.second_order import SecondOrderEngine
+    from so2lib.data.tasks import Template
 
     model = tiny_models["gpt2"]
     p = gen_addition(random.Random(5))

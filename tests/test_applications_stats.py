@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from so2lib import applications as A
-from so2lib import concepts as Co
-from so2lib.tasks import arithmetic_problem, gen_addition
+from so2lib.phases import applications as A
+from so2lib.phases import concepts as Co
+from so2lib.data.tasks import arithmetic_problem, gen_addition
 
 from so2lib.stats import TABLE_COLUMNS as COLS
 

@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
-from so2lib import attribution as At
-from so2lib.capture import capture_batch
-from so2lib.second_order import SecondOrderEngine
+from so2lib.engine import attribution as At
+from so2lib.engine.capture import capture_batch
+from so2lib.engine.second_order import SecondOrderEngine
 
 
 def _batch(model, b=3, S=9, seed=0):
@@ -38,7 +38,7 @@ def test_position_terms_sum_to_the_engine(tiny):
 
 
 def test_position_terms_match_the_brute_force(tiny_models):
-    from so2lib.bruteforce import brute_force_second_order
+    from so2lib.engine.bruteforce import brute_force_second_order
 
     model = tiny_models["gpt2"]
     x, T = _batch(model, b=2)
@@ -52,7 +52,7 @@ def test_position_terms_match_the_brute_force(tiny_models):
 
 
 def test_operand_positions_and_share(tiny_models):
-    from so2lib.tasks import arithmetic_problem
+    from so2lib.data.tasks import arithmetic_problem
 
     tok = tiny_models["gpt2"].tokenizer
     p = arithmetic_problem("addition", 12, 7)
@@ -72,7 +72,7 @@ def test_operand_positions_and_share(tiny_models):
 def test_carry_attribution_row_can_pass_fail_and_be_not_measurable():
     import numpy as np
     import pandas as pd
-    from so2lib.concepts import carry_attribution_row
+    from so2lib.phases.concepts import carry_attribution_row
     rng = np.random.default_rng(0)
     n = 60
     carry = np.arange(n) % 2 == 0

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from so2lib import calibration as CAL
-from so2lib.tasks import LEVELS, TASKS, Template, generator, make_problem_set
+from so2lib.phases import calibration as CAL
+from so2lib.data.tasks import LEVELS, TASKS, Template, generator, make_problem_set
 
 
 def _digits(p):
@@ -140,7 +140,7 @@ def test_class_sufficiency_says_which_phase_lacks_a_class():
 def test_open_run_calibrates_on_a_tiny_model(tmp_path, tiny_dirs):
     """End to end on a tiny random model: the calibration artifact, the manifest record, the
     levels of the drawn problems and the three-way disjointness."""
-    from so2lib import study
+    from so2lib.phases import study
     setup = study.open_run(str(tmp_path / "run"), str(tiny_dirs["llama"]), n_train=60, n_val=30, seed=1,
                            tasks=["addition", "logic"], template="compact", calibrate=True, calibration_n=10,
                            calibration_policy="flag", device="cpu", progress=False)
@@ -164,7 +164,7 @@ def test_open_run_calibrates_on_a_tiny_model(tmp_path, tiny_dirs):
 
 
 def test_calibration_parameters_are_checked_before_any_work():
-    from so2lib import params, runner
+    from so2lib.runs import params, runner
     d = runner.declared_parameters(runner.notebooks(["01"]))
     params.validate({"calibrate": True, "accuracy_band": [0.3, 0.7], "calibration_policy": "drop",
                      "calibration_shots": [3, 8]}, d)

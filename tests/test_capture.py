@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from so2lib.capture import answer_activations, capture_batch, final_normed
-from so2lib.labels import encode
-from so2lib.tasks import make_problem_set
+from so2lib.engine.capture import answer_activations, capture_batch, final_normed
+from so2lib.data.labels import encode
+from so2lib.data.tasks import make_problem_set
 
 from conftest import ARCHS
 

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from so2lib import characterize as C
-from so2lib import models as M
-from so2lib.capture import capture_batch
-from so2lib.labels import encode, label
-from so2lib.second_order import SecondOrderEngine
-from so2lib.tasks import make_problem_set
+from so2lib.phases import characterize as C
+from so2lib.engine import models as M
+from so2lib.engine.capture import capture_batch
+from so2lib.data.labels import encode, label
+from so2lib.engine.second_order import SecondOrderEngine
+from so2lib.data.tasks import make_problem_set
 
 from conftest import ARCHS
 

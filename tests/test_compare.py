@@ -1,12 +1,12 @@
-"""The cross-model table (so2lib.compare) on two synthetic run directories."""
+"""The cross-model table (so2lib.phases.compare) on two synthetic run directories."""
 
 import json
 
 import numpy as np
 import pytest
 
-from so2lib import compare as C
-from so2lib.runs import Run
+from so2lib.phases import compare as C
+from so2lib.runs.rundir import Run
 from so2lib.stats import validation_row, verdict_table
 
 
@@ -109,7 +109,7 @@ def test_rows_from_several_tables_and_duplicate_models(tmp_path):
 
 def test_notebook_06_builds_the_table_headless(tmp_path):
     pm = pytest.importorskip("papermill")
-    from so2lib.runs import NOTEBOOKS_DIR
+    from so2lib.runs.rundir import NOTEBOOKS_DIR
     a = _run(tmp_path / "a", "model-a", ROWS_A)
     b = _run(tmp_path / "b", "model-b", ROWS_B, seed=1)
     out = tmp_path / "06.ipynb"

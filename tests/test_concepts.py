@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-from so2lib import concepts as K
-from so2lib.capture import capture_batch
-from so2lib.labels import encode
-from so2lib.tasks import make_problem_set
+from so2lib.phases import concepts as K
+from so2lib.engine.capture import capture_batch
+from so2lib.data.labels import encode
+from so2lib.data.tasks import make_problem_set
 
 
 def test_lexicon_is_large_and_categorised():

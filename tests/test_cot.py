@@ -5,10 +5,10 @@ import pytest
 import torch
 import transformers
 
-from so2lib import cot
-from so2lib.labels import encode
-from so2lib.runs import Run
-from so2lib.tasks import Problem, Template, make_problem_set
+from so2lib.data import cot
+from so2lib.data.labels import encode
+from so2lib.runs.rundir import Run
+from so2lib.data.tasks import Problem, Template, make_problem_set
 
 
 def test_extract_and_compare():

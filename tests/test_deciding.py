@@ -10,12 +10,12 @@ import pytest
 import torch
 import transformers
 
-from so2lib import study
-from so2lib.bruteforce import brute_force_second_order
-from so2lib.effects import compute_effects, load_effects
-from so2lib.labels import Encoded, label
-from so2lib.models import load_model
-from so2lib.second_order import second_order_effects
+from so2lib.phases import study
+from so2lib.engine.bruteforce import brute_force_second_order
+from so2lib.phases.effects import compute_effects, load_effects
+from so2lib.data.labels import Encoded, label
+from so2lib.engine.models import load_model
+from so2lib.engine.second_order import second_order_effects
 
 from conftest import ARCHS, tiny_config
 from test_tokenizers import tiny_tokenizer
@@ -118,7 +118,7 @@ def test_analysis_view_roundtrip():
 def test_correct_needs_the_answer_to_stop(arch, digit_models):
     """Greedy generation one token past the gold answer (digit tokenizer): correct iff the gold
     tokens come out and the next token does not glue onto them (``57`` then ``8`` is ``578``)."""
-    from so2lib.labels import continuation_mask
+    from so2lib.data.labels import continuation_mask
     model = load_model(str(digit_models[arch]), device="cpu")
     hf = transformers.AutoModelForCausalLM.from_pretrained(digit_models[arch]).eval()
     tok = model.tokenizer
@@ -149,7 +149,7 @@ def test_the_label_free_read_position_does_not_depend_on_the_label(digit_models)
     answer the model writes (correct) and one it leaves at the second token (wrong) is read at
     the same position by ``read_view`` and gets the same greedy path, while the deciding token
     (``position="decide"``) moves with the label."""
-    from so2lib.labels import LABEL_FREE_POSITIONS, greedy_path, is_multi_token, read_view
+    from so2lib.data.labels import LABEL_FREE_POSITIONS, greedy_path, is_multi_token, read_view
     model = load_model(str(digit_models["gpt2"]), device="cpu")
     tok = model.tokenizer
     g = torch.Generator().manual_seed(5)

@@ -9,12 +9,12 @@ import pytest
 import torch
 import transformers
 
-from so2lib.bruteforce import _clean_run, brute_force_second_order, freezing_hooks
-from so2lib.capture import capture_batch
-from so2lib.models import load_model
-from so2lib.second_order import (SecondOrderEngine, UnsupportedModelError, check_weights, engine_for,
+from so2lib.engine.bruteforce import _clean_run, brute_force_second_order, freezing_hooks
+from so2lib.engine.capture import capture_batch
+from so2lib.engine.models import load_model
+from so2lib.engine.second_order import (SecondOrderEngine, UnsupportedModelError, check_weights, engine_for,
                                  projected_effects, second_order_effects)
-from so2lib.tokenizer import build_tokenizer
+from so2lib.data.tokenizer import build_tokenizer
 
 FAMILIES = ("gemma2", "gemma3", "olmo2", "qwen3", "mqa")
 
@@ -98,14 +98,14 @@ def test_family_engine_matches_brute_force(fam, fam_models):
 def test_family_projection_and_direct_effect(fam, fam_models):
     """With post-MLP norms the direct effect is p_T / r_T * (w_n * gain): compare with the
     brute force's separately measured direct write, and projected_effects with the vectors."""
-    from so2lib.bruteforce import frozen_path_effect
+    from so2lib.engine.bruteforce import frozen_path_effect
     model = fam_models[fam]
     tokens, T = padded_batch(5)
     eng = engine_for(model)
     rows = capture_batch(model, tokens, T, [0])
     dirs = torch.randn(2, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
     proj = projected_effects(model, tokens, T, dirs, layers=[0])
-    from so2lib.capture import final_normed
+    from so2lib.engine.capture import final_normed
     vec = eng.vectors(rows, 0)  # [b, n, dm]
     b, n, dm = vec.shape
     normed = final_normed(vec.transpose(0, 1).reshape(-1, dm), rows.final_scale.repeat(n), model).reshape(n, b, dm)
@@ -174,7 +174,7 @@ def test_self_check_catches_a_mismatch(tmp_path):
 
 
 def test_self_check_names_the_post_norm_gain(tmp_path, monkeypatch):
-    import so2lib.models as M
+    import so2lib.engine.models as M
     model = load_model(build_family("olmo2", tmp_path / "o"), device="cpu")
     real = M.post_norm_gain
     monkeypatch.setattr(M, "post_norm_gain", lambda m, l, which: None if which == "ln2_post" else real(m, l, which))
@@ -259,7 +259,7 @@ def test_budget_shares(tiny_models):
 
 
 def test_budget_parsing():
-    from so2lib.second_order import _bytes
+    from so2lib.engine.second_order import _bytes
     assert _bytes("1GiB") == 2**30 and _bytes("500MB") == 500 * 10**6 and _bytes(123) == 123
     with pytest.raises(ValueError, match="max_memory"):
         _bytes("lots")
@@ -321,7 +321,7 @@ def test_engine_is_reused_and_rebuilt_after_an_edit(tiny_dirs):
 def test_family_clip_protocol_path_matches_full_vectors(fam, fam_models):
     """The all-neuron CLIP protocol's coefficient path (Gram norms, residual edits) reproduces the
     engine's full vectors on sandwich-norm, QK-norm and MQA blocks too."""
-    from so2lib import protocol as P
+    from so2lib.phases import protocol as P
     model, layer = fam_models[fam], 0
     tokens, T = padded_batch(2)
     eng = engine_for(model)
@@ -334,8 +334,8 @@ def test_family_clip_protocol_path_matches_full_vectors(fam, fam_models):
 
 
 def test_default_budget_is_half_the_free_gpu_memory(monkeypatch):
-    import so2lib.models as M
-    from so2lib.second_order import default_max_memory
+    import so2lib.engine.models as M
+    from so2lib.engine.second_order import default_max_memory
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(M, "free_device_memory", lambda d: 100 * 2**30 if d.type == "cuda" else None)
     assert default_max_memory(cuda) == 50 * 2**30 and default_max_memory(torch.device("cpu")) == 2 * 2**30

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
-from so2lib import effects, runner, selection, study
-from so2lib.params import ParameterError, validate
-from so2lib.runs import (DamagedArtifact, expect_rows, MissingArtifact, Run, RunInUse, RunLock, StaleArtifact,
+from so2lib.phases import effects, selection, study
+from so2lib.runs import runner
+from so2lib.runs.params import ParameterError, validate
+from so2lib.runs.rundir import (DamagedArtifact, expect_rows, MissingArtifact, Run, RunInUse, RunLock, StaleArtifact,
                          content_hash)
 
 KW = dict(n_train=120, n_val=60, seed=0, device="cpu", batch_size=16, progress=False)
@@ -217,7 +218,7 @@ def test_notebook_parameters_are_read_from_the_notebooks():
 
 def test_concurrent_runner_is_refused_and_stale_lock_taken_over(tmp_path):
     d = tmp_path / "r"
-    code = ("import sys, time; from so2lib.runs import RunLock; l = RunLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from so2lib.runs.rundir import RunLock; l = RunLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(30)")
     p = subprocess.Popen([sys.executable, "-c", code, str(d)], stdout=subprocess.PIPE, text=True,
                          env=os.environ | {"PYTHONPATH": os.getcwd()})
@@ -281,7 +282,7 @@ def test_failed_notebook_keeps_the_good_copy_and_the_times(tmp_path, monkeypatch
 
 
 def test_chat_and_position_values_a_user_may_give_are_accepted():
-    from so2lib.params import check_value
+    from so2lib.runs.params import check_value
     for v in ("auto", True, False):
         assert check_value("chat", v) is None
     assert check_value("position", "first") is None and check_value("chat", 1)
@@ -292,7 +293,7 @@ def test_chat_and_position_values_a_user_may_give_are_accepted():
 
 def test_api_misuse_gets_errors_that_say_what_to_do(tiny_models):
     import so2lib
-    from so2lib.tasks import make_problem_set
+    from so2lib.data.tasks import make_problem_set
 
     model = tiny_models["gpt2"]
     tokens, pos = torch.tensor([[1, 2, 3, 4]]), torch.tensor([3])
@@ -324,7 +325,7 @@ def test_api_misuse_gets_errors_that_say_what_to_do(tiny_models):
 
 
 def test_run_dir_that_is_a_file_or_under_a_file_is_refused_clearly(tmp_path):
-    from so2lib.runs import RunDirUnusable
+    from so2lib.runs.rundir import RunDirUnusable
 
     f = tmp_path / "afile"
     f.write_text("x")
@@ -361,7 +362,7 @@ def readonly(tmp_path):
 
 
 def test_finished_run_is_read_from_read_only_storage(readonly):
-    from so2lib.runs import RunDirUnusable
+    from so2lib.runs.rundir import RunDirUnusable
 
     src, ro = readonly
     run = Run(src / "r", model="m")
@@ -400,7 +401,7 @@ def test_truncated_manifest_is_refused_before_any_notebook(tmp_path, monkeypatch
     monkeypatch.setattr(pm, "execute_notebook", lambda *a, **k: pytest.fail("a notebook ran"))
     with pytest.raises(DamagedArtifact, match="manifest.json is damaged.*Restore it, or start again"):
         runner.run_all(str(d), only=["01"])
-    p = subprocess.run([sys.executable, "-m", "so2lib.runner", "--run-dir", str(d), "--only", "01"],
+    p = subprocess.run([sys.executable, "-m", "so2lib.runs.runner", "--run-dir", str(d), "--only", "01"],
                        capture_output=True, text=True, env=os.environ | {"PYTHONPATH": os.getcwd()})
     assert p.returncode == 1 and "Traceback" not in p.stderr and "manifest.json is damaged" in p.stderr
     assert (d / "x.json").exists()  # nothing computed is lost
@@ -410,7 +411,7 @@ def test_disk_full_while_papermill_saves_is_said_plainly(tmp_path, monkeypatch):
     import errno
 
     import papermill as pm
-    from so2lib.runs import RunDirUnusable
+    from so2lib.runs.rundir import RunDirUnusable
 
     d = tmp_path / "r"
     state = {"full": False}
@@ -440,8 +441,8 @@ def test_disk_full_while_papermill_saves_is_said_plainly(tmp_path, monkeypatch):
 
 
 def test_incomplete_or_damaged_model_folder_says_what_to_do(tmp_path):
-    from so2lib.embedded import EMBEDDED_DIR
-    from so2lib.models import load_model
+    from so2lib.data.embedded import EMBEDDED_DIR
+    from so2lib.engine.models import load_model
 
     only_config = tmp_path / "only_config"
     only_config.mkdir()
@@ -464,7 +465,7 @@ def test_incomplete_or_damaged_model_folder_says_what_to_do(tmp_path):
 
 
 def test_word_task_without_data_names_SO2LIB_DATA_and_the_layout(tmp_path, monkeypatch):
-    from so2lib import tasks
+    from so2lib.data import tasks
 
     monkeypatch.setenv("SO2LIB_DATA", str(tmp_path / "nodata"))
     monkeypatch.setitem(sys.modules, "datasets", None)  # no hub: offline
@@ -480,7 +481,7 @@ def test_word_task_without_data_names_SO2LIB_DATA_and_the_layout(tmp_path, monke
 
 def test_weights_changed_in_place_are_refused(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
-    from so2lib.embedded import EMBEDDED_DIR
+    from so2lib.data.embedded import EMBEDDED_DIR
 
     monkeypatch.setenv("SO2LIB_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "model"
@@ -490,7 +491,7 @@ def test_weights_changed_in_place_are_refused(tmp_path, monkeypatch):
     assert setup.run.manifest["config"]["weights"]
     # the same weights in another place are the same model
     shutil.copytree(folder, tmp_path / "model2")
-    from so2lib.sources import weights_fingerprint
+    from so2lib.data.sources import weights_fingerprint
     assert weights_fingerprint(tmp_path / "model2") == setup.run.config["weights"]
     study.open_run(str(d), str(folder), **KW, template="compact")  # unchanged: resumes
     # a fine-tuned checkpoint saved over the old one
@@ -536,7 +537,7 @@ def test_reopening_with_another_batch_size_recomputes_instead_of_mixing(clean, c
 def test_notebook_run_by_hand_refuses_what_the_runner_refuses(tmp_path):
     import papermill as pm
 
-    from so2lib.runs import NOTEBOOKS_DIR
+    from so2lib.runs.rundir import NOTEBOOKS_DIR
 
     d = tmp_path / "r"
     with pytest.raises(pm.PapermillExecutionError, match="n_val=1 is not valid: it must be an integer >= 30"):
@@ -575,8 +576,8 @@ def _verdict_frame():
 
 
 def test_end_of_run_summary_fits_100_columns_and_keeps_the_verdicts():
-    from so2lib.report import Section
-    from so2lib.summary import compact_text
+    from so2lib.views.report import Section
+    from so2lib.views.summary import compact_text
 
     wide = pd.DataFrame({f"column_{i}_with_a_long_name": [f"value {i} " * 8] for i in range(12)})
     secs = [Section("Validation table", "s", tables=[("", _verdict_frame())]),
@@ -598,7 +599,7 @@ def test_end_of_run_summary_fits_100_columns_and_keeps_the_verdicts():
 
 
 def test_report_prints_the_compact_summary(tmp_path, capsys):
-    from so2lib.report import write_report
+    from so2lib.views.report import write_report
 
     run = Run(tmp_path / "r")
     run.record("model", {"name": "tiny", "n_layers": 4, "d_model": 8, "d_mlp": 16})
@@ -639,7 +640,7 @@ def test_ctrl_c_stops_the_run_keeps_what_finished_and_the_resume_is_exact(tmp_pa
     env = os.environ | {"PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
 
     def start(d):
-        return subprocess.Popen([sys.executable, "-m", "so2lib.runner", "--run-dir", str(d), "--only", "01", "02",
+        return subprocess.Popen([sys.executable, "-m", "so2lib.runs.runner", "--run-dir", str(d), "--only", "01", "02",
                                  *params], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 start_new_session=True)  # its own process group, as a terminal gives it
 
@@ -669,7 +670,7 @@ def test_ctrl_c_stops_the_run_keeps_what_finished_and_the_resume_is_exact(tmp_pa
     assert "interrupted (Ctrl-C) during notebook 02_second_order_effects.ipynb" in err
     assert "every finished step is kept" in err and "Traceback" not in err
     resume = err.split("resume with the same command (finished steps are loaded, not recomputed):\n", 1)[1].strip()
-    assert resume.split() == [sys.executable, "-m", "so2lib.runner", "--run-dir", str(d), "--only", "01", "02",
+    assert resume.split() == [sys.executable, "-m", "so2lib.runs.runner", "--run-dir", str(d), "--only", "01", "02",
                               *params]
     time.sleep(2)
     assert not [k for k in kernels if os.path.exists(f"/proc/{k}")], "a kernel outlived the run"

@@ -2,8 +2,8 @@ import pytest
 import torch
 import transformers
 
-from so2lib.labels import Encoded, accuracy_table, check_classes, encode, label
-from so2lib.tasks import Problem, make_problem_set
+from so2lib.data.labels import Encoded, accuracy_table, check_classes, encode, label
+from so2lib.data.tasks import Problem, make_problem_set
 
 from conftest import ARCHS
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from so2lib import load_model
-from so2lib.models import ModelInfo, value_output_weights, value_weights_per_query_head
+from so2lib.engine.models import ModelInfo, value_output_weights, value_weights_per_query_head
 
 from conftest import ARCHS
 
@@ -99,7 +99,7 @@ def test_load_model_passes_placement_through(tiny_dirs, monkeypatch):
 
 def _load_both_ways(folder, dtype="float32"):
     """The model loaded with so2lib's lean weight processing and exactly as TransformerLens does."""
-    import so2lib.models as M
+    import so2lib.engine.models as M
 
     out = []
     for lean in (True, False):
@@ -131,7 +131,7 @@ def test_lean_loading_is_bit_identical(arch, tiny_dirs, tmp_path):
 def test_lean_loading_patches_only_during_the_load(tiny_dirs, monkeypatch):
     from transformer_lens.weight_processing import ProcessWeights
 
-    import so2lib.models as M
+    import so2lib.engine.models as M
 
     before = {n: ProcessWeights.__dict__[n] for n in M._DEEP_COPYING_STAGES}
     # the stages so2lib relies on still begin by deep-copying their input (else nothing is saved)
@@ -154,7 +154,7 @@ def test_hand_over_frees_each_input_as_it_is_copied():
     copies of the whole state dict exist."""
     import weakref
 
-    import so2lib.models as M
+    import so2lib.engine.models as M
 
     sd = {f"w{i}": torch.randn(10) for i in range(5)}
     refs = [weakref.ref(v) for v in sd.values()]
@@ -181,7 +181,7 @@ def test_hand_over_frees_each_input_as_it_is_copied():
 
 
 def test_where_the_weights_are_processed():
-    from so2lib.models import choose_processing_device, processing_bytes
+    from so2lib.engine.models import choose_processing_device, processing_bytes
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     n = 10**9
     assert processing_bytes(n) == int(4.4e9) == processing_bytes(n, torch.bfloat16)
@@ -199,7 +199,7 @@ def test_where_the_weights_are_processed():
 def test_processing_away_from_the_device_gives_the_same_model(tiny_dirs, monkeypatch):
     """The process-on-CPU path (model moved out, processed, moved back) on a CPU-only machine:
     the same weights and logits as processing in place. The GPU run checks the real move."""
-    import so2lib.models as M
+    import so2lib.engine.models as M
 
     from transformer_lens.model_bridge import TransformerBridge
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from so2lib import runner
+from so2lib.runs import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"n_train": 400, "n_val": 120, "batch_size": 32, "top_n_neurons": 4, "significant_share": 0.05,

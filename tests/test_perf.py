@@ -6,14 +6,14 @@ import pandas as pd
 import pytest
 import torch
 
-from so2lib import models as M
-from so2lib import partial as P
-from so2lib import selection as S
-from so2lib.capture import capture_batch
-from so2lib.labels import encode, label
-from so2lib.peer import attribution_patching
-from so2lib.second_order import SecondOrderEngine
-from so2lib.tasks import Template, make_problem_set
+from so2lib.engine import models as M
+from so2lib.engine import partial as P
+from so2lib.phases import selection as S
+from so2lib.engine.capture import capture_batch
+from so2lib.data.labels import encode, label
+from so2lib.engine.peer import attribution_patching
+from so2lib.engine.second_order import SecondOrderEngine
+from so2lib.data.tasks import Template, make_problem_set
 
 ARCHS = ("gpt2", "neox", "llama")
 

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from so2lib import characterize as C
-from so2lib import phase3_rows as R
-from so2lib import protocol as P
+from so2lib.phases import characterize as C
+from so2lib.phases import phase3_rows as R
+from so2lib.phases import protocol as P
 from so2lib.stats import TABLE_COLUMNS
 
 # ----------------------------------------------------------------------------- a synthetic readout

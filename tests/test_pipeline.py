@@ -6,10 +6,10 @@ import pytest
 from so2lib.stats import TABLE_COLUMNS, VERDICTS
 import torch
 
-from so2lib import characterize, concepts, effects, selection, study
-from so2lib.capture import capture_batch
-from so2lib.effects import compute_effects, correctness_direction, load_effects
-from so2lib.second_order import SecondOrderEngine, second_order_effects
+from so2lib.phases import characterize, concepts, effects, selection, study
+from so2lib.engine.capture import capture_batch
+from so2lib.phases.effects import compute_effects, correctness_direction, load_effects
+from so2lib.engine.second_order import SecondOrderEngine, second_order_effects
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_correctness_direction_from_training_split(phase2):
 def test_interrupted_effects_resume_to_the_same_result(phase2, tmp_path, monkeypatch):
     setup, _, res2 = phase2
     model = setup.model
-    from so2lib.runs import Run
+    from so2lib.runs.rundir import Run
     crit, selected = selection.load_selection(setup.run)
     run = Run(tmp_path / "resume")
     eng = SecondOrderEngine(model, correctness_dir=res2["correctness_direction"])
@@ -126,7 +126,7 @@ def test_phases_3_and_4_run_and_report(phase2):
 
 def test_phase4_and_phase5_tables_never_crash(phase2):
     """Small data: most phase-5 checks cannot be measured here; each must be a row that says why."""
-    from so2lib import applications
+    from so2lib.phases import applications
 
     setup, _, _ = phase2
     if not setup.run.has("validation_table"):
@@ -159,7 +159,7 @@ def test_phase4_and_phase5_tables_never_crash(phase2):
 
 
 def test_explorer_static_and_interactive(phase2, monkeypatch):
-    from so2lib import explorer
+    from so2lib.views import explorer
 
     setup, res1, _ = phase2
     l = res1["critical_layers"][0]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from so2lib import power, runner
-from so2lib.params import ParameterError
+from so2lib.runs import power, runner
+from so2lib.runs.params import ParameterError
 from so2lib.stats import min_detectable_change
 
 
@@ -44,5 +44,5 @@ def test_runner_sizes_the_run_and_prints_the_sensitivity(tmp_path, monkeypatch, 
     s = power.size_by_power(0.1)
     assert params["n_val"] == s["n_val"] and params["n_train"] == s["n_train"] and "target_mde" not in params
     assert "sized by power: n_val=" in capsys.readouterr().out
-    from so2lib.runs import Run
+    from so2lib.runs.rundir import Run
     assert Run(tmp_path / "run").manifest["power"]["n_val"] == s["n_val"]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from so2lib import protocol as P
-from so2lib.capture import capture_batch
-from so2lib.second_order import SecondOrderEngine
+from so2lib.phases import protocol as P
+from so2lib.engine.capture import capture_batch
+from so2lib.engine.second_order import SecondOrderEngine
 
 from conftest import ARCHS
 
@@ -69,7 +69,7 @@ def test_recovered_share_not_testable_without_a_drop():
 def test_grouped_protocol_equals_one_layer_at_a_time(tiny_models):
     """run_protocol (layers grouped, one forward pass per batch and group) gives the per-layer
     path's numbers exactly, whatever the memory budget's grouping."""
-    from so2lib.labels import Encoded
+    from so2lib.data.labels import Encoded
     model = tiny_models["llama"]
     g = torch.Generator().manual_seed(4)
     prompts = [[0] + torch.randint(2, 400, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (40,), generator=g)]

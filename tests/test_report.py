@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from so2lib.report import fmt, sections, write_report
-from so2lib.runs import Run
+from so2lib.views.report import fmt, sections, write_report
+from so2lib.runs.rundir import Run
 
 
 def test_fmt_integers_floats_and_missing():

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from so2lib.runs import Run, atomic_write
+from so2lib.runs.rundir import Run, atomic_write
 
 
 def test_step_computes_once_and_resumes(tmp_path):
@@ -84,7 +84,7 @@ def test_changed_parameter_recomputes_exactly_the_downstream_steps(tmp_path):
 
 
 def test_artifact_from_changed_input_is_refused_until_recomputed(tmp_path):
-    from so2lib.runs import StaleArtifact
+    from so2lib.runs.rundir import StaleArtifact
 
     run = Run(tmp_path)
     run.step("a", lambda: {"n": 1}, "01", params={"n": 1})

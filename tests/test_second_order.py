@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from so2lib.bruteforce import brute_force_second_order
-from so2lib.capture import capture_batch
-from so2lib.second_order import SecondOrderEngine, second_order_effects
+from so2lib.engine.bruteforce import brute_force_second_order
+from so2lib.engine.capture import capture_batch
+from so2lib.engine.second_order import SecondOrderEngine, second_order_effects
 
 from conftest import ARCHS
 
@@ -86,7 +86,7 @@ def test_projections_equal_projected_vectors(arch, tiny_models):
                                    atol=1e-5, rtol=1e-4)
         # the logit-difference projection is what the logits see: check with W_U directly
         if l == 0:
-            from so2lib.capture import final_normed
+            from so2lib.engine.capture import final_normed
             normed = final_normed(vec[:, 0], rows.final_scale, model)
             ld = normed @ (model.W_U[:, ans] - model.W_U[:, alt])
             torch.testing.assert_close(proj["second"][:, 0, 0, 0], ld.diagonal(), atol=1e-5, rtol=1e-4)
@@ -116,7 +116,7 @@ def test_input_validation(tiny_models):
 
 
 def test_low_precision_activations_close_to_float32(tiny_dirs):
-    from so2lib.models import load_model
+    from so2lib.engine.models import load_model
     m32 = load_model(tiny_dirs["gpt2"], device="cpu")
     m16 = load_model(tiny_dirs["gpt2"], device="cpu", dtype="bfloat16")
     tokens, T = padded_batch()
@@ -129,7 +129,7 @@ def test_low_precision_activations_close_to_float32(tiny_dirs):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_projected_effects_equal_projected_full_vectors(arch, tiny_models):
     from so2lib import projected_effects
-    from so2lib.capture import final_normed
+    from so2lib.engine.capture import final_normed
     model = tiny_models[arch]
     tokens, T = padded_batch(5)
     g = torch.Generator().manual_seed(2)
@@ -147,7 +147,7 @@ def test_projected_effects_equal_projected_full_vectors(arch, tiny_models):
 
 
 def test_second_order_effects_reuses_its_engine(tiny_models):
-    from so2lib.second_order import engine_for
+    from so2lib.engine.second_order import engine_for
     model = tiny_models["llama"]
     tokens, T = padded_batch()
     second_order_effects(model, tokens, T, 0, [1])

@@ -6,10 +6,10 @@ import pytest
 import torch
 import transformers
 
-from so2lib.labels import encode, label
-from so2lib.selection import (critical_layers, layer_ablation, mlp_out_means, neuron_scores,
+from so2lib.data.labels import encode, label
+from so2lib.phases.selection import (critical_layers, layer_ablation, mlp_out_means, neuron_scores,
                               select_neurons)
-from so2lib.tasks import make_problem_set
+from so2lib.data.tasks import make_problem_set
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 
 import json
 
-from so2lib import study
-from so2lib.smoke import check
+from so2lib.phases import study
+from so2lib.runs.smoke import check
 
 
 def test_smoke_check_catches_missing_phases_and_dropped_problems(tmp_path):

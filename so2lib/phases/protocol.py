@@ -1,0 +1,356 @@
+"""CLIP's ablation protocol (Gandelsman et al., ``compute_ablations.py``) for ALL neurons of a
+layer, memory-bounded through each neuron's K x K coefficient covariance.
+
+Neuron ``n`` of layer ``l``: ``phi_n = sum_k c_k M_nk`` with ``c [K]`` its per-problem
+coefficients (:func:`coefficients`) and ``M_nk = (w_n W_V[k]) W_O[k]`` in
+``R^d_model``. So ``||phi_n||^2 = c^T G_n c`` with ``G_n = M_n M_n^T [K, K]``, and principal
+components live in the K-dim coefficient space under the metric ``G_n``. A residual edit
+``sum_n sum_k x[k, n] M_nk`` is computed as ``sum_k ((x[:, k, :] @ W_out) @ W_V[k]) @ W_O[k]``,
+never forming ``M`` for all neurons at once.
+
+Everything fitted (coefficient means, significance thresholds, PC1) comes from the training
+split; :func:`layer_protocol` measures on the validation split.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from so2lib.data.labels import Encoded
+from so2lib.engine.capture import AnswerRows, capture_batch
+from so2lib.engine.readout import answer_metrics, final_logits
+from so2lib.engine.second_order import SecondOrderEngine, engine_for
+from so2lib.stats import mcnemar_exact, paired_bootstrap
+
+
+def coefficients(engine: SecondOrderEngine, rows: AnswerRows, layer: int) -> torch.Tensor:
+    """``c [b, K, n]`` (CPU, float32): the coefficient of every neuron of ``layer`` on every head
+    ``k = (l' - layer - 1) * H + h`` of every later layer ``l'``: attention from T, divided by the
+    input-norm scale (and any post-attention / post-MLP norm scale), as the engine computes them."""
+    p = engine._acts(rows, layer, None)
+    return torch.cat([engine._coef(rows, p, lp).float().cpu() for lp in range(layer + 1, engine.info.n_layers)], 1)
+
+
+class LayerWeights:
+    """Weight-only factors of one source layer, read through the engine (post-norm gains folded,
+    key/value heads repeated per query head): ``W_out [n, dm]``, ``W_V [K, dm, dh]``, ``W_O [K, dh, dm]``."""
+
+    def __init__(self, model: Any, layer: int, engine: SecondOrderEngine | None = None):
+        eng = engine or engine_for(model)
+        self.engine, self.layer = eng, layer
+        self.W_out = eng.weights(layer).W_out.float().cpu()
+        WV, WO = [], []
+        for lp in range(layer + 1, eng.info.n_layers):
+            w = eng.weights(lp)
+            G = w.W_O.shape[0] // w.W_V.shape[0]
+            WV.append((w.W_V.repeat_interleave(G, 0) if G > 1 else w.W_V).float().cpu())
+            WO.append(w.W_O.float().cpu())
+        self.W_V = torch.cat(WV)
+        self.W_O = torch.cat(WO)
+        self.K = self.W_V.shape[0]
+
+    def edit(self, x: torch.Tensor) -> torch.Tensor:
+        """``[b, dm]`` = ``sum_n sum_k x[b, k, n] M_nk`` for coefficients ``x [b, K, n]``, through the
+        per-head products ``w_n W_V[k]`` (``[K, n, dh]``, built once): ``d_model / d_head`` times
+        less arithmetic than going through ``d_model``."""
+        if not hasattr(self, "_P"):
+            self._P = torch.einsum("nm,kmh->knh", self.W_out, self.W_V).contiguous()
+        z = torch.bmm(x.permute(1, 0, 2).to(self._P.device), self._P)  # [K, b, dh]
+        return torch.einsum("kbh,khd->bd", z, self.W_O.to(z.device))
+
+    def gram(self, chunk: int = 256) -> torch.Tensor:
+        """``G [n, K, K]``, ``G_n = M_n M_n^T``, built ``chunk`` neurons at a time."""
+        out = []
+        for s in range(0, self.W_out.shape[0], chunk):
+            Mn = torch.einsum("nm,kmh,khd->nkd", self.W_out[s:s + chunk], self.W_V, self.W_O)
+            out.append(Mn @ Mn.transpose(1, 2))
+        return torch.cat(out)
+
+
+def quad(c: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``[b, n]`` squared effect norms ``c_n^T G_n c_n`` for coefficients ``c [b, K, n]``."""
+    cp = c.permute(2, 0, 1).contiguous()  # [n, b, K]: contiguous makes the batched product 10x faster
+    return (torch.bmm(cp, G) * cp).sum(-1).T.clamp_min(0)
+
+
+def fit_pc1(top: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PC1 of each neuron's top-k centred effects, in coefficient space.
+
+    ``top [k, K, n]``: centred coefficients of each neuron's top-k training problems. Returns
+    ``v [K, n]`` with ``v_n^T G_n v_n = 1`` (a unit effect-space direction ``u_n = M_n^T v_n``),
+    its sign chosen so that most of the top-k effects project positively (CLIP's majority rule),
+    and the variance share of PC1 among the top-k ``[n]`` (uncentred second moment about the
+    training mean, as the projection is taken about it)."""
+    X = top.permute(2, 0, 1)  # [n, k, K]
+    gram = X @ G @ X.transpose(1, 2)  # [n, k, k] effect-space Gram of the top-k
+    evals, evecs = torch.linalg.eigh(gram)
+    lam, a = evals[:, -1].clamp_min(1e-30), evecs[:, :, -1]  # [n], [n, k]
+    v = torch.einsum("nkK,nk->nK", X, a) / lam.sqrt()[:, None]  # unit in the G metric
+    proj = torch.einsum("nkK,nKJ,nJ->nk", X, G, v)
+    sign = torch.where((proj > 0).sum(1) >= (proj < 0).sum(1), 1.0, -1.0)
+    share = lam / evals.clamp_min(0).sum(1).clamp_min(1e-30)
+    return (v * sign[:, None]).T.contiguous(), share
+
+
+@torch.no_grad()
+def fit_from_coefficients(c: torch.Tensor, G: torch.Tensor, share: float = 0.02, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Training-split statistics of every neuron of a layer from its coefficients ``c [N, K, n]``
+    and Gram matrices ``G [n, K, K]``: mean coefficients ``mean [K, n]``, significance thresholds
+    ``threshold [n]`` (k-th largest centred-effect norm, ``k = max(1, round(share N))``), PC1
+    ``v [K, n]`` of the top-``max(2, k)`` centred effects and its share ``pc1_share [n]``, the same
+    share with each head's coefficients shuffled across problems (``pc1_share_shuffled``), and
+    the centred energies ``energy [N, n]`` (squared norms)."""
+    mean = c.mean(0)
+    dc = c - mean
+    energy = quad(dc, G)  # [N, n]
+    N = c.shape[0]
+    k = max(1, int(round(share * N)))
+    norms = energy.sqrt()
+    order = norms.argsort(0, descending=True)
+    threshold = norms.gather(0, order[k - 1:k])[0]
+    ktop = min(N, max(2, k))
+    top = torch.stack([dc[order[:ktop, j], :, j] for j in range(dc.shape[2])], -1)  # [ktop, K, n]
+    v, pshare = fit_pc1(top, G)
+    # null: each head's coefficients shuffled across problems independently (breaks head co-variation)
+    gen = torch.Generator().manual_seed(seed)
+    sh = torch.stack([dc[torch.randperm(N, generator=gen), k] for k in range(dc.shape[1])], 1)
+    order_sh = quad(sh, G).argsort(0, descending=True)
+    top_sh = torch.stack([sh[order_sh[:ktop, j], :, j] for j in range(sh.shape[2])], -1)
+    _, pshare_sh = fit_pc1(top_sh, G)
+    return {"mean": mean, "threshold": threshold, "v": v, "pc1_share": pshare, "pc1_share_shuffled": pshare_sh,
+            "energy": energy, "G": G, "seed": seed}  # seed: also of the random rank-1 control (_edit_batch)
+
+
+@torch.no_grad()
+def fit_layer(model: Any, enc_train: Encoded, layer: int, share: float = 0.02, batch_size: int = 64,
+              weights: LayerWeights | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """:func:`fit_from_coefficients` of ``layer`` over the training problems ``enc_train``
+    (one forward pass per batch; memory ``N K n`` floats)."""
+    w = weights or LayerWeights(model, layer)
+    cs = []
+    for _, x, T in enc_train.batches(batch_size):
+        rows = capture_batch(model, x, T, [layer])
+        cs.append(coefficients(w.engine, rows, layer))
+    return fit_from_coefficients(torch.cat(cs), w.gram(), share, seed)
+
+
+def control_directions(G: torch.Tensor, mean: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The two rank-1 controls of each neuron, as coefficient vectors ``[K, n]`` of unit effect-space
+    norm (``v^T G_n v = 1``; a zero vector where a neuron has no effect at all):
+
+    - ``mean_direction``: the direction of the neuron's training mean effect ``M_n^T mean_n`` (is the
+      PC1 more than "activation times a fixed vector"?);
+    - ``random``: a uniformly random unit direction in the neuron's effect span (the rows of
+      ``M_n``): ``v = Q L^-1/2 z / ||z||`` with ``G_n = Q L Q^T`` (eigenvalues below ``1e-6`` of the
+      largest dropped) and ``z`` standard Gaussian, seeded by ``seed``."""
+    norm = torch.einsum("kn,nkj,jn->n", mean, G, mean).clamp_min(0).sqrt()
+    mdir = torch.where(norm > 0, mean / norm.clamp_min(1e-30), torch.zeros_like(mean))
+    evals, Q = torch.linalg.eigh(G.double())  # [n, K], [n, K, K]
+    ok = evals > 1e-6 * evals[:, -1:].clamp_min(1e-300)
+    z = torch.randn(G.shape[0], G.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z = z * ok
+    r = torch.einsum("nkj,nj->nk", Q, z / evals.clamp_min(1e-300).sqrt() * ok)
+    rn = z.norm(dim=1, keepdim=True)
+    r = torch.where(rn > 0, r / rn.clamp_min(1e-300), torch.zeros_like(r))
+    return {"mean_direction": mdir.float(), "random": r.T.float().contiguous()}
+
+
+def _rank1(w: LayerWeights, dc: torch.Tensor, G: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Residual edit replacing each centred effect ``dc [b, K, n]`` by its projection on ``v [K, n]``."""
+    a = torch.einsum("bkn,nkj,jn->bn", dc, G, v)
+    return w.edit(a[:, None] * v[None] - dc)
+
+
+def _edit_batch(model: Any, w: LayerWeights, fit: dict[str, torch.Tensor], c: torch.Tensor,
+                final_resid: torch.Tensor, gold: torch.Tensor, keep: torch.Tensor, out: dict[str, list]) -> None:
+    """Append one batch's clean and edited readouts (see :func:`layer_protocol`) to ``out``."""
+    G, mean, thr, v = fit["G"], fit["mean"], fit["threshold"], fit["v"]
+    Gv = fit.get("Gv")
+    if Gv is None:
+        Gv = fit["Gv"] = torch.einsum("nkj,jn->kn", G, v)  # [K, n]
+    dc = (c - mean) * keep  # [b, K, n]
+    sig = quad(dc, G).sqrt() > thr  # [b, n]
+    a = torch.einsum("bkn,kn->bn", dc, Gv)  # projection coefficient on u_n
+    edits = {"clean": torch.zeros(len(gold), w.W_out.shape[1]),
+             "mean": -w.edit(dc),
+             "ablate_significant": -w.edit(dc * sig[:, None]),
+             "ablate_insignificant": -w.edit(dc * ~sig[:, None]),
+             "rank1": w.edit(a[:, None] * v[None] - dc)}
+    ctrl = fit.get("controls")
+    if ctrl is None:
+        ctrl = fit["controls"] = control_directions(G, mean, int(fit.get("seed", 0)))
+    edits["rank1_random"] = _rank1(w, dc, G, ctrl["random"])
+    edits["rank1_mean_direction"] = _rank1(w, dc, G, ctrl["mean_direction"])
+    for name, e in edits.items():
+        ok, ld = answer_metrics(final_logits(model, final_resid + e), gold)
+        out.setdefault(f"{name}_correct", []).append(ok.numpy())
+        out.setdefault(f"{name}_logit_diff", []).append(ld.numpy())
+    out.setdefault("significant_share", []).append(sig[:, keep].float().mean(1).numpy())
+
+
+def _keep(n: int, neurons: torch.Tensor | None) -> torch.Tensor:
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[neurons if neurons is not None else slice(None)] = True
+    return keep
+
+
+@torch.no_grad()
+def layer_protocol(model: Any, enc_val: Encoded, gold_val: torch.Tensor, layer: int, fit: dict[str, torch.Tensor],
+                   batch_size: int = 64, neurons: torch.Tensor | None = None,
+                   weights: LayerWeights | None = None) -> dict[str, np.ndarray]:
+    """Per validation problem ``[N]``: correctness and logit difference of the clean model and with
+    every neuron of ``layer`` (or only ``neurons``) edited as CLIP does: ``mean`` (all effects
+    replaced by their training mean), ``ablate_significant``, ``ablate_insignificant`` and ``rank1``
+    (mean + projection on PC1). Edits act on the residual at T before the final norm."""
+    w = weights or LayerWeights(model, layer)
+    keep = _keep(fit["mean"].shape[1], neurons)
+    out: dict[str, list] = {}
+    for rows_idx, x, T in enc_val.batches(batch_size):
+        rows = capture_batch(model, x, T, [layer])
+        _edit_batch(model, w, fit, coefficients(w.engine, rows, layer), rows.final_resid.cpu(),
+                    gold_val[rows_idx.start:rows_idx.stop], keep, out)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def layer_groups(layers: Sequence[int], n_problems: int, K: dict[int, int], d_mlp: int,
+                 budget_bytes: int) -> list[list[int]]:
+    """Consecutive groups of ``layers`` whose coefficients (``n_problems K_l d_mlp`` floats), Gram
+    matrices (``d_mlp K_l^2``) and head products (``d_mlp K_l d_head``, counted as ``64``) fit in
+    ``budget_bytes`` together (at least one layer each)."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for l in layers:
+        size = 4 * d_mlp * K[l] * (n_problems + K[l] + 64)
+        if groups[-1] and used + size > budget_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(l)
+        used += size
+    return [g for g in groups if g]
+
+
+@torch.no_grad()
+def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: torch.Tensor, layers: Sequence[int],
+                 scopes: dict[int, dict[str, torch.Tensor | None]], share: float = 0.02, batch_size: int = 64,
+                 budget: int | str = "2GiB", max_fit_problems: int = 4000, seed: int = 0,
+                 progress: bool = True, keep: dict[int, torch.Tensor] | None = None,
+                 ) -> tuple[dict[tuple[int, str], dict[str, np.ndarray]], dict[int, dict]]:
+    """The CLIP protocol for several source layers with few forward passes.
+
+    Layers are processed in groups that fit ``budget`` (:func:`layer_groups`); per group, one
+    forward pass per training batch fits every layer of the group (:func:`fit_from_coefficients`,
+    on at most ``max_fit_problems`` training problems, the first ones of a fixed random order)
+    and one pass per validation batch measures every layer and scope of ``scopes``
+    (``{layer: {scope name: neurons or None for all}}``). Returns the per-problem readouts
+    ``{(layer, scope): ...}`` (as :func:`layer_protocol`) and per layer the PC1 statistics
+    ``{"pc1_share", "pc1_share_shuffled", "K", "n_fit"}``. ``keep``: ``{layer: neurons}`` whose
+    training and validation coefficients are also returned, in ``stats[layer]["structure"]``
+    (``neurons``, ``coef_train [N_fit, K, s]``, ``coef_val [N_val, K, s]``, ``G``, ``mean``, ``v``,
+    ``M [s, K, d_model]``: what the PC1-structure rows need)."""
+    from so2lib.engine.second_order import _bytes
+    from so2lib.runs.progress import tqdm
+    eng = engine_for(model)
+    L, H, n = eng.info.n_layers, eng.info.n_heads, eng.info.d_mlp
+    K = {l: (L - l - 1) * H for l in layers}
+    N = len(enc_train)
+    idx = list(range(N))
+    if N > max_fit_problems:
+        g = torch.Generator().manual_seed(seed)
+        idx = sorted(torch.randperm(N, generator=g)[:max_fit_problems].tolist())
+    train = enc_train.subset(idx) if len(idx) < N else enc_train
+    groups = layer_groups(list(layers), len(idx), K, n, _bytes(budget))
+    per: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    stats: dict[int, dict] = {}
+    bar = tqdm(total=len(list(layers)), desc="CLIP protocol, source layers", disable=not progress)
+    for group in groups:
+        ws = {l: LayerWeights(model, l, eng) for l in group}
+        cs: dict[int, list] = {l: [] for l in group}
+        for _, x, T in train.batches(batch_size):
+            rows = capture_batch(model, x, T, group)
+            for l in group:
+                cs[l].append(coefficients(eng, rows, l))
+        fits = {}
+        for l in group:
+            c_l = torch.cat(cs.pop(l))
+            fits[l] = fit_from_coefficients(c_l, ws[l].gram(), share, seed)
+            stats[l] = {"pc1_share": fits[l]["pc1_share"].numpy(), "pc1_share_shuffled":
+                        fits[l]["pc1_share_shuffled"].numpy(), "K": K[l], "n_fit": len(idx)}
+            del fits[l]["energy"]
+            if keep and l in keep:
+                kn = torch.as_tensor(keep[l], dtype=torch.long)
+                W = ws[l]
+                Mn = torch.einsum("nm,kmh,khd->nkd", W.W_out[kn], W.W_V, W.W_O)
+                stats[l]["structure"] = {"neurons": kn, "coef_train": c_l[..., kn].clone(),
+                                         "coef_val": [], "G": fits[l]["G"][kn], "mean": fits[l]["mean"][:, kn],
+                                         "v": fits[l]["v"][:, kn], "M": Mn}
+            del c_l
+        outs: dict[tuple[int, str], dict[str, list]] = {(l, sc): {} for l in group for sc in scopes.get(l, {})}
+        keeps = {(l, sc): _keep(n, ns) for l in group for sc, ns in scopes.get(l, {}).items()}
+        for rows_idx, x, T in enc_val.batches(batch_size):
+            rows = capture_batch(model, x, T, group)
+            fr = rows.final_resid.cpu()
+            gold = gold_val[rows_idx.start:rows_idx.stop]
+            for l in group:
+                c = coefficients(eng, rows, l)
+                if "structure" in stats[l]:
+                    stats[l]["structure"]["coef_val"].append(c[..., stats[l]["structure"]["neurons"]].clone())
+                for sc in scopes.get(l, {}):
+                    _edit_batch(model, ws[l], fits[l], c, fr, gold, keeps[(l, sc)], outs[(l, sc)])
+        for key, o in outs.items():
+            per[key] = {k: np.concatenate(v) for k, v in o.items()}
+        for l in group:
+            if "structure" in stats[l]:
+                stats[l]["structure"]["coef_val"] = torch.cat(stats[l]["structure"]["coef_val"])
+        del fits, ws
+        bar.update(len(group))
+    bar.close()
+    return per, stats
+
+
+def protocol_table(per_problem: dict[str, np.ndarray], layer: int, scope: str, n_boot: int = 2000,
+                   seed: int = 0) -> pd.DataFrame:
+    """One row per edit: accuracy and logit-difference change from clean (paired bootstrap CIs,
+    points / logits), exact McNemar p, and for ``rank1`` the share of the mean-ablation accuracy
+    drop it recovers (bootstrap CI; NaN = not testable when the mean-ablation drop's CI includes 0)."""
+    c0, l0 = per_problem["clean_correct"], per_problem["clean_logit_diff"]
+    rows = []
+    for name in [e for e in ("mean", "ablate_significant", "ablate_insignificant", "rank1", "rank1_random",
+                             "rank1_mean_direction") if f"{e}_correct" in per_problem]:
+        c, ld = per_problem[f"{name}_correct"], per_problem[f"{name}_logit_diff"]
+        acc = paired_bootstrap(c0, c, n_boot, seed)
+        lg = paired_bootstrap(l0, ld, n_boot, seed)
+        mc = mcnemar_exact(c0, c)
+        rows.append({"layer": layer, "neurons": scope, "edit": name, "accuracy": float(c.mean()),
+                     "accuracy_change_points": 100 * acc["change"], "ci_low_points": 100 * acc["ci_low"],
+                     "ci_high_points": 100 * acc["ci_high"], "logit_diff_change": lg["change"],
+                     "ld_ci_low": lg["ci_low"], "ld_ci_high": lg["ci_high"], "mcnemar_p": mc["p"],
+                     "gained": mc["gained"], "lost": mc["lost"], "n": acc["n"]})
+    df = pd.DataFrame(rows)
+    rec = recovered_share(c0, per_problem["mean_correct"], per_problem["rank1_correct"], n_boot, seed)
+    df["recovered_share"] = np.where(df.edit == "rank1", rec["share"], np.nan)
+    df["recovered_ci_low"] = np.where(df.edit == "rank1", rec["ci_low"], np.nan)
+    df["recovered_ci_high"] = np.where(df.edit == "rank1", rec["ci_high"], np.nan)
+    df["recovered_note"] = np.where(df.edit == "rank1", rec["note"], "")
+    return df
+
+
+def recovered_share(clean: np.ndarray, mean: np.ndarray, rank1: np.ndarray, n_boot: int = 2000,
+                    seed: int = 0) -> dict[str, Any]:
+    """``(acc(rank1) - acc(mean)) / (acc(clean) - acc(mean))`` with a paired bootstrap CI.
+    Not testable (NaN, with a note) when the mean-ablation drop's CI includes zero: there is
+    nothing for rank-1 to recover."""
+    c, m, r = (np.asarray(a, float) for a in (clean, mean, rank1))
+    drop = paired_bootstrap(m, c, n_boot, seed)
+    if not drop["ci_low"] > 0:
+        return {"share": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+                "note": f"not testable: mean-ablation drop {100 * drop['change']:.2f} points, CI "
+                        f"[{100 * drop['ci_low']:.2f}, {100 * drop['ci_high']:.2f}] includes 0"}
+    idx = np.random.default_rng(seed).integers(0, len(c), size=(n_boot, len(c)))
+    num, den = (r - m)[idx].mean(1), (c - m)[idx].mean(1)
+    boots = num / np.where(den > 0, den, np.nan)
+    lo, hi = np.nanquantile(boots, [0.025, 0.975])
+    return {"share": float((r - m).mean() / (c - m).mean()), "ci_low": float(lo), "ci_high": float(hi), "note": ""}

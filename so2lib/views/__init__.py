@@ -1,0 +1,1 @@
+"""What a person looks at: the HTML report, the terminal summary, plotly renderers, the neuron explorer."""
