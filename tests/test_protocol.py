@@ -21,15 +21,18 @@ def batch():
     return tokens, T
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_gram_and_edit_match_full_vectors(arch, tiny_models):
-    model, layer = tiny_models[arch], 1
+def layer_case(model, layer: int = 1):
+    """One batch at ``layer``: full effect vectors ``[b, n, d]``, the layer's weights and the
+    coefficients, from one capture."""
     tokens, T = batch()
     rows = capture_batch(model, tokens, T, [layer])
     eng = SecondOrderEngine(model, layers=[layer])
-    full = eng.vectors(rows, layer).float().cpu()  # [b, n, d]
-    w = P.LayerWeights(model, layer, eng)
-    c = P.coefficients(eng, rows, layer)
+    return eng.vectors(rows, layer).float().cpu(), P.LayerWeights(model, layer, eng), P.coefficients(eng, rows, layer)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gram_and_edit_match_full_vectors(arch, tiny_models):
+    full, w, c = layer_case(tiny_models[arch])
     torch.testing.assert_close(P.quad(c, w.gram(chunk=7)), full.pow(2).sum(-1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w.edit(c), full.sum(1), rtol=1e-4, atol=1e-5)
     mask = torch.zeros(c.shape[-1], dtype=torch.bool)
@@ -97,13 +100,7 @@ def test_grouped_protocol_equals_one_layer_at_a_time(tiny_models):
 def test_rank1_control_edits_match_full_vectors(arch, tiny_models):
     """The rank-1 edits onto the control directions (coefficient space, metric G) equal projecting
     each neuron's full effect vector on the control's unit effect-space direction and summing."""
-    model, layer = tiny_models[arch], 1
-    tokens, T = batch()
-    rows = capture_batch(model, tokens, T, [layer])
-    eng = SecondOrderEngine(model, layers=[layer])
-    full = eng.vectors(rows, layer).float().cpu()  # [b, n, d]
-    w = P.LayerWeights(model, layer, eng)
-    c = P.coefficients(eng, rows, layer)
+    full, w, c = layer_case(tiny_models[arch])
     G = w.gram()
     ctrl = P.control_directions(G, c.mean(0) + 0.1, seed=3)
     M = torch.einsum("nm,kmh,khd->nkd", w.W_out, w.W_V, w.W_O)

@@ -28,11 +28,8 @@ from so2lib.phases.effects import load_effects
 from so2lib.phases.selection import load_selection
 from so2lib.phases.study import Setup
 from so2lib.runs.progress import tqdm
-from so2lib.stats import (  # noqa: F401 (validation_row: re-exported)
-    not_measurable,
-    validation_row,
-    verdict_table,
-)
+from so2lib.stats import (not_measurable, validation_row,  # noqa: F401 (validation_row: re-exported)
+                          verdict_table)
 
 # ----------------------------------------------------------------------------- pure functions
 

@@ -29,15 +29,8 @@ from so2lib.engine.models import ModelInfo
 from so2lib.phases.effects import load_effects
 from so2lib.phases.selection import load_selection
 from so2lib.phases.study import Setup
-from so2lib.stats import (
-    bootstrap_ci,
-    interval_row,
-    mean_row,
-    not_measurable,
-    problem_bootstrap,
-    validation_row as row,
-    verdict_table as table,
-)
+from so2lib.stats import (bootstrap_ci, interval_row, mean_row, not_measurable, problem_bootstrap,
+                          validation_row as row, verdict_table as table)
 
 _NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
                  "fifteen sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy "

@@ -15,25 +15,10 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
-from so2lib.data.labels import (
-    POSITIONS,
-    Encoded,
-    accuracy_table,
-    bos_ids,
-    check_classes,
-    encode,
-    has_chat_template,
-    label,
-)
-from so2lib.data.tasks import (
-    TASKS,
-    Problem,
-    ProblemSet,
-    Template,
-    make_problem_set,
-    stable_hash,
-    template_for,
-)
+from so2lib.data.labels import (POSITIONS, Encoded, accuracy_table, bos_ids, check_classes, encode,
+                                has_chat_template, label)
+from so2lib.data.tasks import (TASKS, Problem, ProblemSet, Template, make_problem_set, stable_hash,
+                               template_for)
 from so2lib.engine.models import ModelInfo, load_model, resolve_model_path
 from so2lib.runs.rundir import Run, expect_rows
 

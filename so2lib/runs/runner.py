@@ -31,15 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from so2lib.runs.params import ParameterError, notebook_parameters, validate
-from so2lib.runs.rundir import (
-    NOTEBOOKS_DIR,
-    OWNER_ENV,
-    DamagedArtifact,
-    Run,
-    RunDirUnusable,
-    RunInUse,
-    RunLock,
-)
+from so2lib.runs.rundir import (NOTEBOOKS_DIR, OWNER_ENV, DamagedArtifact, Run, RunDirUnusable, RunInUse,
+                                RunLock)
 
 RESERVED = ("run_dir",)
 

@@ -13,64 +13,24 @@ Whatever the data cannot measure is a ``not testable`` row whose ``how`` starts 
 "not measurable", never an exception. Every public name is importable from here.
 """
 
-from so2lib.phases.applications.adversarial import (
-    ARITHMETIC,
-    adversarial_rows,
-    adversarial_variants,
-    answers_value,
-    clip_adversarial_pairs,
-    cluster_bootstrap,
-    hardest_operand,
-    input_trigger,
-    neuron_push,
-    output_concept,
-    paired_rows,
-    random_variants,
-    rebuild,
-    solved,
-)
-from so2lib.phases.applications.editing import (
-    chosen_minus_random,
-    edit_labels,
-    editing_rows,
-    error_class,
-    random_sets_like,
-    scaling_hooks,
-)
-from so2lib.phases.applications.errors import (
-    NotMeasurable,
-    direction_rows,
-    direction_vs_baselines,
-    discovery_power,
-    error_analysis_rows,
-    error_stratum,
-    failure_report,
-    final_normalized,
-    null_discoveries,
-    project_on_direction,
-    separating_neurons,
-    stratified_error_analysis,
-    stratified_scan,
-)
+from so2lib.phases.applications.adversarial import (ARITHMETIC, adversarial_rows, adversarial_variants,
+                                                    answers_value, clip_adversarial_pairs, cluster_bootstrap,
+                                                    hardest_operand, input_trigger, neuron_push,
+                                                    output_concept, paired_rows, random_variants, rebuild,
+                                                    solved)
+from so2lib.phases.applications.editing import (chosen_minus_random, edit_labels, editing_rows, error_class,
+                                                random_sets_like, scaling_hooks)
+from so2lib.phases.applications.errors import (NotMeasurable, direction_rows, direction_vs_baselines,
+                                               discovery_power, error_analysis_rows, error_stratum,
+                                               failure_report, final_normalized, null_discoveries,
+                                               project_on_direction, separating_neurons,
+                                               stratified_error_analysis, stratified_scan)
 from so2lib.phases.applications.phase import applications_phase, neuron_only_rows
-from so2lib.phases.applications.polysemantic import (
-    RELATED,
-    category_group,
-    polysemantic_flags,
-    polysemanticity,
-    polysemanticity_rows,
-    polysemanticity_test,
-    random_in_span,
-    span_basis,
-)
-from so2lib.stats import (
-    TABLE_COLUMNS,
-    benjamini_hochberg,
-    not_measurable,
-    validation_row as row,
-    verdict_table as table,
-    wilson_interval,
-)
+from so2lib.phases.applications.polysemantic import (RELATED, category_group, polysemantic_flags,
+                                                     polysemanticity, polysemanticity_rows,
+                                                     polysemanticity_test, random_in_span, span_basis)
+from so2lib.stats import (TABLE_COLUMNS, benjamini_hochberg, not_measurable, validation_row as row,
+                          verdict_table as table, wilson_interval)
 
 __all__ = [
     "ARITHMETIC", "NotMeasurable", "RELATED", "TABLE_COLUMNS", "adversarial_variants", "answers_value",

@@ -13,43 +13,18 @@ import pandas as pd
 import torch
 
 from so2lib.engine.second_order import SecondOrderEngine
-from so2lib.phases.applications.adversarial import (
-    ARITHMETIC,
-    adversarial_rows,
-    answers_value,
-    clip_adversarial_pairs,
-    hardest_operand,
-    input_trigger,
-    neuron_push,
-    output_concept,
-    paired_rows,
-    random_variants,
-    solved,
-)
-from so2lib.phases.applications.editing import (
-    chosen_minus_random,
-    edit_labels,
-    editing_rows,
-    error_class,
-    random_sets_like,
-)
-from so2lib.phases.applications.errors import (
-    NotMeasurable,
-    direction_rows,
-    direction_vs_baselines,
-    discovery_power,
-    error_analysis_rows,
-    error_stratum,
-    failure_report,
-    final_normalized,
-    project_on_direction,
-    stratified_error_analysis,
-)
-from so2lib.phases.applications.polysemantic import (
-    polysemanticity,
-    polysemanticity_rows,
-    polysemanticity_test,
-)
+from so2lib.phases.applications.adversarial import (ARITHMETIC, adversarial_rows, answers_value,
+                                                    clip_adversarial_pairs, hardest_operand, input_trigger,
+                                                    neuron_push, output_concept, paired_rows, random_variants,
+                                                    solved)
+from so2lib.phases.applications.editing import (chosen_minus_random, edit_labels, editing_rows, error_class,
+                                                random_sets_like)
+from so2lib.phases.applications.errors import (NotMeasurable, direction_rows, direction_vs_baselines,
+                                               discovery_power, error_analysis_rows, error_stratum,
+                                               failure_report, final_normalized, project_on_direction,
+                                               stratified_error_analysis)
+from so2lib.phases.applications.polysemantic import (polysemanticity, polysemanticity_rows,
+                                                     polysemanticity_test)
 from so2lib.phases.effects import load_effects
 from so2lib.phases.selection import load_selection
 from so2lib.phases.study import Setup, difficulty
