@@ -290,3 +290,20 @@ def test_merge_atoms_and_effective_rank():
     assert len(kept) == 5 and merged == {"c0": ["c5"], "c1": ["c6"]}
     assert Co.effective_rank(np.eye(4)) == pytest.approx(4.0)
     assert Co.effective_rank(np.outer(np.ones(5), rng.normal(size=8))) == pytest.approx(1.0)
+
+
+def test_rows_without_any_flip_are_not_overconfident():
+    """No discordant pair: the interval is the discordance rate's Wilson bound at this n (a small n
+    cannot tell; a large n refutes a 5-point change); adversarial arms with no wrong answer at all
+    are not testable, one wrong answer makes them testable."""
+    z = np.zeros(10, bool)
+    assert A.paired_rows("m", z, z, "", target=0.05)["verdict"] == "inconclusive"
+    zz = np.zeros(5000, bool)
+    assert A.paired_rows("m", zz, zz, "", target=0.05)["verdict"] == "refuted"
+    adv = pd.DataFrame({"layer": 0, "neuron": np.repeat([1, 2, 3], 20), "targeted_wrong": False,
+                        "random_wrong": False, "randneuron_wrong": False, "hard_wrong": False,
+                        "targeted_answers_X": False, "random_answers_X": False})
+    rows = A.adversarial_rows(adv, "")
+    assert all(r["verdict"] == "not testable" for r in rows)
+    adv.loc[0, "random_wrong"] = True
+    assert A.adversarial_rows(adv, "", n_boot=200)[0]["verdict"] != "not testable"

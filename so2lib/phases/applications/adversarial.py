@@ -208,8 +208,13 @@ def paired_rows(measure: str, before: np.ndarray, after: np.ndarray, how: str, t
 
     if len(before) == 0:
         return not_measurable(measure, how, "no pair of problems", target)
+    from so2lib.stats import wilson_interval
+
     b = paired_bootstrap(before.astype(float), after.astype(float), seed=seed)
     mc = mcnemar_exact(before, after)
+    if mc["gained"] + mc["lost"] == 0:  # no discordant pair: the bootstrap's [0, 0] would be overconfident
+        u = wilson_interval(0, b["n"])[1]  # upper bound of the discordance rate at this n
+        b["ci_low"], b["ci_high"] = -u, u
     return row(measure, b["change"], (b["ci_low"], b["ci_high"]), null, target,
                how + f"; n={b['n']} pairs, McNemar exact: {mc['gained']} gained vs {mc['lost']} lost, "
                f"p={mc['p']:.3g}")
@@ -294,6 +299,10 @@ def adversarial_rows(adv: pd.DataFrame, how: str, why: str = "", n_boot: int = 2
         for _, g in adv.groupby(["layer", "neuron"]):
             ga, gb = g[a].dropna(), g[b].dropna()
             arms.append((ga.values.astype(bool), gb.values.astype(bool)))
+        if not any(x.any() or y.any() for x, y in arms):  # 0 / 0: nothing to compare
+            rows.append(not_measurable(m, how + extra, "no edit made any answer wrong in either arm", tgt,
+                                       primary=prim, resampled=res))
+            continue
         point, boots = cluster_bootstrap(arms, st, n_boot, seed)
         n_arm = sum(1 for x, y in arms if len(x) and len(y))
         rows.append(interval_row(m, point, boots, ctrl, tgt, how + extra + f" ({n_arm} neurons, "
