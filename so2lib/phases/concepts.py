@@ -29,7 +29,7 @@ from so2lib.engine.models import ModelInfo
 from so2lib.phases.effects import load_effects
 from so2lib.phases.selection import load_selection
 from so2lib.phases.study import Setup
-from so2lib.stats import (bootstrap_ci, interval_row, mean_row, not_measurable, problem_bootstrap,
+from so2lib.stats import (auroc, bootstrap_ci, interval_row, mean_row, not_measurable, problem_bootstrap,
                           validation_row as row, verdict_table as table)
 
 _NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -331,17 +331,6 @@ def concept_card(codes_row: np.ndarray, concepts: Sequence[Concept], top: int = 
                          "kind": [concepts[i].kind for i in nz], "coefficient": codes_row[nz]})
 
 
-def _fast_auroc(score: np.ndarray, y: np.ndarray) -> float:
-    """AUROC by the rank form of Mann-Whitney U (ties averaged; equal to scikit-learn's)."""
-    from scipy.stats import rankdata
-
-    y = np.asarray(y, bool)
-    n1 = int(y.sum())
-    n0 = len(y) - n1
-    r = rankdata(score)
-    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 def predictive_auroc(significant: np.ndarray, flags: pd.DataFrame, codes: np.ndarray,
                      concepts: Sequence[Concept], n_random: int = 20, seed: int = 0) -> pd.DataFrame:
     """Do a neuron's top data concepts predict where it is significant?
@@ -366,7 +355,7 @@ def predictive_auroc(significant: np.ndarray, flags: pd.DataFrame, codes: np.nda
             ok = ~np.isnan(f)
             if len(set(y[ok])) < 2 or len(set(f[ok])) < 2:
                 return np.nan
-            return _fast_auroc(f[ok], y[ok])
+            return auroc(f[ok], y[ok])
         a = auc(top)
         rand = [auc(int(i)) for i in rng.choice(data_idx, size=min(n_random, len(data_idx)), replace=False)]
         rows.append({"neuron_slot": j, "concept": concepts[top].name, "auroc": a,

@@ -25,6 +25,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from so2lib.runs.rundir import Run, atomic_write
+from so2lib.stats import wilson_interval
 from so2lib.views.summary import compact_text, fmt
 
 # ----------------------------------------------------------------------------- formatting
@@ -113,20 +114,13 @@ def section_run(run: Run) -> Section:
     return s
 
 
-def _wilson(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
-    p = k / np.maximum(n, 1)
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
-
-
 def section_accuracy(run: Run) -> Section | None:
     acc = _get(run, "accuracy")
     if acc is None:
         return None
     val = acc[acc.split == "val"].drop(columns="split").rename_axis("task").reset_index()
-    lo, hi = _wilson(val.n_correct.values.astype(float), val.n.values.astype(float))
+    lo, hi = (np.array(v) for v in zip(*(wilson_interval(int(k), int(n))
+                                          for k, n in zip(val.n_correct.values, val.n.values))))
     val = val.assign(ci_low=lo, ci_high=hi)
     fig = go.Figure(go.Bar(x=val.task, y=val.accuracy, text=[f"{a:.0%}" for a in val.accuracy],
                            error_y=dict(type="data", symmetric=False, array=hi - val.accuracy,

@@ -25,7 +25,7 @@ from scipy import stats
 from so2lib.data.tasks import Problem
 from so2lib.engine import models as M
 from so2lib.engine.second_order import SecondOrderEngine
-from so2lib.stats import benjamini_hochberg, not_measurable, validation_row as row, wilson_interval
+from so2lib.stats import auroc, benjamini_hochberg, not_measurable, validation_row as row, wilson_interval
 
 
 def separating_neurons(effects: np.ndarray, correct: np.ndarray, q: float = 0.05) -> pd.DataFrame:
@@ -321,22 +321,12 @@ def project_on_direction(model: Any, enc: Any, d: torch.Tensor, layers: Sequence
     return np.concatenate(out)
 
 
-def _auroc_rank(a: np.ndarray, lab: np.ndarray) -> float:
-    """AUROC by the rank form of Mann-Whitney U (ties averaged); NaN when a class is empty."""
-    n1 = int(lab.sum())
-    n0 = len(lab) - n1
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    r = stats.rankdata(a)
-    return float((r[lab].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 def _within_auroc(s: np.ndarray, y: np.ndarray, t: np.ndarray) -> float:
     """Mean AUROC within each task (tasks with both classes), weighted by task size."""
     num, den = 0.0, 0
     for name in np.unique(t):
         j = t == name
-        a = _auroc_rank(s[j], y[j])
+        a = auroc(s[j], y[j])
         if a == a:
             num, den = num + a * int(j.sum()), den + int(j.sum())
     return num / den if den else float("nan")
@@ -372,8 +362,8 @@ def direction_vs_baselines(score: np.ndarray, baselines: dict[str, np.ndarray], 
 
     def stat(idx: np.ndarray) -> tuple[float, float, dict[str, float], dict[str, float], float, float]:
         yi, ti = y[idx], t[idx]
-        a = _auroc_rank(s[idx], yi)
-        b = {k: _auroc_rank(v[idx], yi) for k, v in over.items()}
+        a = auroc(s[idx], yi)
+        b = {k: auroc(v[idx], yi) for k, v in over.items()}
         w = _within_auroc(s[idx], yi, ti)
         wb = {k: _within_auroc(v[idx], yi, ti) for k, v in base.items()}
         best = np.nanmax(list(b.values())) if b else np.nan
