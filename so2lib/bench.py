@@ -520,8 +520,11 @@ def pipeline(run_dir: str, model: str | None, params: dict[str, Any], run: bool 
         runner.run_all(run_dir, model, params)
     m = json.loads((Path(run_dir) / "manifest.json").read_text())
     cfg = m["config"]
+    # the batch size each batched step ran with (the manifest records it per artifact, not per run)
+    bs = params.get("batch_size") or m["artifacts"].get("labels_train", {}).get("params", {}).get("batch_size")
     setup = open_run(run_dir, model, n_train=cfg["n_train"], n_val=cfg["n_val"], seed=cfg["seed"],
-                     device=cfg.get("device"), dtype=cfg.get("dtype"), batch_size=cfg["batch_size"], progress=False)
+                     device=cfg.get("device"), dtype=cfg.get("dtype"), progress=False,
+                     **({"batch_size": int(bs)} if bs else {}))
     fwd = forward_seconds(setup)
     m = json.loads((Path(run_dir) / "manifest.json").read_text())
     timings = {k: v for k, v in m["timings"].items()}
