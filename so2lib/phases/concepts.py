@@ -22,11 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.linear_model import orthogonal_mp
 
 from so2lib.data.tasks import Problem
 from so2lib.engine.models import ModelInfo
 from so2lib.phases.effects import load_effects
+from so2lib.phases.linalg import SpanPCA, omp
 from so2lib.phases.selection import load_selection
 from so2lib.phases.study import Setup
 from so2lib.stats import (auroc, bootstrap_ci, interval_row, mean_row, not_measurable, problem_bootstrap,
@@ -195,12 +195,10 @@ def prepare_dictionary(D: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def sparse_codes(directions: np.ndarray, dictionary: np.ndarray, m: int = 16) -> np.ndarray:
-    """OMP codes ``[n_directions, n_atoms]`` with ``m`` non-zeros each, batched over directions
-    (scikit-learn's ``orthogonal_mp``). ``dictionary`` rows are atoms (already prepared)."""
-    if not 1 <= m <= min(dictionary.shape):
-        raise ValueError(f"sparsity m={m} must be between 1 and min(atoms, d_model) = {min(dictionary.shape)}")
-    coef = orthogonal_mp(dictionary.T, np.asarray(directions, dtype=np.float64).T, n_nonzero_coefs=m)
-    return np.atleast_2d(coef.T) if coef.ndim == 2 else coef[None]
+    """OMP codes ``[n_directions, n_atoms]`` with at most ``m`` non-zeros each, batched over
+    directions (:func:`so2lib.phases.linalg.omp`: scikit-learn's ``orthogonal_mp`` algorithm, one
+    batched solve per step; tested against it). ``dictionary`` rows are atoms (already prepared)."""
+    return omp(np.atleast_2d(np.asarray(directions, dtype=np.float64)), dictionary, m)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -272,7 +270,8 @@ def pc1_direction(centred: np.ndarray) -> np.ndarray:
 
 
 def omp_vs_vocabulary_subsets(vectors: Sequence[np.ndarray], dictionary: np.ndarray, vocabulary: np.ndarray,
-                              m: int, n_subsets: int = 20, n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+                              m: int, n_subsets: int = 20, n_boot: int = 200, seed: int = 0,
+                              tol: float | None = None) -> dict[str, Any]:
     """Does the math/logic dictionary reconstruct the neurons' PC1 better than **size-matched random
     subsets of the model's own vocabulary** (read-out directions, prepared the same way)?
 
@@ -281,21 +280,23 @@ def omp_vs_vocabulary_subsets(vectors: Sequence[np.ndarray], dictionary: np.ndar
     neurons of the OMP reconstruction cosine with ``dictionary`` minus the same with a random
     vocabulary subset, averaged over ``n_subsets`` subsets. Interval: problems resampled, every PC1
     **refitted** on the resample, and one random subset drawn per replicate, so that both the
-    problems' variability and the null's spread are in the interval."""
+    problems' variability and the null's spread are in the interval. ``tol``: the vectors' rounding
+    (:class:`so2lib.phases.linalg.SpanPCA`; default from their dtype: pass the stored dtype's
+    epsilon when they were upcast)."""
     rng = np.random.default_rng(seed)
     n_atoms = len(dictionary)
     subsets = [prepare_dictionary(vocabulary[rng.choice(len(vocabulary), n_atoms, replace=False)])
                for _ in range(n_subsets)]
-    N = min(len(v) for v in vectors)
+    spans = SpanPCA(vectors, tol)  # each resample's PC1 from its counts, in the neuron's row space
+    N = spans.N
 
     def cosines(idx: np.ndarray, dicts: Sequence[np.ndarray]) -> list[float]:
-        P = np.stack([pc1_direction(np.asarray(v, np.float64)[idx]) for v in vectors])
+        P = spans.pc1(idx)
         return [float(cosine(P, sparse_codes(P, D, m) @ D).mean()) for D in dicts]
     from threadpoolctl import threadpool_limits
 
-    full = np.arange(N)
     with threadpool_limits(1):  # many small matrices: threads only contend
-        return _omp_boot(cosines, full, dictionary, subsets, n_subsets, n_boot, rng, len(vectors), N)
+        return _omp_boot(cosines, np.arange(N), dictionary, subsets, n_subsets, n_boot, rng, len(vectors), N)
 
 
 def _omp_boot(cosines: Any, full: np.ndarray, dictionary: np.ndarray, subsets: list[np.ndarray], n_subsets: int,
@@ -331,6 +332,26 @@ def concept_card(codes_row: np.ndarray, concepts: Sequence[Concept], top: int = 
                          "kind": [concepts[i].kind for i in nz], "coefficient": codes_row[nz]})
 
 
+def auroc_matrix(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """``[C, J]`` AUROC of every score column ``scores [N, C]`` (NaN: the score does not apply to
+    that problem) for every label column ``positive [N, J]``, each over the problems where the
+    score applies: :func:`so2lib.stats.auroc` for all pairs at once (ranks with ties averaged,
+    two matrix products). NaN where a class is empty or the score is constant there."""
+    from scipy.stats import rankdata
+
+    F = np.asarray(scores, np.float64)
+    Y = np.asarray(positive, bool).astype(np.float64)
+    ok = ~np.isnan(F)
+    R = np.where(ok, rankdata(np.where(ok, F, np.inf), axis=0), 0.0)  # inapplicable rows rank last
+    okf = ok.astype(np.float64)
+    n1, n0 = okf.T @ Y, okf.T @ (1 - Y)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (R.T @ Y - n1 * (n1 + 1) / 2) / (n1 * n0)
+        lo, hi = np.where(ok, F, np.inf).min(0), np.where(ok, F, -np.inf).max(0)
+    auc[(n1 == 0) | (n0 == 0) | ~(hi > lo)[:, None]] = np.nan
+    return auc
+
+
 def predictive_auroc(significant: np.ndarray, flags: pd.DataFrame, codes: np.ndarray,
                      concepts: Sequence[Concept], n_random: int = 20, seed: int = 0) -> pd.DataFrame:
     """Do a neuron's top data concepts predict where it is significant?
@@ -338,30 +359,32 @@ def predictive_auroc(significant: np.ndarray, flags: pd.DataFrame, codes: np.nda
     For each neuron (column of ``significant [N_val, n]``), its data concept with the largest
     |coefficient| is used as a score for the neuron's significance on validation problems
     (AUROC, where the flag applies); the baseline is the mean AUROC of ``n_random`` random data
-    concepts for the same neuron. Both are reported as ``|AUROC - 0.5|`` too (direction-free).
+    concepts for the same neuron (drawn in neuron order, for the neurons that are tested). Both
+    are reported as ``|AUROC - 0.5|`` too (direction-free). All AUROCs come from one
+    :func:`auroc_matrix`, so a bootstrap can afford it.
     """
     rng = np.random.default_rng(seed)
     data_idx = [i for i, c in enumerate(concepts) if c.kind == "data" and c.name in flags.columns]
-    rows = []
-    for j in range(significant.shape[1]):
-        y = significant[:, j].astype(bool)
+    y = np.asarray(significant).astype(bool)
+    tested = []
+    for j in range(y.shape[1]):
         chosen = [i for i in data_idx if codes[j, i] != 0]
-        if not chosen or y.all() or not y.any():
-            continue
-        top = max(chosen, key=lambda i: abs(codes[j, i]))
-
-        def auc(i: int) -> float:
-            f = flags[concepts[i].name].values
-            ok = ~np.isnan(f)
-            if len(set(y[ok])) < 2 or len(set(f[ok])) < 2:
-                return np.nan
-            return auroc(f[ok], y[ok])
-        a = auc(top)
-        rand = [auc(int(i)) for i in rng.choice(data_idx, size=min(n_random, len(data_idx)), replace=False)]
+        if chosen and y[:, j].any() and not y[:, j].all():
+            tested.append((j, max(chosen, key=lambda i: abs(codes[j, i]))))
+    if not tested:
+        return pd.DataFrame(columns=["neuron_slot", "concept", "auroc", "auroc_random", "strength", "strength_random"])
+    cols = {i: c for c, i in enumerate(data_idx)}
+    A = auroc_matrix(flags[[concepts[i].name for i in data_idx]].to_numpy(np.float64), y)  # [C, n]
+    rows = []
+    for j, top in tested:
+        a = float(A[cols[top], j])
+        draw = rng.choice(data_idx, size=min(n_random, len(data_idx)), replace=False)
+        rand = A[[cols[int(i)] for i in draw], j]
+        fin = rand[np.isfinite(rand)]
         rows.append({"neuron_slot": j, "concept": concepts[top].name, "auroc": a,
-                     "auroc_random": float(np.nanmean(rand)) if rand else np.nan,
+                     "auroc_random": float(fin.mean()) if len(fin) else np.nan,
                      "strength": abs(a - 0.5) if a == a else np.nan,
-                     "strength_random": float(np.nanmean([abs(r - 0.5) for r in rand])) if rand else np.nan})
+                     "strength_random": float(np.abs(fin - 0.5).mean()) if len(fin) else np.nan})
     return pd.DataFrame(rows)
 
 
@@ -520,6 +543,7 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
     pc1 = {l: nd["pc1"][str(l)].numpy() for l in crit}
     vec_deps = [f"{s}_vectors_L{l}" for s in ("train", "val") for l in crit]
     vt = {l: np.asarray(load_effects(run, "train", f"vectors_L{l}"), dtype=np.float32) for l in crit}
+    stored_dtype = load_effects(run, "train", f"vectors_L{crit[0]}").dtype if crit else np.float32
     vv = {l: np.asarray(load_effects(run, "val", f"vectors_L{l}"), dtype=np.float32) for l in crit}
     centred_val = {l: vv[l] - vt[l].mean(0) for l in crit}
     dirs = (np.concatenate([pc1[l] for l in crit]).astype(np.float64) if crit
@@ -619,10 +643,11 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
         if len(main_c) < m or not owners:
             return {"reason": f"the math/logic dictionary has {len(main_c)} atoms < m={m}, or no selected neuron"}
         vecs = [vt[l][:, j] for l in crit for j in range(len(selected[l]))]
-        r = omp_vs_vocabulary_subsets(vecs, main_Dp, voc.numpy(), m, n_subsets=20, n_boot=100)
+        r = omp_vs_vocabulary_subsets(vecs, main_Dp, voc.numpy(), m, n_subsets=20, n_boot=100,
+                                      tol=float(np.finfo(stored_dtype).eps))  # float16 on disk: its rounding
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
-    omp = run.step("omp_vs_vocabulary_subsets", omp_null, "04", params={"m": m, "n_subsets": 20, "n_boot": 100},
-                   deps=deps)
+    omp = run.step("omp_vs_vocabulary_subsets", omp_null, "04",
+                   params={"m": m, "n_subsets": 20, "n_boot": 100, "version": 2}, deps=deps)
 
     def pc1_boot() -> dict[str, Any]:
         if not owners:
@@ -639,7 +664,7 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
         return {"point": point, "boots": boots.tolist()}
     pc1b = run.step("pc1_validation_bootstrap", pc1_boot, "04", deps=deps)
     pred_boot = run.step("predictive_check_bootstrap", lambda: _predictive_boot(sig, flags["val"], main, owners),
-                         "04", params={"m": m, "n_boot": 100}, deps=deps)
+                         "04", params={"m": m, "n_boot": 100, "version": 2}, deps=deps)
     attr = run.step("token_attribution", lambda: At.operand_share_check(
         setup, selected, max_attribution_problems, setup.batch_size), "04",
         params={"max_problems": max_attribution_problems}, deps=["selection", "labels_val"])

@@ -206,7 +206,7 @@ def _poly_null(setup: Setup, threshold: float, n_draws: int, seed: int, n_boot: 
     for l in crit:
         vt = load_effects(run, "train", f"vectors_L{l}")
         for j in range(len(selected[l])):
-            vecs.append(np.asarray(vt[:, j], np.float64))
+            vecs.append(np.asarray(vt[:, j]))  # stored dtype: SpanPCA sets its rank tolerance from it
             ranks.append((L - 1 - l) * H)
     if not vecs:
         return {"reason": "no selected neurons"}
@@ -431,7 +431,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
         params={"threshold": poly_threshold}, deps=["concept_cards"] if run.has("concept_cards") else [])
     pnull = run.step("polysemanticity_null", lambda: _poly_null(setup, poly_threshold, n_draws, seed), "05",
                      params={"threshold": poly_threshold, "n_draws": max(n_draws, 20), "seed": seed, "n_boot": 100,
-                             "test": "share minus random in span, problems resampled"},
+                             "test": "share minus random in span, problems resampled", "version": 2},
                      deps=[d for d in ("concept_dictionary", "neuron_directions") if run.has(d)])
     adv = run.step("adversarial", lambda: _adversarial_clip(setup, cards, max_sources, max_adv_neurons, seed),
                    "05", params={"max_sources": max_sources, "max_neurons": max_adv_neurons, "seed": seed,

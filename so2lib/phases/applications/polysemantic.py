@@ -41,14 +41,15 @@ def polysemantic_flags(codes: np.ndarray, categories: Sequence[str], threshold: 
                        top: int = 8) -> np.ndarray:
     """``[n]`` bool: among each code row's ``top`` largest |coefficients| (as a concept card shows),
     those >= ``threshold`` come from two or more unrelated category groups."""
-    cats = np.asarray(categories)
-    out = np.zeros(len(codes), bool)
-    for j, c in enumerate(np.atleast_2d(codes)):
-        nz = np.flatnonzero(c)
-        nz = nz[np.argsort(-np.abs(c[nz]))][:top]
-        strong = nz[np.abs(c[nz]) >= threshold]
-        out[j] = len({category_group(k) for k in cats[strong]}) >= 2
-    return out
+    C = np.abs(np.atleast_2d(codes))
+    groups = np.array([category_group(k) for k in categories])
+    order = np.argsort(-C, axis=1, kind="stable")[:, :top]  # each row's largest |coefficients|
+    vals = np.take_along_axis(C, order, 1)
+    strong = (vals >= threshold) & (vals > 0)
+    g = groups[order]
+    lo = np.where(strong, g, np.iinfo(np.int64).max).min(1)
+    hi = np.where(strong, g, -1).max(1)
+    return strong.any(1) & (lo != hi)  # two or more distinct groups among the strong ones
 
 
 def random_in_span(bases: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
@@ -90,8 +91,6 @@ def polysemanticity_test(vectors: Sequence[np.ndarray], ranks: Sequence[int], di
     ``curve`` (DataFrame)."""
     from threadpoolctl import threadpool_limits
 
-    from so2lib.phases.concepts import pc1_direction, sparse_codes
-
     with threadpool_limits(1):  # many small matrices: threads only contend
         return _poly_test(vectors, ranks, dictionary, categories, m, threshold, n_draws, n_boot, thresholds, seed)
 
@@ -99,19 +98,22 @@ def polysemanticity_test(vectors: Sequence[np.ndarray], ranks: Sequence[int], di
 def _poly_test(vectors: Sequence[np.ndarray], ranks: Sequence[int], dictionary: np.ndarray,
                categories: Sequence[str], m: int, threshold: float, n_draws: int, n_boot: int,
                thresholds: Sequence[float], seed: int) -> dict[str, Any]:
-    from so2lib.phases.concepts import pc1_direction, sparse_codes
+    from so2lib.phases.concepts import sparse_codes
+    from so2lib.phases.linalg import SpanPCA
 
     rng = np.random.default_rng(seed)
-    V = [np.asarray(v, np.float64) for v in vectors]
-    N = min(len(v) for v in V)
+    spans = SpanPCA(vectors)  # PC1 and span of each resample from its counts (exact, r x r)
+    N = spans.N
 
     def fit(idx: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        return (np.stack([pc1_direction(v[idx]) for v in V]),
-                [span_basis(v[idx], k) for v, k in zip(V, ranks)])
+        comps = spans.components(idx)
+        return comps[1][:, 0], spans.bases(ranks, components=comps)
     P, bases = fit(np.arange(N))
     codes = sparse_codes(P, dictionary, m)
     flags = polysemantic_flags(codes, categories, threshold)
-    rcodes = [sparse_codes(random_in_span(bases, rng), dictionary, m) for _ in range(n_draws)]
+    J = len(P)
+    draws = np.concatenate([random_in_span(bases, rng) for _ in range(n_draws)])  # one OMP for all draws
+    rcodes = list(sparse_codes(draws, dictionary, m).reshape(n_draws, J, -1))
     null = np.array([polysemantic_flags(c, categories, threshold).mean() for c in rcodes])
     curve = pd.DataFrame([{"threshold": t, "share": float(polysemantic_flags(codes, categories, t).mean()),
                            "null_mean": float(np.mean([polysemantic_flags(c, categories, t).mean() for c in rcodes])),
@@ -121,9 +123,9 @@ def _poly_test(vectors: Sequence[np.ndarray], ranks: Sequence[int], dictionary: 
     for _ in tqdm(range(n_boot), desc="polysemanticity (problem bootstrap)"):
         idx = rng.integers(0, N, N)
         Pb, Bb = fit(idx)
-        a = polysemantic_flags(sparse_codes(Pb, dictionary, m), categories, threshold).mean()
-        b = polysemantic_flags(sparse_codes(random_in_span(Bb, rng), dictionary, m), categories, threshold).mean()
-        boots.append(a - b)
+        f = polysemantic_flags(sparse_codes(np.concatenate([Pb, random_in_span(Bb, rng)]), dictionary, m),
+                               categories, threshold)
+        boots.append(f[:J].mean() - f[J:].mean())
     return {"flags": flags, "share": float(flags.mean()), "null": null, "point": float(flags.mean() - null.mean()),
             "boots": np.asarray(boots), "curve": curve}
 
