@@ -35,6 +35,15 @@ def test_every_notebook_runs_under_plain_papermill(tmp_path):
         assert "0%|" not in text, f"{nb.name} keeps a stale progress bar"
         assert "application/vnd.jupyter.widget-view+json" not in text, f"{nb.name} left a widget"
     assert (run_dir / "manifest.json").exists()
+    # the runner's one shared kernel (namespace cleared between notebooks) gives the same artifacts
+    # as a fresh papermill kernel per notebook
+    shared = tmp_path / "shared"
+    runner.run_all(str(shared), params=TINY)
+    plain, ours = (json.loads((d / "manifest.json").read_text())["artifacts"] for d in (run_dir, shared))
+    assert set(plain) == set(ours)
+    # (the HTML report names the run directory and the notebooks' wall times: it must differ)
+    differ = sorted(k for k in plain if plain[k]["hash"] != ours[k]["hash"] and k != "report")
+    assert not differ, f"artifacts that differ between fresh and shared kernels: {differ}"
 
 
 def test_notebooks_are_committed_clean():

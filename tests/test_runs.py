@@ -92,3 +92,36 @@ def test_artifact_from_changed_input_is_refused_until_recomputed(tmp_path):
     run.step("a", lambda: {"n": 5}, "01", params={"n": 5})
     with pytest.raises(StaleArtifact, match="'a' was recomputed since \\(now from n=5\\).*re-run notebook 02"):
         run.load("c")
+
+
+def test_shared_kernel_clears_the_namespace_and_keeps_modules(tmp_path):
+    """The runner's one kernel: a notebook sees none of the previous notebook's variables, and
+    modules imported before stay imported (planted: without the reset the variable is seen)."""
+    import nbformat
+    import papermill as pm
+
+    from so2lib.runs import runner
+
+    def nb(path, *sources):
+        n = nbformat.v4.new_notebook()
+        n.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        n.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+        nbformat.write(n, path)
+        return path
+    a = nb(tmp_path / "a.ipynb", "import json, sys\nleft_over = 41\nsys.modules['json'].marker = 7")
+    b = nb(tmp_path / "b.ipynb", "import sys\nseen = 'left_over' in globals()\n"
+                                 "kept = getattr(sys.modules['json'], 'marker', None)\nprint(seen, kept)")
+    km = runner._shared_kernel(None, a)
+    try:
+        pm.execute_notebook(str(a), str(tmp_path / "a.out.ipynb"), km=km, progress_bar=False)
+        assert km.has_kernel  # papermill started it and left it running
+        km = runner._shared_kernel(km, b)
+        out = pm.execute_notebook(str(b), str(tmp_path / "b.out.ipynb"), km=km, progress_bar=False)
+        assert out.cells[0].outputs[0]["text"].strip() == "False 7"
+        # planted: the same kernel without the reset still holds b's variables
+        c = nb(tmp_path / "c.ipynb", "print('seen' in globals())")
+        out = pm.execute_notebook(str(c), str(tmp_path / "c.out.ipynb"), km=km, progress_bar=False)
+        assert out.cells[0].outputs[0]["text"].strip() == "True"
+    finally:
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
