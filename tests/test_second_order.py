@@ -154,3 +154,30 @@ def test_second_order_effects_reuses_its_engine(tiny_models):
     eng = engine_for(model)
     second_order_effects(model, tokens, T, 1, [1])
     assert engine_for(model) is eng and (0, 1) in eng._prod and (1, 2) in eng._prod
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_direction_path_equals_the_per_problem_path(arch, tiny_models):
+    """A direction the same for every problem takes the shared path (weight side formed once);
+    one problem at a time takes the per-problem path: the effects agree."""
+    import dataclasses
+
+    model = tiny_models[arch]
+    tokens, T = padded_batch(2)
+    eng = SecondOrderEngine(model, correctness_dir=torch.randn(model.cfg.d_model,
+                                                               generator=torch.Generator().manual_seed(2)))
+    rows = capture_batch(model, tokens, T, range(model.cfg.n_layers))
+    ans, alt = torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12])
+    dirs = eng.directions(ans, alt)
+    batch = eng.project(rows, T, dirs)
+    for i in range(len(T)):
+        one = dataclasses.replace(
+            rows, mlp_post={l: v[i:i + 1] for l, v in rows.mlp_post.items()}, pattern=rows.pattern[i:i + 1],
+            scale=rows.scale[i:i + 1], final_scale=rows.final_scale[i:i + 1], final_resid=rows.final_resid[i:i + 1],
+            attn_out_scale=None if rows.attn_out_scale is None else rows.attn_out_scale[i:i + 1],
+            mlp_out_scale={l: v[i:i + 1] for l, v in rows.mlp_out_scale.items()})
+        single = eng.project(one, T[i:i + 1], dirs[i:i + 1])
+        for k in ("second", "direct"):
+            torch.testing.assert_close(batch[k][i:i + 1], single[k], atol=1e-6, rtol=1e-5)
+    # planted: the shared direction read with another problem's scale is not the same
+    assert not torch.allclose(batch["second"][0, 1], batch["second"][1, 1] * 0 + batch["second"][0, 1] * 1.5)

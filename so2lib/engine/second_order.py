@@ -303,12 +303,17 @@ class SecondOrderEngine:
         dev = self.weights(lp).device
         return torch.bmm(A.to(dev), p.to(dev))
 
-    def _final_dirs(self, rows: AnswerRows, U: torch.Tensor) -> torch.Tensor:
+    def _read_dirs(self, U: torch.Tensor) -> torch.Tensor:
+        """Directions ``[..., d_model]`` as the residual reads them through the final norm, before
+        its per-problem scale: centred for LayerNorm, times the gain where not folded into W_U."""
         if self.final_center:  # the final LayerNorm centres; a centred direction reads the same
             U = U - U.mean(-1, keepdim=True)
         if self.final_gain is not None:  # the final norm's gain, where not folded into W_U (OLMo-2)
             U = U * self.final_gain
-        return U / rows.final_scale[:, None, None].to(U.device)
+        return U
+
+    def _final_dirs(self, rows: AnswerRows, U: torch.Tensor) -> torch.Tensor:
+        return self._read_dirs(U) / rows.final_scale[:, None, None].to(U.device)
 
     # ------------------------------------------------------------------ directions
 
@@ -434,33 +439,51 @@ class SecondOrderEngine:
         final normalized residual (divided here by the frozen final-norm scale at T).
         Returns ``second``/``direct`` ``[b, D, len(layers), d_mlp]`` float32 on :attr:`device`."""
         layers = self.layers if layers is None else list(layers)
-        U = self._final_dirs(rows, directions.float().to(self.device))  # [b, D, dm]
+        dirs = directions.float().to(self.device)
+        U = self._final_dirs(rows, dirs)  # [b, D, dm]
         b, D, _ = U.shape
         n = self.info.d_mlp
         ar = torch.arange(b, device=self.device)
+        # a direction the same for every problem (the correctness direction) differs per problem
+        # only by the final-norm scale: its weight side w_n W_V W_O u is formed once, not per problem
+        shared = [d for d in range(D) if b > 1 and bool((dirs[:, d] == dirs[:1, d]).all())]
+        own = [d for d in range(D) if d not in shared]
+        inv_scale = 1.0 / rows.final_scale.float().to(self.device)  # [b]
+        Us = self._read_dirs(dirs[0, shared]) if shared else None  # [Ds, dm]
+        Uo = U[:, own]
+        Do = len(own)
         second, direct = [], []
-        ou = {}
+        ou, os_ = {}, {}
         for l in layers:
             src = rows if skip_percentile is None else _sparsified(rows, l, skip_percentile)
             p = self._acts(src, l, None)  # [b, S, n]
             acc = torch.zeros(b, D, n, device=self.device)
             for lp in range(l + 1, self.info.n_layers):
                 w = self.weights(lp)
-                if lp not in ou:  # [b, kv, G, D, dh]
-                    o = torch.einsum("hem,bDm->bhDe", w.W_O, U.to(w.device))
-                    ou[lp] = o.reshape(b, w.W_V.shape[0], -1, D, o.shape[-1])
-                o = ou[lp]
+                kv = w.W_V.shape[0]
                 c = self._coef(src, p, lp)  # [b, H, n]
-                kv, G = o.shape[1], o.shape[2]
+                G = c.shape[1] // kv
                 c = c.reshape(b, kv, G, n)
                 wv = self.product(l, lp)  # [kv, n, dh]
-                step = max(1, self.chunk_bytes // max(1, 4 * b * G * D * n))  # kv groups per chunk
-                part = torch.zeros(b, D, n, device=w.device)
-                for g0 in range(0, kv, step):
-                    MU = torch.einsum("bgGDe,gne->bgGDn", o[:, g0:g0 + step], wv[g0:g0 + step])
-                    MU *= c[:, g0:g0 + step, :, None]
-                    part += MU.sum((1, 2))
-                acc += part.to(self.device)
+                if Do:
+                    if lp not in ou:  # [b, kv, G, Do, dh]
+                        o = torch.einsum("hem,bDm->bhDe", w.W_O, Uo.to(w.device))
+                        ou[lp] = o.reshape(b, kv, G, Do, o.shape[-1])
+                    o = ou[lp]
+                    step = max(1, self.chunk_bytes // max(1, 4 * b * G * Do * n))  # kv groups per chunk
+                    part = torch.zeros(b, Do, n, device=w.device)
+                    for g0 in range(0, kv, step):
+                        MU = torch.einsum("bgGDe,gne->bgGDn", o[:, g0:g0 + step], wv[g0:g0 + step])
+                        MU *= c[:, g0:g0 + step, :, None]
+                        part += MU.sum((1, 2))
+                    acc[:, own] += part.to(self.device)
+                if shared:
+                    if lp not in os_:  # [kv, G, Ds, dh], before the per-problem scale
+                        o = torch.einsum("hem,Dm->hDe", w.W_O, Us.to(w.device))
+                        os_[lp] = o.reshape(kv, G, len(shared), o.shape[-1])
+                    MS = torch.einsum("gGDe,gne->gGDn", os_[lp], wv)  # [kv, G, Ds, n]
+                    part = torch.einsum("bgGn,gGDn->bDn", c, MS)
+                    acc[:, shared] += part.to(self.device) * inv_scale[:, None, None]
             second.append(acc)
             wl = self.weights(l)
             pT = self._acts(rows, l, None)[ar, T.to(self.device)]  # [b, n]
