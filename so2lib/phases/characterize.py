@@ -194,6 +194,11 @@ def replacement_accuracy(model: Any, resid_val: torch.Tensor, gold_val: torch.Te
     return df
 
 
+#: version of :func:`effect_budget`'s algorithm, part of its step key (3: batches by length, the
+#: ablated passes stacked and started after the neuron's own layer)
+EFFECT_BUDGET_VERSION = 3
+
+
 @torch.no_grad()
 def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine: SecondOrderEngine,
                   neurons: dict[int, list[int]], mean_act: torch.Tensor, batch_size: int = 256,
@@ -207,17 +212,31 @@ def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine
     Returns per neuron ``total`` and ``predicted`` (mean |change|, logit units), ``r2`` (share of
     the total change explained around zero: ``1 - sum (total - pred)^2 / sum total^2``) and the
     same for the direct effect alone.
+
+    The problems are batched by length (``batch_size // 4`` per batch, little padding), each
+    cut after its answer position; the ablated passes (:func:`so2lib.engine.partial.run_edits`)
+    start from the clean residual after the neuron's layer (plus the ablation's change of that
+    layer's MLP output, where it writes linearly), several neurons stacked per pass of at most
+    ``batch_size`` x the longest prompt rows x positions, logits at T only.
     """
     dev = engine.device
     gold = torch.tensor(labels_val.gold_token.values)
     alt = torch.tensor(labels_val.alt_token.values)
     L = model.cfg.n_layers
     pairs = [(l, n) for l, ns in neurons.items() for n in ns]
+    edits = [PA.set_edit(l, [n], mean_act[l, n:n + 1]) for l, n in pairs]
+    Tall = enc_val.answer_pos
+    order = np.argsort(Tall.numpy(), kind="stable")
+    budget = batch_size * (int(Tall.max()) + 1 if len(Tall) else 1)
+    rows_per = max(1, batch_size // 4)
     total: dict[tuple[int, int], list[torch.Tensor]] = {p: [] for p in pairs}
     pred: dict[tuple[int, int], list[torch.Tensor]] = {p: [] for p in pairs}
     pred_direct: dict[tuple[int, int], list[torch.Tensor]] = {p: [] for p in pairs}
-    for rows_idx, x, T in enc_val.batches(batch_size, device=dev, desc="effect budget" if progress else None):
-        g, a = gold[rows_idx.start:rows_idx.stop].to(dev), alt[rows_idx.start:rows_idx.stop].to(dev)
+    starts = range(0, len(enc_val), rows_per)
+    for s0 in tqdm(starts, desc="effect budget" if progress else None, disable=not progress, leave=False):
+        sel = [int(i) for i in order[s0:s0 + rows_per]]
+        x, T = enc_val.batch(sel, device=dev)
+        g, a = gold[sel].to(dev), alt[sel].to(dev)
         ar = torch.arange(len(T), device=dev)
         x = x[:, :int(T.max()) + 1]  # stop at the last answer position (causal: nothing after it matters)
         rows = capture_batch(model, x, T, range(L))
@@ -234,19 +253,15 @@ def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine
             for j, n in enumerate(ns):
                 pred[(l, n)].append(d[:, j] + s2[:, j])
                 pred_direct[(l, n)].append(d[:, j])
-        pre = PA.resid_pre(model, x, sorted(neurons))  # each ablated pass starts at its neuron's layer
-        for l, n in tqdm(pairs, desc="neuron ablations", leave=False, disable=not progress):
-            def hook(t: torch.Tensor, hook: Any, n: int = n, l: int = l) -> torch.Tensor:
-                t = t.clone()
-                t[..., n] = mean_act[l, n]
-                return t
-            r = PA.run_from(model, pre[l], l, [(M.mlp_post(l), hook)])
-            lg = PA.logits_at(model, r[ar, T])  # logits at T only
+        del rows
+        res = PA.run_edits(model, x, (ar, T), edits, budget)
+        for (l, n), r in zip(pairs, res):
+            lg = PA.logits_at(model, r)  # logits at T only
             total[(l, n)].append((clean - (lg[ar, g] - lg[ar, a])).cpu())
-        del pre
+    inv = np.argsort(order, kind="stable")
     out = []
     for l, n in pairs:
-        t, p, pd_ = (torch.cat(v[(l, n)]).numpy() for v in (total, pred, pred_direct))
+        t, p, pd_ = (torch.cat(v[(l, n)]).numpy()[inv] for v in (total, pred, pred_direct))
         out.append({"layer": l, "neuron": n, "total": float(np.abs(t).mean()), "predicted": float(np.abs(p).mean()),
                     "direct_only": float(np.abs(pd_).mean()), "r2": _r2(t, p), "r2_direct_only": _r2(t, pd_)})
     return pd.DataFrame(out)
@@ -305,7 +320,7 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
     budget_sel = {l: ns[:budget_neurons] for l, ns in selected.items()} if budget_neurons else selected
     budget = run.step("effect_budget", lambda: effect_budget(
         model, setup.enc["val"], setup.labels["val"], engine, budget_sel, mean_act, max(bs, 256), progress), "03",
-        params={"budget_neurons": budget_neurons, "version": 2}, deps=["mean_activations", "selection", "labels_val"])
+        params={"budget_neurons": budget_neurons, "version": EFFECT_BUDGET_VERSION}, deps=["mean_activations", "selection", "labels_val"])
 
     # the CLIP protocol, every layer with later heads: all neurons, and the selected ones
     layers = list(range(L - 1))
