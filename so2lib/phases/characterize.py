@@ -54,6 +54,37 @@ def pc1(centred: np.ndarray) -> tuple[np.ndarray, float]:
     return u, float(p.explained_variance_ratio_[0])
 
 
+def pc1_batch(vectors: np.ndarray, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pc1` of many sets at once: ``vectors [n, m, d]`` (``n`` sets of ``m`` vectors) ->
+    directions ``[n, d]`` (float32) and shares of variance ``[n]``. Each set is centred on its own
+    mean (as PCA does); the first eigenvector of its scatter matrix (float64) is PCA's first
+    component, signed as scikit-learn signs it (largest-magnitude entry positive) and then by
+    :func:`pc1`'s majority rule; the share is the top eigenvalue over the trace."""
+    from threadpoolctl import threadpool_limits
+
+    n, m, d = vectors.shape
+    dirs, share = np.zeros((n, d), np.float32), np.zeros(n)
+    # one BLAS thread: small matrices, and a threaded BLAS stalls beside torch's own threads
+    with threadpool_limits(limits=1, user_api="blas"):
+        for c in range(0, n, chunk):
+            X32 = np.asarray(vectors[c:c + chunk], dtype=np.float32)
+            Xc = X32.astype(np.float64)
+            Xc -= Xc.mean(1, keepdims=True)
+            C = np.matmul(Xc.transpose(0, 2, 1), Xc)  # [k, d, d]
+            w, V = np.linalg.eigh(C)
+            u = V[:, :, -1]  # [k, d]
+            big = np.abs(u).argmax(1)
+            u = u * np.sign(u[np.arange(len(u)), big])[:, None]
+            u32 = u.astype(np.float32)
+            proj = np.matmul(X32, u32[:, :, None])[..., 0]  # [k, m]
+            flip = (proj > 0).sum(1) < (proj < 0).sum(1)
+            u32[flip] = -u32[flip]
+            tr = np.trace(C, axis1=1, axis2=2)
+            dirs[c:c + chunk] = u32
+            share[c:c + chunk] = np.where(tr > 0, w[:, -1] / np.where(tr > 0, tr, 1.0), np.nan)
+    return dirs, share
+
+
 # ----------------------------------------------------------------------------- collection
 
 
@@ -163,13 +194,15 @@ def neuron_structure(vec_train: dict[int, np.ndarray], vec_val: dict[int, np.nda
         thr = significance(ntr, share)
         sig = nva > thr  # [N_val, n]
         k = max(2, int(round(share * tr.shape[0])))
-        pc = np.zeros(mean.shape, dtype=np.float32)
+        per = np.ascontiguousarray(ctr.transpose(1, 0, 2))  # [n, N, d]
+        pc, var_all = pc1_batch(per)
+        top = np.argsort(-ntr, axis=0)[:k].T  # [n, k]: each neuron's k largest training norms
+        _, var_top = pc1_batch(per[np.arange(per.shape[0])[:, None], top])
+        del per
         for j in range(tr.shape[1]):
-            pc[j], var_all = pc1(ctr[:, j])
-            _, var_top = pc1(ctr[np.argsort(-ntr[:, j])[:k], j])
             stats.append({"layer": l, "slot": j, "significant_share_val": float(sig[:, j].mean()),
-                          "threshold": float(thr[j]), "pc1_var_all": var_all, "pc1_var_topk": var_top,
-                          "mean_norm_val": float(nva[:, j].mean())})
+                          "threshold": float(thr[j]), "pc1_var_all": float(var_all[j]),
+                          "pc1_var_topk": float(var_top[j]), "mean_norm_val": float(nva[:, j].mean())})
         pcs[l], sigs[l], cvals[l] = pc, sig, cva
         edits[l] = {"mean": -cva.sum(1), "rank1": projection_edit(cva, pc),
                     "ablate_significant": -(cva * sig[..., None]).sum(1),
@@ -193,6 +226,10 @@ def replacement_accuracy(model: Any, resid_val: torch.Tensor, gold_val: torch.Te
     df["accuracy_drop_points"] = 100 * (acc0 - df.accuracy)
     return df
 
+
+#: version of :func:`neuron_structure`'s algorithm, part of the keys of the steps built on it
+#: (2: all principal components at once, :func:`pc1_batch`)
+STRUCTURE_VERSION = 2
 
 #: version of :func:`effect_budget`'s algorithm, part of its step key (3: batches by length, the
 #: ablated passes stacked and started after the neuron's own layer)
@@ -308,14 +345,14 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
         return cache["s"]
     stats = run.step("neuron_structure", lambda: struct()["stats"].assign(
         neuron=[selected[l][j] for l, j in zip(struct()["stats"].layer, struct()["stats"].slot)]), "03",
-        params={"share": share}, deps=vec_deps + ["selection"])
+        params={"share": share, "version": STRUCTURE_VERSION}, deps=vec_deps + ["selection"])
     run.step("neuron_directions", lambda: {
         "pc1": {str(l): torch.from_numpy(v) for l, v in struct()["pc1"].items()},
         "significant": {str(l): torch.from_numpy(v) for l, v in struct()["significant"].items()}}, "03",
-        params={"share": share}, deps=vec_deps)
+        params={"share": share, "version": STRUCTURE_VERSION}, deps=vec_deps)
     repl = run.step("replacement_accuracy", lambda: replacement_accuracy(
         model, sums["val"]["resid"], gold_val, struct()["edits"]), "03",
-        params={"share": share}, deps=vec_deps + ["layer_sums_val"])
+        params={"share": share, "version": STRUCTURE_VERSION}, deps=vec_deps + ["layer_sums_val"])
     mean_act = run.step("mean_activations", lambda: _mean_activations(setup, progress), "03", deps=["problems"])
     budget_sel = {l: ns[:budget_neurons] for l, ns in selected.items()} if budget_neurons else selected
     budget = run.step("effect_budget", lambda: effect_budget(
