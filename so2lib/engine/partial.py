@@ -213,16 +213,18 @@ def _w_out(model: Any, layer: int) -> torch.Tensor:
 
 @torch.no_grad()
 def clean_states(model: Any, tokens: torch.Tensor, resid_layers: Sequence[int] = (), post_layers: Sequence[int] = (),
-                 final: bool = False) -> dict[str, dict[int, torch.Tensor] | torch.Tensor]:
+                 final: bool = False, mid_layers: Sequence[int] = ()) -> dict[str, Any]:
     """One clean pass on ``tokens``, stopped at the last thing it keeps: ``resid[l]`` (the residual
-    entering block ``l``), ``post[l]`` (MLP post-activations of layer ``l``) and, with ``final``, the
-    residual before the final norm (``final``), all ``[b, S, .]``."""
+    entering block ``l``), ``mid[l]`` (``blocks.{l}.hook_resid_mid``, after its attention),
+    ``post[l]`` (MLP post-activations of layer ``l``) and, with ``final``, the residual before the
+    final norm (``final``), all ``[b, S, .]``."""
     L = model.cfg.n_layers
-    want = [(2 * int(l), f"blocks.{int(l)}.hook_resid_pre", "resid", int(l)) for l in set(resid_layers)]
-    want += [(2 * int(l) + 1, M.mlp_post(int(l)), "post", int(l)) for l in set(post_layers)]
+    want = [(4 * int(l), f"blocks.{int(l)}.hook_resid_pre", "resid", int(l)) for l in set(resid_layers)]
+    want += [(4 * int(l) + 1, f"blocks.{int(l)}.hook_resid_mid", "mid", int(l)) for l in set(mid_layers)]
+    want += [(4 * int(l) + 2, M.mlp_post(int(l)), "post", int(l)) for l in set(post_layers)]
     if final:
-        want.append((2 * L, M.FINAL_RESID, "final", -1))
-    out: dict[str, Any] = {"resid": {}, "post": {}}
+        want.append((4 * L, M.FINAL_RESID, "final", -1))
+    out: dict[str, Any] = {"resid": {}, "post": {}, "mid": {}}
     if not want:
         return out
     last = max(w[0] for w in want)
