@@ -323,7 +323,6 @@ def greedy_path(model: Any, enc: Encoded, n_tokens: int, batch_size: int = 64) -
     return {"tokens": torch.cat(toks), "margin": torch.cat(margins), "max_prob": torch.cat(probs)}
 
 
-@torch.no_grad()
 def check_batch_size(batch_size: Any) -> int:
     """``batch_size`` as an int >= 1, else a ``ValueError`` that says what to pass."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -332,6 +331,23 @@ def check_batch_size(batch_size: Any) -> int:
     return int(batch_size)
 
 
+def _check_label_args(model: Any, enc: Any, batch_size: Any) -> None:
+    check_batch_size(batch_size)
+    if isinstance(model, str) or not hasattr(model, "tokenizer"):
+        raise TypeError(f"label() takes a model loaded with so2lib.load_model(...), not {type(model).__name__} "
+                        f"{model!r}"[:200])
+    if not isinstance(enc, Encoded):
+        raise TypeError(f"label() takes the problems encoded with so2lib.encode(model, problems, template), "
+                        f"not {type(enc).__name__}")
+
+
+def _after_final_norm(hooks: Sequence[tuple[str, Any]]) -> bool:
+    """Whether a hook sits at or after the final norm's output (then the whole pass is run)."""
+    return any(not str(n).startswith("blocks.") and str(n) not in ("hook_embed", "hook_pos_embed", "ln_final.hook_in")
+               for n, _ in hooks)
+
+
+@torch.no_grad()
 def label(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True,
           hooks: Sequence[tuple[str, Any]] = (), position: str = "decide", stop: bool = True) -> pd.DataFrame:
     """Label every problem correct or not with one teacher-forced forward pass per batch.
@@ -352,26 +368,72 @@ def label(model: Any, enc: Encoded, batch_size: int = 64, progress: bool = True,
     ``answer_pos`` (``T_k*``), ``decide_k`` (``k*``), ``prompt_pos`` (``T_1``),
     ``n_answer_tokens``, ``margin_min`` (smallest ``d_k``), ``first_wrong`` (first ``k`` with
     ``d_k <= 0``, -1 if none), ``first_logit_diff`` (``d_0``) and ``first_token`` (``a_0``).
+
+    The pass stops before the final norm; the final norm and unembedding run only at the rows
+    read (:func:`answer_rows`), with the same numbers as the whole pass. ``hooks`` (ablations,
+    edits) apply to the pass; a hook at or after the final norm's output runs the whole pass.
+    For several edits of the same problems, :func:`label_edits` is cheaper.
     """
-    check_batch_size(batch_size)
-    if isinstance(model, str) or not hasattr(model, "tokenizer"):
-        raise TypeError(f"label() takes a model loaded with so2lib.load_model(...), not {type(model).__name__} "
-                        f"{model!r}"[:200])
-    if not isinstance(enc, Encoded):
-        raise TypeError(f"label() takes the problems encoded with so2lib.encode(model, problems, template), "
-                        f"not {type(enc).__name__}")
+    from so2lib.engine import partial as PA
+
+    _check_label_args(model, enc, batch_size)
     device = next(model.parameters()).device
     cont = continuation_mask(model.tokenizer).to(device) if stop else None
+    whole = _after_final_norm(hooks)
     rows: list[dict[str, Any]] = []
     for idx, x, T in enc.batches(batch_size, with_answer=True, device=device,
                                  desc="labelling" if progress else None):
-        with model.hooks(fwd_hooks=list(hooks)):
-            logits = model(x)  # [b, S, V]
-        for r, i in enumerate(idx):
-            p, ans = enc.full(i)
-            t0 = len(p) - 1
-            rows.append(_label_row(enc, i, logits[r, t0: t0 + len(ans) + (cont is not None)], cont, position))
+        rr, pp, counts = answer_rows(enc, idx, stop)
+        rr, pp = rr.to(device), pp.to(device)
+        if whole:
+            with model.hooks(fwd_hooks=list(hooks)):
+                logits = model(x)[rr, pp]
+        else:
+            logits = PA.logits_at(model, PA.final_resid(model, x, hooks)[rr, pp])
+        rows += label_from_logits(enc, list(idx), logits, counts, cont, position)
     return pd.DataFrame(rows)
+
+
+def length_order(enc: Encoded, with_answer: bool = True) -> np.ndarray:
+    """Problem indices by sequence length (stable): batches of similar lengths carry little padding."""
+    n = [len(p) + (len(a) if with_answer else 0) for p, a in zip(enc.prompt_ids, enc.answer_ids)]
+    return np.argsort(np.asarray(n, dtype=np.int64), kind="stable")
+
+
+@torch.no_grad()
+def label_edits(model: Any, enc: Encoded, edits: Sequence[Any], batch_size: int = 64, position: str = "decide",
+                stop: bool = True, progress: bool = False, desc: str = "labelling edits") -> list[pd.DataFrame]:
+    """:func:`label` of ``enc`` under each neuron edit of ``edits`` (:data:`so2lib.engine.partial.Edit`;
+    ``{}`` is the clean pass), one DataFrame per edit, in ``enc``'s order.
+
+    Cheaper than one :func:`label` call per edit, with the same numbers up to float rounding
+    (batch composition): the problems are batched by length (:func:`length_order`, little
+    padding), each batch's clean residual is computed once and every edited pass starts at the
+    edit's first layer from it; edits with the same first layer are stacked into one pass
+    (the batch repeated, each copy with its own edit) of at most ``batch_size`` x the longest
+    sequence rows x positions (the largest plain batch); an edit's own first layer is skipped
+    where its MLP writes linearly (:func:`so2lib.engine.partial.run_edits`); logits only at the
+    rows read."""
+    from so2lib.engine import partial as PA
+
+    _check_label_args(model, enc, batch_size)
+    device = next(model.parameters()).device
+    cont = continuation_mask(model.tokenizer).to(device) if stop else None
+    order = length_order(enc, True)
+    longest = max((len(p) + len(a) for p, a in zip(enc.prompt_ids, enc.answer_ids)), default=1)
+    budget = batch_size * longest  # rows x positions of the largest plain batch
+    rows_per = batch_size if len(edits) <= 1 else max(1, batch_size // min(len(edits), 8))
+    out: list[list[dict[str, Any]]] = [[] for _ in edits]
+    starts = range(0, len(enc), rows_per)
+    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        idx = [int(i) for i in order[s:s + rows_per]]
+        x, _ = enc.batch(idx, with_answer=True, device=device)
+        rr, pp, counts = answer_rows(enc, idx, stop)
+        res = PA.run_edits(model, x, (rr, pp), edits, budget)
+        for j, r in enumerate(res):
+            out[j] += label_from_logits(enc, idx, PA.logits_at(model, r), counts, cont, position)
+    inv = np.argsort(order, kind="stable")
+    return [pd.DataFrame(o).iloc[inv].reset_index(drop=True) if len(o) else pd.DataFrame(o) for o in out]
 
 
 def answer_rows(enc: Encoded, idx: Sequence[int], stop: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -385,50 +447,61 @@ def answer_rows(enc: Encoded, idx: Sequence[int], stop: bool = True) -> tuple[to
         rr += [r] * k
         pp += list(range(len(p) - 1, len(p) - 1 + k))
         counts.append(k)
-    return torch.tensor(rr), torch.tensor(pp), counts
+    return torch.tensor(rr, dtype=torch.long), torch.tensor(pp, dtype=torch.long), counts
 
 
 def label_from_logits(enc: Encoded, idx: Sequence[int], logits: torch.Tensor, counts: Sequence[int],
                       cont: torch.Tensor | None, position: str = "decide") -> list[dict[str, Any]]:
     """:func:`label`'s rows for the problems ``idx`` from their answer-position logits only
-    (``logits [sum(counts), V]`` at the positions of :func:`answer_rows`, in that order)."""
-    out, s = [], 0
-    for i, k in zip(idx, counts):
-        out.append(_label_row(enc, i, logits[s:s + k], cont, position))
-        s += k
-    return out
-
-
-def _label_row(enc: Encoded, i: int, lt_all: torch.Tensor, cont: torch.Tensor | None,
-               position: str) -> dict[str, Any]:
-    """One problem's label from the logits at its answer positions ``T_1..T_n`` (and, with
-    ``cont``, the stop position after them): ``lt_all [n (+1), V]``."""
-    device = lt_all.device
-    p, ans = enc.full(i)
-    t0 = len(p) - 1
-    lt = lt_all[: len(ans)].float()  # [n, V]
-    a = torch.tensor(ans, device=device)
-    ar = torch.arange(len(ans), device=device)
-    g = lt[ar, a]
+    (``logits [sum(counts), V]`` at the positions of :func:`answer_rows`, in that order; with
+    ``cont``, the last row of each problem is its stop position). Vectorised over the batch; the
+    same values as reading each problem's rows on its own."""
+    idx = list(idx)
+    if not idx:
+        return []
+    device = logits.device
+    lt_all = logits.float()
+    answers = [enc.full(i)[1] for i in idx]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    a_rows = torch.as_tensor(np.concatenate([s + np.arange(len(a)) for s, a in zip(starts, answers)]),
+                             dtype=torch.long, device=device)
+    a_tok = torch.as_tensor([t for a in answers for t in a], dtype=torch.long, device=device)
+    lt = lt_all[a_rows]  # [sum n, V]
+    ar = torch.arange(len(a_rows), device=device)
+    g = lt[ar, a_tok]
     masked = lt.clone()
-    masked[ar, a] = -float("inf")
+    masked[ar, a_tok] = -float("inf")
     alt_logit, alt = masked.max(-1)
-    d = (g - alt_logit).tolist()
-    k = enc.prefix(i) if enc.n_prefix is not None else deciding_index(d, position)
-    wrong = [j for j, dj in enumerate(d) if dj <= 0]
+    pred = lt.argmax(-1)
+    d_all = (g - alt_logit).tolist()
+    g_all, alt_all, pred_all = g.tolist(), alt.tolist(), pred.tolist()
     if cont is not None:
-        nxt = lt_all[len(ans)].float()
-        c = torch.zeros(nxt.shape[0], dtype=torch.bool, device=device)
+        s_rows = torch.as_tensor(starts + np.asarray([len(a) for a in answers]), dtype=torch.long, device=device)
+        nxt = lt_all[s_rows]  # [b, V]
+        c = torch.zeros(nxt.shape[-1], dtype=torch.bool, device=device)
         c[: min(len(cont), len(c))] = cont[: len(c)].to(device)
-        ds = float(nxt[~c].max() - nxt[c].max()) if c.any() else float("inf")
+        if c.any():
+            ds_all = (nxt.masked_fill(c, -float("inf")).max(-1).values
+                      - nxt.masked_fill(~c, -float("inf")).max(-1).values).tolist()
+        else:
+            ds_all = [float("inf")] * len(idx)
     else:
-        ds = float("inf")
-    return {"correct": not wrong and ds > 0, "stopped": ds > 0, "stop_margin": ds, "pred_token": int(lt[k].argmax()), "gold_token": ans[k],
-            "alt_token": int(alt[k]), "answer_logit": float(g[k]), "logit_diff": d[k],
-            "answer_pos": t0 + k, "decide_k": k, "prompt_pos": t0,
-            "n_answer_tokens": len(ans), "margin_min": min(d),
-            "first_wrong": wrong[0] if wrong else -1, "first_logit_diff": d[0],
-            "first_token": ans[0]}
+        ds_all = [float("inf")] * len(idx)
+    out, o = [], 0
+    for j, (i, ans) in enumerate(zip(idx, answers)):
+        n = len(ans)
+        d = d_all[o:o + n]
+        t0 = len(enc.full(i)[0]) - 1
+        k = enc.prefix(i) if enc.n_prefix is not None else deciding_index(d, position)
+        wrong = [q for q, dq in enumerate(d) if dq <= 0]
+        ds = ds_all[j]
+        out.append({"correct": not wrong and ds > 0, "stopped": ds > 0, "stop_margin": ds,
+                    "pred_token": pred_all[o + k], "gold_token": ans[k], "alt_token": alt_all[o + k],
+                    "answer_logit": g_all[o + k], "logit_diff": d[k], "answer_pos": t0 + k, "decide_k": k,
+                    "prompt_pos": t0, "n_answer_tokens": n, "margin_min": min(d),
+                    "first_wrong": wrong[0] if wrong else -1, "first_logit_diff": d[0], "first_token": ans[0]})
+        o += n
+    return out
 
 
 def accuracy_table(labels: pd.DataFrame, problems: Sequence[Problem]) -> pd.DataFrame:

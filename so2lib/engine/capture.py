@@ -162,8 +162,12 @@ def position_means(model: Any, enc: Encoded, hook_names: Sequence[str], batch_si
             def hook(t: torch.Tensor, hook: Any) -> None:
                 store[name] = torch.einsum("bs,bsd->d", mask, t.double())
             return hook
-        with model.hooks(fwd_hooks=[(n, summer(n)) for n in hook_names]):
-            model(x)
+        stop = [] if any(not str(n).startswith("blocks.") for n in hook_names) else [("ln_final.hook_in", _stop)]
+        try:  # block hooks only: stop before the final norm (no unembedding of every position)
+            with model.hooks(fwd_hooks=[(n, summer(n)) for n in hook_names] + stop):
+                model(x)
+        except _Stopped:
+            pass
         batch = torch.stack([store[n] for n in hook_names])
         total = batch if total is None else total + batch
         count += int(mask.sum())

@@ -54,6 +54,37 @@ def pc1(centred: np.ndarray) -> tuple[np.ndarray, float]:
     return u, float(p.explained_variance_ratio_[0])
 
 
+def pc1_batch(vectors: np.ndarray, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pc1` of many sets at once: ``vectors [n, m, d]`` (``n`` sets of ``m`` vectors) ->
+    directions ``[n, d]`` (float32) and shares of variance ``[n]``. Each set is centred on its own
+    mean (as PCA does); the first eigenvector of its scatter matrix (float64) is PCA's first
+    component, signed as scikit-learn signs it (largest-magnitude entry positive) and then by
+    :func:`pc1`'s majority rule; the share is the top eigenvalue over the trace."""
+    from threadpoolctl import threadpool_limits
+
+    n, m, d = vectors.shape
+    dirs, share = np.zeros((n, d), np.float32), np.zeros(n)
+    # one BLAS thread: small matrices, and a threaded BLAS stalls beside torch's own threads
+    with threadpool_limits(limits=1, user_api="blas"):
+        for c in range(0, n, chunk):
+            X32 = np.asarray(vectors[c:c + chunk], dtype=np.float32)
+            Xc = X32.astype(np.float64)
+            Xc -= Xc.mean(1, keepdims=True)
+            C = np.matmul(Xc.transpose(0, 2, 1), Xc)  # [k, d, d]
+            w, V = np.linalg.eigh(C)
+            u = V[:, :, -1]  # [k, d]
+            big = np.abs(u).argmax(1)
+            u = u * np.sign(u[np.arange(len(u)), big])[:, None]
+            u32 = u.astype(np.float32)
+            proj = np.matmul(X32, u32[:, :, None])[..., 0]  # [k, m]
+            flip = (proj > 0).sum(1) < (proj < 0).sum(1)
+            u32[flip] = -u32[flip]
+            tr = np.trace(C, axis1=1, axis2=2)
+            dirs[c:c + chunk] = u32
+            share[c:c + chunk] = np.where(tr > 0, w[:, -1] / np.where(tr > 0, tr, 1.0), np.nan)
+    return dirs, share
+
+
 # ----------------------------------------------------------------------------- collection
 
 
@@ -163,13 +194,15 @@ def neuron_structure(vec_train: dict[int, np.ndarray], vec_val: dict[int, np.nda
         thr = significance(ntr, share)
         sig = nva > thr  # [N_val, n]
         k = max(2, int(round(share * tr.shape[0])))
-        pc = np.zeros(mean.shape, dtype=np.float32)
+        per = np.ascontiguousarray(ctr.transpose(1, 0, 2))  # [n, N, d]
+        pc, var_all = pc1_batch(per)
+        top = np.argsort(-ntr, axis=0)[:k].T  # [n, k]: each neuron's k largest training norms
+        _, var_top = pc1_batch(per[np.arange(per.shape[0])[:, None], top])
+        del per
         for j in range(tr.shape[1]):
-            pc[j], var_all = pc1(ctr[:, j])
-            _, var_top = pc1(ctr[np.argsort(-ntr[:, j])[:k], j])
             stats.append({"layer": l, "slot": j, "significant_share_val": float(sig[:, j].mean()),
-                          "threshold": float(thr[j]), "pc1_var_all": var_all, "pc1_var_topk": var_top,
-                          "mean_norm_val": float(nva[:, j].mean())})
+                          "threshold": float(thr[j]), "pc1_var_all": float(var_all[j]),
+                          "pc1_var_topk": float(var_top[j]), "mean_norm_val": float(nva[:, j].mean())})
         pcs[l], sigs[l], cvals[l] = pc, sig, cva
         edits[l] = {"mean": -cva.sum(1), "rank1": projection_edit(cva, pc),
                     "ablate_significant": -(cva * sig[..., None]).sum(1),
@@ -194,6 +227,15 @@ def replacement_accuracy(model: Any, resid_val: torch.Tensor, gold_val: torch.Te
     return df
 
 
+#: version of :func:`neuron_structure`'s algorithm, part of the keys of the steps built on it
+#: (2: all principal components at once, :func:`pc1_batch`)
+STRUCTURE_VERSION = 2
+
+#: version of :func:`effect_budget`'s algorithm, part of its step key (3: batches by length, the
+#: ablated passes stacked and started after the neuron's own layer)
+EFFECT_BUDGET_VERSION = 3
+
+
 @torch.no_grad()
 def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine: SecondOrderEngine,
                   neurons: dict[int, list[int]], mean_act: torch.Tensor, batch_size: int = 256,
@@ -207,17 +249,31 @@ def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine
     Returns per neuron ``total`` and ``predicted`` (mean |change|, logit units), ``r2`` (share of
     the total change explained around zero: ``1 - sum (total - pred)^2 / sum total^2``) and the
     same for the direct effect alone.
+
+    The problems are batched by length (``batch_size // 4`` per batch, little padding), each
+    cut after its answer position; the ablated passes (:func:`so2lib.engine.partial.run_edits`)
+    start from the clean residual after the neuron's layer (plus the ablation's change of that
+    layer's MLP output, where it writes linearly), several neurons stacked per pass of at most
+    ``batch_size`` x the longest prompt rows x positions, logits at T only.
     """
     dev = engine.device
     gold = torch.tensor(labels_val.gold_token.values)
     alt = torch.tensor(labels_val.alt_token.values)
     L = model.cfg.n_layers
     pairs = [(l, n) for l, ns in neurons.items() for n in ns]
+    edits = [PA.set_edit(l, [n], mean_act[l, n:n + 1]) for l, n in pairs]
+    Tall = enc_val.answer_pos
+    order = np.argsort(Tall.numpy(), kind="stable")
+    budget = batch_size * (int(Tall.max()) + 1 if len(Tall) else 1)
+    rows_per = max(1, batch_size // 4)
     total: dict[tuple[int, int], list[torch.Tensor]] = {p: [] for p in pairs}
     pred: dict[tuple[int, int], list[torch.Tensor]] = {p: [] for p in pairs}
     pred_direct: dict[tuple[int, int], list[torch.Tensor]] = {p: [] for p in pairs}
-    for rows_idx, x, T in enc_val.batches(batch_size, device=dev, desc="effect budget" if progress else None):
-        g, a = gold[rows_idx.start:rows_idx.stop].to(dev), alt[rows_idx.start:rows_idx.stop].to(dev)
+    starts = range(0, len(enc_val), rows_per)
+    for s0 in tqdm(starts, desc="effect budget" if progress else None, disable=not progress, leave=False):
+        sel = [int(i) for i in order[s0:s0 + rows_per]]
+        x, T = enc_val.batch(sel, device=dev)
+        g, a = gold[sel].to(dev), alt[sel].to(dev)
         ar = torch.arange(len(T), device=dev)
         x = x[:, :int(T.max()) + 1]  # stop at the last answer position (causal: nothing after it matters)
         rows = capture_batch(model, x, T, range(L))
@@ -234,19 +290,15 @@ def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine
             for j, n in enumerate(ns):
                 pred[(l, n)].append(d[:, j] + s2[:, j])
                 pred_direct[(l, n)].append(d[:, j])
-        pre = PA.resid_pre(model, x, sorted(neurons))  # each ablated pass starts at its neuron's layer
-        for l, n in tqdm(pairs, desc="neuron ablations", leave=False, disable=not progress):
-            def hook(t: torch.Tensor, hook: Any, n: int = n, l: int = l) -> torch.Tensor:
-                t = t.clone()
-                t[..., n] = mean_act[l, n]
-                return t
-            r = PA.run_from(model, pre[l], l, [(M.mlp_post(l), hook)])
-            lg = PA.logits_at(model, r[ar, T])  # logits at T only
+        del rows
+        res = PA.run_edits(model, x, (ar, T), edits, budget)
+        for (l, n), r in zip(pairs, res):
+            lg = PA.logits_at(model, r)  # logits at T only
             total[(l, n)].append((clean - (lg[ar, g] - lg[ar, a])).cpu())
-        del pre
+    inv = np.argsort(order, kind="stable")
     out = []
     for l, n in pairs:
-        t, p, pd_ = (torch.cat(v[(l, n)]).numpy() for v in (total, pred, pred_direct))
+        t, p, pd_ = (torch.cat(v[(l, n)]).numpy()[inv] for v in (total, pred, pred_direct))
         out.append({"layer": l, "neuron": n, "total": float(np.abs(t).mean()), "predicted": float(np.abs(p).mean()),
                     "direct_only": float(np.abs(pd_).mean()), "r2": _r2(t, p), "r2_direct_only": _r2(t, pd_)})
     return pd.DataFrame(out)
@@ -293,19 +345,19 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
         return cache["s"]
     stats = run.step("neuron_structure", lambda: struct()["stats"].assign(
         neuron=[selected[l][j] for l, j in zip(struct()["stats"].layer, struct()["stats"].slot)]), "03",
-        params={"share": share}, deps=vec_deps + ["selection"])
+        params={"share": share, "version": STRUCTURE_VERSION}, deps=vec_deps + ["selection"])
     run.step("neuron_directions", lambda: {
         "pc1": {str(l): torch.from_numpy(v) for l, v in struct()["pc1"].items()},
         "significant": {str(l): torch.from_numpy(v) for l, v in struct()["significant"].items()}}, "03",
-        params={"share": share}, deps=vec_deps)
+        params={"share": share, "version": STRUCTURE_VERSION}, deps=vec_deps)
     repl = run.step("replacement_accuracy", lambda: replacement_accuracy(
         model, sums["val"]["resid"], gold_val, struct()["edits"]), "03",
-        params={"share": share}, deps=vec_deps + ["layer_sums_val"])
+        params={"share": share, "version": STRUCTURE_VERSION}, deps=vec_deps + ["layer_sums_val"])
     mean_act = run.step("mean_activations", lambda: _mean_activations(setup, progress), "03", deps=["problems"])
     budget_sel = {l: ns[:budget_neurons] for l, ns in selected.items()} if budget_neurons else selected
     budget = run.step("effect_budget", lambda: effect_budget(
         model, setup.enc["val"], setup.labels["val"], engine, budget_sel, mean_act, max(bs, 256), progress), "03",
-        params={"budget_neurons": budget_neurons, "version": 2}, deps=["mean_activations", "selection", "labels_val"])
+        params={"budget_neurons": budget_neurons, "version": EFFECT_BUDGET_VERSION}, deps=["mean_activations", "selection", "labels_val"])
 
     # the CLIP protocol, every layer with later heads: all neurons, and the selected ones
     layers = list(range(L - 1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -44,39 +45,78 @@ def layer_ablation(model: Any, enc: Encoded, means: torch.Tensor, clean: pd.Data
     Returns one row per (layer, kind) with ``accuracy``, ``mean_logit_diff`` and the drops from
     the clean run ``clean`` (the labels of the same problems). ``kinds``: ``"mean"`` (what
     chooses the critical layers) and/or ``"zero"``; each costs one labelling pass per layer.
+
+    The problems are batched by length (:func:`so2lib.data.labels.length_order`); one clean pass
+    per batch keeps the residual after each layer's attention (``hook_resid_mid``): the layer's
+    MLP output replaced by ``value`` gives ``resid_mid + value`` after the block, exactly the
+    ablated pass's residual, so each ablated pass starts at the next block (both kinds stacked in
+    one pass) and the last layer's ablation needs no pass at all. Models without that hook, or
+    with parallel attention and MLP, start each ablated pass at the layer itself. Logits at the
+    answer positions only.
     """
+    from so2lib.data.labels import length_order
+
     unknown = set(kinds) - {"mean", "zero"}
     if "mean" not in kinds or unknown:
         raise ValueError(f"kinds must include 'mean' and be among ('mean', 'zero'), got {tuple(kinds)}")
     L = model.cfg.n_layers
     device = next(model.parameters()).device
     cont = continuation_mask(model.tokenizer).to(device)
-    combos = [(l, k, v) for l in range(L) for k, v in (("mean", means[l]), ("zero", None)) if k in kinds]
-    labs: dict[tuple[int, str], list[dict[str, Any]]] = {(l, k): [] for l, k, _ in combos}
-    for idx, x, T in tqdm(list(enc.batches(batch_size, with_answer=True, device=device)), desc="layer ablation",
-                          disable=not progress):
+    ks = [k for k in ("mean", "zero") if k in kinds]
+    labs: dict[tuple[int, str], list[dict[str, Any]]] = {(l, k): [] for l in range(L) for k in ks}
+    mid = not model.cfg.parallel_attn_mlp and all(f"blocks.{l}.hook_resid_mid" in model.hook_dict for l in range(L))
+    order = length_order(enc, True)
+    for s0 in tqdm(range(0, len(enc), batch_size), desc="layer ablation", disable=not progress):
+        idx = [int(i) for i in order[s0:s0 + batch_size]]
+        x, _ = enc.batch(idx, with_answer=True, device=device)
         rr, pp, counts = answer_rows(enc, idx)
+        rr, pp = rr.to(device), pp.to(device)
         x = x[:, :int(pp.max()) + 1]  # nothing after the last position read
-        pre = P.resid_pre(model, x, range(L))  # the clean pass, once per batch
-        for l, kind, value in combos:
-            # the ablated pass starts at layer l from the clean residual: layers below are unchanged
-            r = P.run_from(model, pre[l], l, [(M.mlp_out(l), ablation_hook(value))])
-            logits = P.logits_at(model, r[rr.to(device), pp.to(device)])  # answer positions only
-            labs[(l, kind)] += label_from_logits(enc, list(idx), logits, counts, cont)
-        del pre
+        b = x.shape[0]
+        if mid:
+            st = P.clean_states(model, x, resid_layers=range(1, L), mid_layers=range(L))
+        else:
+            st = {"resid": P.resid_pre(model, x, range(L))}
+        for l in range(L):
+            if mid:
+                m = st["mid"][l]
+                x_l = torch.cat([m + means[l].to(device, m.dtype) if k == "mean" else m for k in ks])
+                r = x_l if l == L - 1 else P.run_from(model, x_l, l + 1)
+            else:
+                vals = [means[l] if k == "mean" else None for k in ks]
+                hooks = [(M.mlp_out(l), _stacked_ablation(vals, b))]
+                pre = st["resid"][l]
+                r = P.run_from(model, pre.repeat(len(ks), *([1] * (pre.dim() - 1))), l, hooks)
+            for j, k in enumerate(ks):
+                logits = P.logits_at(model, r[j * b + rr, pp])  # answer positions only
+                labs[(l, k)] += label_from_logits(enc, idx, logits, counts, cont)
+        del st
+    inv = np.argsort(order, kind="stable")
     rows = []
-    for l, kind, _ in combos:
-        lab = pd.DataFrame(labs[(l, kind)])
-        rows.append({"layer": l, "kind": kind, "accuracy": lab.correct.mean(),
-                     "mean_logit_diff": lab.logit_diff.mean(),
-                     "accuracy_drop": clean.correct.mean() - lab.correct.mean(),
-                     "logit_diff_drop": clean.logit_diff.mean() - lab.logit_diff.mean()})
+    for l in range(L):
+        for kind in ks:
+            lab = pd.DataFrame(labs[(l, kind)]).iloc[inv]
+            rows.append({"layer": l, "kind": kind, "accuracy": lab.correct.mean(),
+                         "mean_logit_diff": lab.logit_diff.mean(),
+                         "accuracy_drop": clean.correct.mean() - lab.correct.mean(),
+                         "logit_diff_drop": clean.logit_diff.mean() - lab.logit_diff.mean()})
     return pd.DataFrame(rows)
 
 
+def _stacked_ablation(values: Sequence[torch.Tensor | None], b: int):
+    """A ``hook_mlp_out`` hook for ``len(values)`` stacked copies of a ``b``-row batch: copy ``j``'s
+    MLP output replaced by ``values[j]`` (``[d_model]``, broadcast) or by zero (``None``)."""
+    def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        parts = [torch.zeros_like(x[j * b:(j + 1) * b]) if v is None
+                 else v.to(x.dtype).expand_as(x[j * b:(j + 1) * b]).clone() for j, v in enumerate(values)]
+        return torch.cat(parts)
+    return hook
+
+
 #: version of :func:`layer_ablation`'s algorithm, part of its step key (2: partial passes from
-#: the cached residual, logits at the answer positions only)
-LAYER_ABLATION_VERSION = 2
+#: the cached residual, logits at the answer positions only; 3: batches by length, each ablated
+#: pass from the block after the layer, both kinds stacked)
+LAYER_ABLATION_VERSION = 3
 
 
 def critical_layers(ablation: pd.DataFrame, k: int = 2, exclude_last: bool = True,

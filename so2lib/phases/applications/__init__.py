@@ -18,8 +18,8 @@ from so2lib.phases.applications.adversarial import (ARITHMETIC, adversarial_rows
                                                     hardest_operand, input_trigger, neuron_push,
                                                     output_concept, paired_rows, random_variants, rebuild,
                                                     solved)
-from so2lib.phases.applications.editing import (chosen_minus_random, edit_labels, editing_rows, error_class,
-                                                random_sets_like, scaling_hooks)
+from so2lib.phases.applications.editing import (chosen_minus_random, edit_labels, edit_labels_many, editing_rows,
+                                                error_class, random_sets_like, scaling_hooks)
 from so2lib.phases.applications.errors import (NotMeasurable, direction_rows, direction_vs_baselines,
                                                discovery_power, error_analysis_rows, error_stratum,
                                                failure_report, final_normalized, null_discoveries,
@@ -35,7 +35,7 @@ from so2lib.stats import (TABLE_COLUMNS, benjamini_hochberg, not_measurable, val
 __all__ = [
     "ARITHMETIC", "NotMeasurable", "RELATED", "TABLE_COLUMNS", "adversarial_variants", "answers_value",
     "applications_phase", "chosen_minus_random", "benjamini_hochberg", "category_group", "clip_adversarial_pairs", "direction_vs_baselines",
-    "direction_rows", "edit_labels", "editing_rows", "error_analysis_rows", "error_class",
+    "direction_rows", "edit_labels", "edit_labels_many", "editing_rows", "error_analysis_rows", "error_class",
     "failure_report", "final_normalized", "input_trigger", "neuron_push", "not_measurable",
     "null_discoveries", "output_concept", "paired_rows", "polysemantic_flags", "polysemanticity",
     "polysemanticity_test", "polysemanticity_rows", "project_on_direction", "random_in_span", "random_sets_like",

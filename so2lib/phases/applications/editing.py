@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from so2lib.data.labels import label
+from so2lib.data.labels import label_edits
 from so2lib.engine import models as M
+from so2lib.engine.partial import scale_edit
 from so2lib.stats import not_measurable, validation_row as row
 
 
@@ -33,9 +34,16 @@ def scaling_hooks(neurons: dict[int, Sequence[int]], factor: float) -> list[tupl
 def edit_labels(model: Any, enc: Any, neurons: dict[int, Sequence[int]], factor: float,
                 batch_size: int = 64) -> pd.DataFrame:
     """Labels (``correct``, ``logit_diff`` at the clean run's deciding token) with the chosen
-    neurons' activations scaled by ``factor``."""
-    hooks = [] if factor == 1.0 else scaling_hooks(neurons, factor)
-    return label(model, enc, batch_size, progress=False, hooks=hooks)
+    neurons' activations scaled by ``factor`` (:func:`edit_labels_many` for several at once)."""
+    return edit_labels_many(model, enc, [(neurons, factor)], batch_size)[0]
+
+
+def edit_labels_many(model: Any, enc: Any, edits: Sequence[tuple[dict[int, Sequence[int]], float]],
+                     batch_size: int = 64, progress: bool = False, desc: str = "editing") -> list[pd.DataFrame]:
+    """:func:`edit_labels` of each ``(neurons, factor)`` of ``edits`` (factor 1: the clean run),
+    in one :func:`so2lib.data.labels.label_edits` call: the same problems' passes share their
+    batches and clean residual, start after the first edited layer and are stacked."""
+    return label_edits(model, enc, [scale_edit(n, f) for n, f in edits], batch_size, progress=progress, desc=desc)
 
 
 def random_sets_like(chosen: dict[int, Sequence[int]], d_mlp: int, n_sets: int, seed: int = 0

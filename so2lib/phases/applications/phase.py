@@ -17,7 +17,7 @@ from so2lib.phases.applications.adversarial import (ARITHMETIC, adversarial_rows
                                                     clip_adversarial_pairs, hardest_operand, input_trigger,
                                                     neuron_push, output_concept, paired_rows, random_variants,
                                                     solved)
-from so2lib.phases.applications.editing import (chosen_minus_random, edit_labels, editing_rows, error_class,
+from so2lib.phases.applications.editing import (chosen_minus_random, edit_labels_many, editing_rows, error_class,
                                                 random_sets_like)
 from so2lib.phases.applications.errors import (NotMeasurable, direction_rows, direction_vs_baselines,
                                                discovery_power, error_analysis_rows, error_stratum,
@@ -28,8 +28,13 @@ from so2lib.phases.applications.polysemantic import (polysemanticity, polysemant
 from so2lib.phases.effects import load_effects
 from so2lib.phases.selection import load_selection
 from so2lib.phases.study import Setup, difficulty
-from so2lib.runs.progress import tqdm
 from so2lib.stats import not_measurable, verdict_table as table
+
+
+#: version of the edited labelling passes of ``editing_curve``, ``editing`` and
+#: ``error_analysis_causal``, part of their step keys (2: :func:`editing.edit_labels_many`, every
+#: edit of one problem set in one batched call, the clean reference included)
+EDITING_VERSION = 2
 
 
 def neuron_only_rows(table: pd.DataFrame) -> list[str]:
@@ -158,11 +163,12 @@ def _causal_followup(setup: Setup, neurons: pd.DataFrame, k: int = 10, n_sets: i
     for l, n in top[["layer", "neuron"]].values:
         chosen.setdefault(int(l), []).append(int(n))
     model, enc, bs = setup.model, setup.enc["val"], setup.batch_size
-    ok0 = setup.labels["val"].correct.values.astype(float)
-    ok1 = edit_labels(model, enc, chosen, 0.0, bs).correct.values.astype(float)
     sets = random_sets_like(chosen, model.cfg.d_mlp, n_sets, seed + 7)
-    R = np.array([edit_labels(model, enc, s_, 0.0, bs).correct.values.astype(float)
-                  for s_ in tqdm(sets, desc=f"error analysis: {n_sets} random sets ablated")])
+    # the clean run, the chosen set and the random sets in one batched call (same batches)
+    labs = edit_labels_many(model, enc, [(chosen, 1.0), (chosen, 0.0)] + [(s_, 0.0) for s_ in sets], bs,
+                            progress=True, desc=f"error analysis: chosen and {n_sets} random sets ablated")
+    ok0, ok1 = (lab.correct.values.astype(float) for lab in labs[:2])
+    R = np.array([lab.correct.values.astype(float) for lab in labs[2:]])
     c = chosen_minus_random(ok0, ok1, R, seed=seed)
     set_changes = (R - ok0[None]).mean(1)
     c["rank_p"] = float((1 + (set_changes <= c["change"]).sum()) / (1 + len(set_changes)))
@@ -345,17 +351,26 @@ def _editing(setup: Setup, k_edit: int, factors: Sequence[float], n_random_sets:
     chosen = _by_layer(np.argsort(-diff.ravel())[:k_edit], n_mlp)
     bs = setup.batch_size
     enc_tr = setup.enc["train"].subset(np.flatnonzero(in_tr))
-    train_acc = {float(f): float(edit_labels(model, enc_tr, chosen, f, bs).correct.mean()) for f in factors}
+    labs_tr = edit_labels_many(model, enc_tr, [(chosen, f) for f in factors], bs, progress=True,
+                               desc="editing: chosen set on the training class")
+    train_acc = {float(f): float(lab.correct.mean()) for f, lab in zip(factors, labs_tr)}
     moving = {f: a for f, a in train_acc.items() if f != 1.0} or train_acc
     best = max(moving, key=lambda f: (moving[f], -abs(f - 1.0)))
     rand_sets = random_sets_like(chosen, n_mlp, n_random_sets, seed)
     enc_va = setup.enc["val"]
-    clean = edit_labels(model, enc_va, chosen, 1.0, bs)
+    # the clean run, the chosen set at every factor and the random sets at the factor chosen on
+    # training, in one batched call (same batches, one clean residual per batch)
+    labs_va = edit_labels_many(model, enc_va, [(chosen, 1.0)] + [(chosen, f) for f in factors]
+                               + [(s_, best) for s_ in rand_sets], bs, progress=True,
+                               desc=f"editing: chosen set at every factor, {len(rand_sets)} random sets")
+    clean = labs_va[0]
+    at_factor = dict(zip(factors, labs_va[1:1 + len(factors)]))
+    random_labs = labs_va[1 + len(factors):]
     ok0, ld0 = clean.correct.values.astype(bool), clean.logit_diff.values.astype(float)
     rest_any = bool((~in_va).any())
     curve, at_best = [], {}
-    for f in tqdm(factors, desc="editing: chosen set at every factor"):
-        ch = edit_labels(model, enc_va, chosen, f, bs)
+    for f in factors:
+        ch = at_factor[f]
         ok1, ld1 = ch.correct.values.astype(bool), ch.logit_diff.values.astype(float)
         acc = paired_bootstrap(ok0[in_va].astype(float), ok1[in_va].astype(float), seed=seed)
         ldb = paired_bootstrap(ld0[in_va], ld1[in_va], seed=seed)
@@ -370,8 +385,7 @@ def _editing(setup: Setup, k_edit: int, factors: Sequence[float], n_random_sets:
         if float(f) == best:
             # the random sets at the factor chosen on training: per-problem change of every set
             rc, rl = [], []
-            for s_ in tqdm(rand_sets, desc=f"editing: {len(rand_sets)} random sets at factor {f:g}"):
-                rs = edit_labels(model, enc_va, s_, f, bs)
+            for rs in random_labs:
                 rc.append(rs.correct.values.astype(float) - ok0)
                 rl.append(rs.logit_diff.values.astype(float) - ld0)
             rc, rl = np.asarray(rc), np.asarray(rl)  # [n_sets, N_val]
@@ -416,7 +430,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
     ea_sum = run.step("error_analysis", lambda: ea()["summary"], "05", params=ea_params, deps=ea_deps)
     ea_neurons = run.step("error_analysis_neurons", lambda: ea()["neurons"], "05", params=ea_params, deps=ea_deps)
     causal = run.step("error_analysis_causal", lambda: _causal_followup(setup, ea_neurons, seed=seed), "05",
-                      params={"k": 10, "n_sets": 20, "ablation": "zero", "seed": seed},
+                      params={"k": 10, "n_sets": 20, "ablation": "zero", "seed": seed, "version": EDITING_VERSION},
                       deps=["error_analysis_neurons", "labels_val"])
     failures = run.step("failure_report", lambda: failure_report(
         load_effects(run, "val", "second_ld"), load_effects(run, "val", "direct_ld"),
@@ -449,7 +463,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
             ed_cache["e"] = _editing(setup, k_edit, factors, n_random_sets, seed)
         return ed_cache["e"]
     ed_params = {"k_edit": k_edit, "factors": factors, "n_random_sets": n_random_sets, "seed": seed,
-                 "contrast": "chosen minus random sets per problem, rank p"}
+                 "contrast": "chosen minus random sets per problem, rank p", "version": EDITING_VERSION}
     curve = run.step("editing_curve", lambda: ed()["curve"], "05", params=ed_params, deps=base + ["train_second_cd"])
     editing = run.step("editing", lambda: {k: v for k, v in ed().items() if k != "curve"}, "05", params=ed_params,
                        deps=base + ["train_second_cd"])
