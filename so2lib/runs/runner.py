@@ -198,11 +198,12 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
         _record(run_dir_p, times, {})
         raise RunInterrupted(f"interrupted (Ctrl-C); every finished step is kept in {run_dir_p}") from None
     finally:
-        if km is not None and km.has_kernel:
+        if km is not None:
             try:
-                km.shutdown_kernel(now=True)
-            except Exception:  # noqa: BLE001 - the kernel may already be gone (Ctrl-C)
-                pass
+                if km.has_kernel:
+                    km.shutdown_kernel(now=True)
+            except BaseException:  # noqa: BLE001 - gone already, or Ctrl-C's interrupt re-raised by
+                pass  # the kernel manager's event loop: never let cleanup replace the run's own error
         tail.stop.set()
         if tail.is_alive():
             tail.join(timeout=2)
