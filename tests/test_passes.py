@@ -263,3 +263,32 @@ def test_neuron_structure_equals_per_neuron_pca():
     vt2[0][:, 0, 0] *= 10
     s2 = C.neuron_structure(vt2, vv, 0.05)
     assert s2["stats"].pc1_var_all.iloc[0] > s["stats"].pc1_var_all.iloc[0] + 0.3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_effect_budget_prediction_equals_effect_of_p_minus_effect_of_mean(arch, tiny_models):
+    """The prediction is one projection of ``p - mean`` on the chosen neurons; the old code
+    projected the real run and the constant-mean run over all neurons and took the difference."""
+    from so2lib.engine.capture import AnswerRows, capture_batch
+    from so2lib.engine.second_order import SecondOrderEngine
+
+    m = tiny_models[arch]
+    enc0 = _problems(m, 24)
+    lab0 = label(m, enc0, 8, False)
+    enc = enc0.analysis_view(lab0.decide_k.values)
+    eng = SecondOrderEngine(m)
+    neurons = {0: [1, 7, 20], 1: [3]}
+    mean_act = torch.randn(m.cfg.n_layers, m.cfg.d_mlp, generator=torch.Generator().manual_seed(4)).abs()
+    new = C.effect_budget(m, enc, lab0, eng, neurons, mean_act, 1000, False)  # one batch
+    x, T = enc.batch(list(range(len(enc))))
+    g, a = torch.tensor(lab0.gold_token.values), torch.tensor(lab0.alt_token.values)
+    rows = capture_batch(m, x, T, range(m.cfg.n_layers))
+    for l, ns in neurons.items():
+        const = AnswerRows({**rows.mlp_post, l: mean_act[l].expand_as(rows.mlp_post[l]).clone()}, rows.pattern,
+                           rows.scale, rows.final_scale, rows.final_resid, None, rows.attn_out_scale, rows.mlp_out_scale)
+        real, base = eng.projected(rows, T, g, a, layers=[l]), eng.projected(const, T, g, a, layers=[l])
+        for n in ns:
+            old = (real["direct"] + real["second"] - base["direct"] - base["second"])[:, 0, 0, n]
+            r = new[(new.layer == l) & (new.neuron == n)].iloc[0]
+            assert r.predicted == pytest.approx(float(old.abs().mean()), rel=1e-4, abs=1e-7)
+            assert r.predicted > 1e-4  # planted: a real effect, not zero against zero

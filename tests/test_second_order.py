@@ -181,3 +181,19 @@ def test_shared_direction_path_equals_the_per_problem_path(arch, tiny_models):
             torch.testing.assert_close(batch[k][i:i + 1], single[k], atol=1e-6, rtol=1e-5)
     # planted: the shared direction read with another problem's scale is not the same
     assert not torch.allclose(batch["second"][0, 1], batch["second"][1, 1] * 0 + batch["second"][0, 1] * 1.5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_projection_of_chosen_neurons_equals_the_full_projection(arch, tiny_models):
+    model = tiny_models[arch]
+    tokens, T = padded_batch(2)
+    eng = SecondOrderEngine(model, correctness_dir=torch.ones(model.cfg.d_model))
+    rows = capture_batch(model, tokens, T, range(model.cfg.n_layers))
+    ans, alt = torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12])
+    idx = torch.tensor([3, 0, 17])
+    full = eng.projected(rows, T, ans, alt)
+    some = eng.projected(rows, T, ans, alt, neurons=idx)
+    for k in ("second", "direct"):
+        assert some[k].shape[-1] == 3
+        torch.testing.assert_close(some[k], full[k][..., idx], atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(some[k], full[k][..., idx.flip(0)])  # planted: another order differs

@@ -336,14 +336,18 @@ class SecondOrderEngine:
     @torch.no_grad()
     def projected(self, rows: AnswerRows, T: torch.Tensor, answer: torch.Tensor,
                   alternative: torch.Tensor, layers: Sequence[int] | None = None,
-                  skip_percentile: float | None = None) -> dict[str, torch.Tensor]:
+                  skip_percentile: float | None = None, neurons: torch.Tensor | None = None
+                  ) -> dict[str, torch.Tensor]:
         """Projected first- and second-order effects of every neuron of ``layers``.
 
         Returns ``second [b, D, len(layers), d_mlp]`` and ``direct [b, D, len(layers), d_mlp]``
         in logit units (D as in :meth:`directions`), already divided by the final-norm scale.
         ``skip_percentile`` (approximation, opt-in): zero activations whose magnitude is below
-        that percentile of the layer's batch before computing the coefficients.
+        that percentile of the layer's batch before computing the coefficients. ``neurons [k]``:
+        only those neurons of each layer (last dimension ``k``).
         """
+        if neurons is not None:
+            return self.project(rows, T, self.directions(answer, alternative), layers, skip_percentile, neurons)
         if skip_percentile is None and self.factored:
             basis, idx, wts = self._token_basis(answer, alternative)
             b, D = len(answer), wts.shape[1]
@@ -434,15 +438,18 @@ class SecondOrderEngine:
 
     @torch.no_grad()
     def project(self, rows: AnswerRows, T: torch.Tensor, directions: torch.Tensor,
-                layers: Sequence[int] | None = None, skip_percentile: float | None = None) -> dict[str, torch.Tensor]:
+                layers: Sequence[int] | None = None, skip_percentile: float | None = None,
+                neurons: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Effects of every neuron of ``layers`` projected on ``directions [b, D, d_model]`` of the
         final normalized residual (divided here by the frozen final-norm scale at T).
-        Returns ``second``/``direct`` ``[b, D, len(layers), d_mlp]`` float32 on :attr:`device`."""
+        Returns ``second``/``direct`` ``[b, D, len(layers), d_mlp]`` float32 on :attr:`device`
+        (``neurons [k]``: only those neurons of each layer, ``[b, D, len(layers), k]``)."""
         layers = self.layers if layers is None else list(layers)
+        idx = None if neurons is None else torch.as_tensor(neurons, dtype=torch.long).to(self.device)
         dirs = directions.float().to(self.device)
         U = self._final_dirs(rows, dirs)  # [b, D, dm]
         b, D, _ = U.shape
-        n = self.info.d_mlp
+        n = self.info.d_mlp if idx is None else len(idx)
         ar = torch.arange(b, device=self.device)
         # a direction the same for every problem (the correctness direction) differs per problem
         # only by the final-norm scale: its weight side w_n W_V W_O u is formed once, not per problem
@@ -456,7 +463,7 @@ class SecondOrderEngine:
         ou, os_ = {}, {}
         for l in layers:
             src = rows if skip_percentile is None else _sparsified(rows, l, skip_percentile)
-            p = self._acts(src, l, None)  # [b, S, n]
+            p = self._acts(src, l, idx)  # [b, S, n]
             acc = torch.zeros(b, D, n, device=self.device)
             for lp in range(l + 1, self.info.n_layers):
                 w = self.weights(lp)
@@ -464,7 +471,7 @@ class SecondOrderEngine:
                 c = self._coef(src, p, lp)  # [b, H, n]
                 G = c.shape[1] // kv
                 c = c.reshape(b, kv, G, n)
-                wv = self.product(l, lp)  # [kv, n, dh]
+                wv = self.product(l, lp, idx)  # [kv, n, dh]
                 if Do:
                     if lp not in ou:  # [b, kv, G, Do, dh]
                         o = torch.einsum("hem,bDm->bhDe", w.W_O, Uo.to(w.device))
@@ -486,8 +493,9 @@ class SecondOrderEngine:
                     acc[:, shared] += part.to(self.device) * inv_scale[:, None, None]
             second.append(acc)
             wl = self.weights(l)
-            pT = self._acts(rows, l, None)[ar, T.to(self.device)]  # [b, n]
-            direct.append(pT[:, None, :] * torch.einsum("nm,bDm->bDn", wl.W_out, U.to(wl.device)).to(self.device))
+            pT = self._acts(rows, l, idx)[ar, T.to(self.device)]  # [b, n]
+            W_out = wl.W_out if idx is None else wl.W_out[idx.to(wl.W_out.device)]
+            direct.append(pT[:, None, :] * torch.einsum("nm,bDm->bDn", W_out, U.to(wl.device)).to(self.device))
         return {"second": torch.stack(second, 2), "direct": torch.stack(direct, 2)}
 
     # ------------------------------------------------------------------ full vectors

@@ -11,6 +11,8 @@ accuracies are measured on the validation split.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,7 +22,7 @@ from sklearn.decomposition import PCA
 
 from so2lib.data.labels import Encoded
 from so2lib.engine import models as M, partial as PA
-from so2lib.engine.capture import AnswerRows, capture_batch, position_means
+from so2lib.engine.capture import capture_batch, position_means
 from so2lib.engine.readout import answer_metrics, final_logits
 from so2lib.engine.second_order import SecondOrderEngine
 from so2lib.phases import phase3_rows as R, protocol as P
@@ -232,8 +234,9 @@ def replacement_accuracy(model: Any, resid_val: torch.Tensor, gold_val: torch.Te
 STRUCTURE_VERSION = 2
 
 #: version of :func:`effect_budget`'s algorithm, part of its step key (3: batches by length, the
-#: ablated passes stacked and started after the neuron's own layer)
-EFFECT_BUDGET_VERSION = 3
+#: ablated passes stacked and started after the neuron's own layer; 4: the prediction is one
+#: projection of ``p - mean`` on the selected neurons, with the run's own norm scales)
+EFFECT_BUDGET_VERSION = 4
 
 
 @torch.no_grad()
@@ -281,12 +284,14 @@ def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine
         clean = lc[ar, g] - lc[ar, a]
         for l, ns in neurons.items():
             idx = torch.tensor(ns, device=dev)
-            const = AnswerRows({**rows.mlp_post, l: mean_act[l].to(dev).expand_as(rows.mlp_post[l]).clone()},
-                               rows.pattern, rows.scale, rows.final_scale, rows.final_resid, None)
-            real = engine.projected(rows, T, g, a, layers=[l])
-            base = engine.projected(const, T, g, a, layers=[l])
-            d = (real["direct"] - base["direct"])[:, 0, 0, idx].cpu()
-            s2 = (real["second"] - base["second"])[:, 0, 0, idx].cpu()
+            # both effects are linear in the activation (patterns and norm scales frozen), so
+            # effect(p) - effect(mean) is the effect of p - mean: one projection, selected neurons only
+            # (the old baseline run dropped the post-attention and post-MLP norm scales: wrong on
+            # sandwich-norm families, the same elsewhere)
+            delta = dataclasses.replace(rows, mlp_post={l: rows.mlp_post[l] - mean_act[l].to(dev)})
+            eff = engine.project(delta, T, engine.directions(g, a)[:, :1], layers=[l], neurons=idx)
+            d = eff["direct"][:, 0, 0].cpu()
+            s2 = eff["second"][:, 0, 0].cpu()
             for j, n in enumerate(ns):
                 pred[(l, n)].append(d[:, j] + s2[:, j])
                 pred_direct[(l, n)].append(d[:, j])

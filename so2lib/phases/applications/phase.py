@@ -33,8 +33,13 @@ from so2lib.stats import not_measurable, verdict_table as table
 
 #: version of the edited labelling passes of ``editing_curve``, ``editing`` and
 #: ``error_analysis_causal``, part of their step keys (2: :func:`editing.edit_labels_many`, every
-#: edit of one problem set in one batched call, the clean reference included)
-EDITING_VERSION = 2
+#: edit of one problem set in one batched call, the clean reference included; 3: the random sets
+#: on the error class and a sample of RANDOM_REST other validation problems)
+EDITING_VERSION = 3
+
+#: validation problems outside the error class on which the random editing sets are also run
+#: (for their descriptive ``random_rest_change_mean``; the test itself is on the error class)
+RANDOM_REST = 100
 
 
 def neuron_only_rows(table: pd.DataFrame) -> list[str]:
@@ -358,15 +363,28 @@ def _editing(setup: Setup, k_edit: int, factors: Sequence[float], n_random_sets:
     best = max(moving, key=lambda f: (moving[f], -abs(f - 1.0)))
     rand_sets = random_sets_like(chosen, n_mlp, n_random_sets, seed)
     enc_va = setup.enc["val"]
-    # the clean run, the chosen set at every factor and the random sets at the factor chosen on
-    # training, in one batched call (same batches, one clean residual per batch)
-    labs_va = edit_labels_many(model, enc_va, [(chosen, 1.0)] + [(chosen, f) for f in factors]
-                               + [(s_, best) for s_ in rand_sets], bs, progress=True,
-                               desc=f"editing: chosen set at every factor, {len(rand_sets)} random sets")
+    # the clean run and the chosen set at every factor on every validation problem, in one
+    # batched call (same batches, one clean residual per batch)
+    labs_va = edit_labels_many(model, enc_va, [(chosen, 1.0)] + [(chosen, f) for f in factors], bs,
+                               progress=True, desc="editing: chosen set at every factor")
     clean = labs_va[0]
     at_factor = dict(zip(factors, labs_va[1:1 + len(factors)]))
-    random_labs = labs_va[1 + len(factors):]
     ok0, ld0 = clean.correct.values.astype(bool), clean.logit_diff.values.astype(float)
+    # the random sets at the factor chosen on training: on every problem of the error class (what
+    # the test compares) and on a seeded sample of at most RANDOM_REST problems outside it (their
+    # descriptive rest change), not on all of validation
+    rest_idx = np.flatnonzero(~in_va)
+    if len(rest_idx) > RANDOM_REST:
+        rest_idx = np.sort(np.random.default_rng(seed).choice(rest_idx, RANDOM_REST, replace=False))
+    sub = np.sort(np.concatenate([np.flatnonzero(in_va), rest_idx]))
+    sub_labs = edit_labels_many(model, enc_va.subset(sub), [(s_, best) for s_ in rand_sets], bs, progress=True,
+                                desc=f"editing: {len(rand_sets)} random sets")
+    random_labs = []
+    for lab in sub_labs:  # back on the validation rows (NaN outside the sample)
+        full = pd.DataFrame({"correct": np.full(len(ok0), np.nan), "logit_diff": np.full(len(ok0), np.nan)})
+        full.loc[sub, "correct"] = lab.correct.values.astype(float)
+        full.loc[sub, "logit_diff"] = lab.logit_diff.values.astype(float)
+        random_labs.append(full)
     rest_any = bool((~in_va).any())
     curve, at_best = [], {}
     for f in factors:
@@ -393,7 +411,7 @@ def _editing(setup: Setup, k_edit: int, factors: Sequence[float], n_random_sets:
             cl = chosen_minus_random(ld0[in_va], ld1[in_va], rl[:, in_va] + ld0[in_va], seed=seed)
             rec.update({"random_class_change_mean": ca["random_mean"], "random_class_change_max": ca["random_max"],
                         "random_ld_change_mean": cl["random_mean"],
-                        "random_rest_change_mean": float(rc[:, ~in_va].mean()) if rest_any else np.nan,
+                        "random_rest_change_mean": float(np.nanmean(rc[:, ~in_va])) if rest_any else np.nan,
                         "minus_random_class": ca["minus_random"], "ci_mr_class_low": ca["ci_low"],
                         "ci_mr_class_high": ca["ci_high"], "minus_random_ld": cl["minus_random"],
                         "ci_mr_ld_low": cl["ci_low"], "ci_mr_ld_high": cl["ci_high"],
