@@ -41,6 +41,15 @@ class NotebookFailed(RuntimeError):
     """A notebook raised; the message names the executed copy that shows where."""
 
 
+_SIGINTS: list[float] = []  # when Ctrl-C reached the runner (the kernel manager may swallow the exception)
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Python's default Ctrl-C behaviour (KeyboardInterrupt), remembering that it happened."""
+    _SIGINTS.append(time.perf_counter())
+    raise KeyboardInterrupt
+
+
 class RunInterrupted(RuntimeError):
     """Ctrl-C (SIGINT) stopped the run; finished steps are kept (the message says how to resume)."""
 
@@ -136,6 +145,7 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
     tail = _Tail(run_dir_p / "progress.log")
     times: dict[str, float] = {}
     km = None
+    current: list = []  # [notebook name, start time] while a notebook runs
     try:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +158,7 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
             final = out_dir / nb.name
             tmp = out_dir / f".{nb.stem}.running.ipynb"
             t0 = time.perf_counter()
+            current[:] = [nb.name, t0]
             try:
                 with _kernel_stderr(run_dir_p / KERNEL_LOG):
                     if not fresh_kernels:
@@ -155,10 +166,12 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
                     pm.execute_notebook(str(nb), str(tmp), parameters=own, cwd=str(NOTEBOOKS_DIR),
                                         progress_bar=False, log_output=False,
                                         **({"km": km} if km is not None else {}))
+                    if _SIGINTS and _SIGINTS[-1] >= t0:  # Ctrl-C during it, swallowed on the way out
+                        raise KeyboardInterrupt
             except BaseException as e:
                 times[nb.name] = round(time.perf_counter() - t0, 1)
                 failed = out_dir / f"{nb.stem}.failed.ipynb"
-                interrupted = isinstance(e, KeyboardInterrupt)
+                interrupted = isinstance(e, KeyboardInterrupt) or bool(_SIGINTS and _SIGINTS[-1] >= t0)
                 try:
                     if tmp.exists():
                         os.replace(tmp, failed)
@@ -184,6 +197,7 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
             except OSError as e:
                 raise _disk_error(e, final) from None
             times[nb.name] = round(time.perf_counter() - t0, 1)
+            current.clear()
             tail.poll()
             print(f"   {nb.name}: {times[nb.name]} s", flush=True)
             note = _record(run_dir_p, times, {nb.name: "ok"})
@@ -194,7 +208,13 @@ def run_all(run_dir: str, model: str | None = None, params: dict | None = None,
             from so2lib.views.report import write_report
 
             print(f"report: {write_report(run)}", flush=True)
-    except KeyboardInterrupt:  # between notebooks, or while the report is written
+    except KeyboardInterrupt:  # between notebooks, while the report is written, or (shared kernel)
+        if current:  # re-raised by the kernel manager after the notebook's own handler above
+            name, t0 = current
+            times[name] = round(time.perf_counter() - t0, 1)
+            note = _record(run_dir_p, times, {name: "interrupted"})
+            raise RunInterrupted(f"interrupted (Ctrl-C) during notebook {name} after {times[name]} s; every "
+                                 f"finished step is kept in {run_dir_p}{note}") from None
         _record(run_dir_p, times, {})
         raise RunInterrupted(f"interrupted (Ctrl-C); every finished step is kept in {run_dir_p}") from None
     finally:
@@ -291,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="a new kernel per notebook (default: one kernel, its namespace cleared between notebooks)")
     a = ap.parse_args(argv)
     # Ctrl-C stops the run even when the shell that started it ignores SIGINT (background jobs)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         if a.list_params:
             for nb, ps in declared_parameters(notebooks(a.only)).items():
