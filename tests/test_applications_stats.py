@@ -209,6 +209,30 @@ def test_clip_adversarial_pairs_keep_class_and_avoid_the_concept():
     assert A.input_trigger(np.ones(4), probs, min_count=10) is None
 
 
+def _trigger_reference(norms, problems, min_count=3):
+    acc = {}
+    for v, p in zip(norms, problems):
+        if p.task in A.ARITHMETIC:
+            for k in ("a", "b"):
+                acc.setdefault(int(p.meta[k]), []).append(float(v))
+    best = [(np.mean(v), k) for k, v in acc.items() if len(v) >= min_count]
+    return None if not best else (int(max(best)[1]), float(max(best)[0]))
+
+
+def test_input_triggers_equal_the_per_neuron_loop():
+    rng = np.random.default_rng(0)
+    probs = [arithmetic_problem("addition", int(a), int(b)) for a, b in rng.integers(0, 12, (300, 2))]
+    norms = rng.random((300, 6)).astype(np.float32)
+    norms[:, 5] = 1.0  # every value ties: the larger value wins
+    got = A.input_triggers(norms, probs)
+    for j in range(6):
+        ref = _trigger_reference(norms[:, j], probs)
+        assert got[j][0] == ref[0] and abs(got[j][1] - ref[1]) < 1e-12
+    assert got[5][0] == 11
+    # planted: a wrong tie rule (the smaller value) would differ on the tied column
+    assert got[5][0] != min(int(p.meta["a"]) for p in probs)
+
+
 def test_paired_rows_and_not_measurable():
     before = np.zeros(200, bool)
     after = np.zeros(200, bool)

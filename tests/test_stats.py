@@ -96,3 +96,12 @@ def test_problem_bootstrap_row_refits_and_can_fail():
     point, boots = S.problem_bootstrap(lambda i: y[i].mean(), len(y), n_boot=400)
     assert S.interval_row("m", point, boots, 0.0, 0.0, "")["verdict"] in ("inconclusive", "refuted")
     assert S.interval_row("m", 1.0, np.array([1.0]), 0.0, 0.0, "")["verdict"] == "not testable"
+
+
+def test_auroc_columns_equal_auroc_per_column():
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.4
+    F = np.column_stack([y + rng.normal(size=200), np.round(rng.random(200), 1), -y.astype(float)])
+    got = S.auroc_columns(F, y)
+    np.testing.assert_array_equal(got, [S.auroc(F[:, i], y) for i in range(3)])
+    assert got[2] == 0.0 and np.isnan(S.auroc_columns(F, np.ones(200, bool))).all()

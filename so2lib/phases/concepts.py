@@ -391,18 +391,24 @@ def predictive_auroc(significant: np.ndarray, flags: pd.DataFrame, codes: np.nda
 # ----------------------------------------------------------------------------- phase 4 checks against nulls
 
 
-def pc1_validation(vec_train: np.ndarray, vec_val: np.ndarray, pc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pc1_validation(vec_train: np.ndarray, vec_val: np.ndarray, pc: np.ndarray,
+                   chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Per neuron (``vec_* [N, n, d]``, ``pc [n, d]`` fitted on training): share of the variance of
-    the centred effects (training mean) explained by the training PC1, on training and on validation."""
-    tr = np.asarray(vec_train, np.float64)
-    va = np.asarray(vec_val, np.float64)
-    mean = tr.mean(0)
+    the centred effects (training mean) explained by the training PC1, on training and on validation.
+    Float64, ``chunk`` neurons at a time (the effects are stored in float16: a whole-array upcast
+    would be ``N n d`` doubles several times over)."""
     u = pc / np.maximum(np.linalg.norm(pc, axis=-1, keepdims=True), 1e-12)
-    out = []
-    for X in (tr - mean, va - mean):
-        num = (np.einsum("Nnd,nd->Nn", X, u) ** 2).sum(0)
-        den = (X ** 2).sum((0, 2))
-        out.append(np.where(den > 0, num / np.where(den > 0, den, 1), np.nan))
+    n = u.shape[0]
+    out = np.full((2, n), np.nan)
+    for c0 in range(0, n, chunk):
+        sl = slice(c0, c0 + chunk)
+        tr = np.asarray(vec_train[:, sl], np.float64)
+        mean = tr.mean(0)
+        for i, V in enumerate((tr, vec_val[:, sl])):
+            X = np.asarray(V, np.float64) - mean
+            num = (np.einsum("Nnd,nd->Nn", X, u[sl]) ** 2).sum(0)
+            den = np.einsum("Nnd,Nnd->n", X, X)
+            out[i, sl] = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
     return out[0], out[1]
 
 

@@ -41,50 +41,61 @@ def _omp(directions: np.ndarray, dictionary: np.ndarray, m: int) -> np.ndarray:
     Y = torch.as_tensor(np.asarray(directions, np.float64))
     D = torch.as_tensor(np.asarray(dictionary, np.float64))
     B, K = Y.shape[0], D.shape[0]
+    d = D.shape[1]
     if not 1 <= m <= min(D.shape):
         raise ValueError(f"sparsity m={m} must be between 1 and min(atoms, d_model) = {min(D.shape)}")
     eps = np.finfo(np.float64).eps
     alpha = Y @ D.T  # [B, K] inner products with the targets
+    Gd = D @ D.T  # [K, K] the atoms' Gram: each step's Gram of the chosen atoms is read from it
+    rows = torch.arange(B)
     sel = torch.zeros(B, m, dtype=torch.long)
-    n_sel = torch.zeros(B, dtype=torch.long)  # atoms chosen per target
+    n_sel = torch.zeros(B, dtype=torch.long)
     active = torch.ones(B, dtype=torch.bool)
-    R = Y.clone()
-    gamma = torch.zeros(B, 0, dtype=torch.float64)
+    gamma = torch.zeros(B, m, dtype=torch.float64)
     taken = torch.zeros(B, K, dtype=torch.bool)
+    A = torch.zeros(B, m, d, dtype=torch.float64)  # chosen atoms, filled one column per step
+    G = torch.eye(m, dtype=torch.float64).repeat(B, 1, 1)  # their Gram (identity padding)
+    ynorm = Y.norm(dim=1)
+    R = Y
     for k in range(m):
         lam = (R @ D.T).abs().argmax(1)  # [B]
         # scikit-learn's rules: done when the best atom is one already chosen or its inner
         # product with the target is below machine precision
-        active &= (alpha[torch.arange(B), lam] ** 2 >= eps) & ~taken[torch.arange(B), lam]
+        active &= (alpha[rows, lam] ** 2 >= eps) & ~taken[rows, lam]
         # and (unlike it) when the residual is zero to 1e-10 of the target: any atom picked then
         # would be picked by rounding noise, with a coefficient of rounding size
-        active &= R.norm(dim=1) > 1e-10 * Y.norm(dim=1)
+        active &= R.norm(dim=1) > 1e-10 * ynorm
         if not active.any():
             break
-        sel[active, k] = lam[active]
-        A = D[sel[:, : k + 1]]  # [B, k+1, d] (inactive rows: their old atoms, ignored)
-        G = A @ A.transpose(1, 2)
-        L, info = torch.linalg.cholesky_ex(G)
+        # every buffer is updated for all rows at once (no per-step copies of the active rows);
+        # a row that stops keeps its coefficients and gets its padding back below
+        s_k = torch.where(active, lam, sel[:, k])
+        sel[:, k] = s_k
+        A[:, k] = D[s_k]
+        g_row = Gd[s_k[:, None], sel[:, : k + 1]]  # [B, k+1]
+        G[:, k, : k + 1] = g_row
+        G[:, : k + 1, k] = g_row
+        Gk = G[:, : k + 1, : k + 1]
+        L, info = torch.linalg.cholesky_ex(Gk)
         # the new atom lies in the span of those chosen (within machine precision)
-        dep = active & ((info != 0) | ~(L[:, k, k] ** 2 > eps * G[:, k, k]))
-        if dep.any():
-            active &= ~dep
-            sel[dep, k] = 0
-        act = active.nonzero()[:, 0]
-        if not len(act):
+        dep = active & ((info != 0) | ~(L[:, k, k] ** 2 > eps * Gk[:, k, k]))
+        active &= ~dep
+        if not active.any():
             break
-        g = torch.cholesky_solve((A[act] @ Y[act, :, None]), L[act])[..., 0]  # [a, k+1]
-        new_gamma = torch.zeros(B, k + 1, dtype=torch.float64)
-        new_gamma[:, :k] = gamma
-        new_gamma[act] = g
-        gamma = new_gamma
-        taken[act, lam[act]] = True
-        n_sel[act] += 1
-        R[act] = Y[act] - (g[:, None, :] @ A[act])[:, 0]
+        rhs = alpha.gather(1, sel[:, : k + 1])[..., None]
+        g = torch.cholesky_solve(rhs, torch.where(active[:, None, None], L, torch.eye(k + 1, dtype=L.dtype)))[..., 0]
+        gamma[:, : k + 1] = torch.where(active[:, None], g, gamma[:, : k + 1])
+        taken[rows[active], lam[active]] = True
+        n_sel += active
+        # inactive rows: restore the identity padding of step k's Gram and atom
+        if (~active).any():
+            ina = ~active
+            G[ina, k, :] = 0; G[ina, :, k] = 0; G[ina, k, k] = 1
+            A[ina, k] = 0
+        R = Y - torch.bmm(gamma[:, None, : k + 1], A[:, : k + 1])[:, 0]
     codes = torch.zeros(B, K, dtype=torch.float64)
-    for k in range(gamma.shape[1]):
-        rows = (n_sel > k).nonzero()[:, 0]
-        codes[rows, sel[rows, k]] = gamma[rows, k]
+    keep = torch.arange(m)[None] < n_sel[:, None]
+    codes.scatter_add_(1, sel, torch.where(keep, gamma, torch.zeros_like(gamma)))
     return codes.numpy()
 
 
@@ -118,23 +129,36 @@ class SpanPCA:
         J, d = len(raw), raw[0].shape[1]
         # row spaces from the uncentred scatters, a chunk of neurons at a time (batched eigh)
         Qs: list[np.ndarray] = []
+        coords: list[np.ndarray] = []  # [N, r_j] each
         step = max(1, (64 << 20) // max(1, 8 * N * d))
         for j0 in range(0, J, step):
             X = np.stack([v[:N] for v in raw[j0: j0 + step]]).astype(np.float64)  # [j, N, d]
             w, E = np.linalg.eigh(np.matmul(X.transpose(0, 2, 1), X))  # ascending
             w, E = np.clip(w[:, ::-1], 0, None), E[:, :, ::-1]
-            for lam, vec in zip(w, E):
+            for x, lam, vec in zip(X, w, E):
                 s = np.sqrt(lam)
                 r = max(1, int((s > tol * max(s[0], 1e-300)).sum()))
                 # the residual's energy is the sum of the dropped eigenvalues (Q has orthonormal rows)
                 exact = lam[r:].sum() <= (tol * np.sqrt(d)) ** 2 * max(lam.sum(), 1e-300)
                 Qs.append(vec[:, :r].T if exact else np.eye(d))
+                coords.append(x @ Qs[-1].T)
         self.rank = max(len(Q) for Q in Qs)
         self.Q = np.zeros((J, self.rank, d))
-        self.C = np.zeros((J, N, self.rank))
-        for j, (v, Q) in enumerate(zip(raw, Qs)):
+        for j, Q in enumerate(Qs):
             self.Q[j, : len(Q)] = Q
-            self.C[j, :, : len(Q)] = v[:N].astype(np.float64) @ Q.T
+        # coordinates grouped by rank: a neuron's scatter costs its own r^2, not the largest one's
+        self._groups: list[tuple[np.ndarray, np.ndarray]] = []  # (neuron indices, C [j, N, r])
+        for r in sorted({len(Q) for Q in Qs}):
+            js = np.array([j for j, Q in enumerate(Qs) if len(Q) == r])
+            self._groups.append((js, np.stack([coords[j] for j in js])))
+
+    @property
+    def C(self) -> np.ndarray:
+        """``[J, N, r]`` every neuron's coordinates (zero-padded to the largest rank)."""
+        out = np.zeros((len(self.Q), self.N, self.rank))
+        for js, C in self._groups:
+            out[js, :, : C.shape[2]] = C
+        return out
 
     def counts(self, idx: np.ndarray | None) -> np.ndarray:
         """Resample counts ``[N]`` of index array ``idx`` (``None``: every problem once)."""
@@ -144,14 +168,15 @@ class SpanPCA:
         """``[J, r, r]`` centred scatter of each neuron's resampled vectors, in its coordinates."""
         w = self.counts(idx)
         n = w.sum()
-        J, N, r = self.C.shape
-        out = np.empty((J, r, r))
-        step = max(1, (64 << 20) // max(1, 8 * N * r))  # neurons per chunk: at most 64 MiB of scratch
-        for j0 in range(0, J, step):
-            C = self.C[j0: j0 + step]
-            Cw = C * w[None, :, None]
-            mu = Cw.sum(1) / n  # [j, r]
-            out[j0: j0 + step] = np.matmul(Cw.transpose(0, 2, 1), C) - n * mu[:, :, None] * mu[:, None, :]
+        out = np.zeros((len(self.Q), self.rank, self.rank))
+        for js, Cg in self._groups:
+            _, N, r = Cg.shape
+            step = max(1, (64 << 20) // max(1, 8 * N * r))  # neurons per chunk: at most 64 MiB of scratch
+            for j0 in range(0, len(js), step):
+                C = Cg[j0: j0 + step]
+                mu = np.matmul(w, C) / n  # [j, r]
+                out[js[j0: j0 + step], :r, :r] = (np.matmul(C.transpose(0, 2, 1) * w, C)
+                                                   - n * mu[:, :, None] * mu[:, None, :])
         return out
 
     def components(self, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ Whatever the data cannot measure is a ``not testable`` row whose ``how`` starts 
 
 from so2lib.phases.applications.adversarial import (ARITHMETIC, adversarial_rows, adversarial_variants,
                                                     answers_value, clip_adversarial_pairs, cluster_bootstrap,
-                                                    hardest_operand, input_trigger, neuron_push,
+                                                    hardest_operand, input_trigger, input_triggers, neuron_push,
                                                     output_concept, paired_rows, random_variants, rebuild,
                                                     solved)
 from so2lib.phases.applications.editing import (chosen_minus_random, edit_labels, edit_labels_many, editing_rows,
@@ -36,7 +36,7 @@ __all__ = [
     "ARITHMETIC", "NotMeasurable", "RELATED", "TABLE_COLUMNS", "adversarial_variants", "answers_value",
     "applications_phase", "chosen_minus_random", "benjamini_hochberg", "category_group", "clip_adversarial_pairs", "direction_vs_baselines",
     "direction_rows", "edit_labels", "edit_labels_many", "editing_rows", "error_analysis_rows", "error_class",
-    "failure_report", "final_normalized", "input_trigger", "neuron_push", "not_measurable",
+    "failure_report", "final_normalized", "input_trigger", "input_triggers", "neuron_push", "not_measurable",
     "null_discoveries", "output_concept", "paired_rows", "polysemantic_flags", "polysemanticity",
     "polysemanticity_test", "polysemanticity_rows", "project_on_direction", "random_in_span", "random_sets_like",
     "random_variants", "rebuild", "row", "scaling_hooks", "separating_neurons", "solved", "span_basis",

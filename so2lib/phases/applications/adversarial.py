@@ -137,17 +137,34 @@ def output_concept(card: pd.DataFrame) -> int | None:
 
 def input_trigger(norms: np.ndarray, problems: Sequence[Problem], min_count: int = 3) -> tuple[int, float] | None:
     """The neuron's input trigger F: the operand value whose training problems have the largest
-    mean centred-effect norm (``norms [N_train]``), among values seen at least ``min_count`` times."""
-    acc: dict[int, list[float]] = {}
-    for v, p in zip(norms, problems):
+    mean centred-effect norm (``norms [N_train]``), among values seen at least ``min_count`` times
+    (ties: the larger value)."""
+    return input_triggers(np.asarray(norms)[:, None], problems, min_count)[0]
+
+
+def input_triggers(norms: np.ndarray, problems: Sequence[Problem], min_count: int = 3) -> list[tuple[int, float] | None]:
+    """:func:`input_trigger` of every column of ``norms [N_train, n]`` at once: the operands of the
+    arithmetic problems are indexed once, and each value's mean norm is one weighted count."""
+    vals, pidx = [], []
+    for i, p in enumerate(problems):
         if p.task in ARITHMETIC:
-            for k in ("a", "b"):
-                acc.setdefault(int(p.meta[k]), []).append(float(v))
-    best = [(np.mean(v), k) for k, v in acc.items() if len(v) >= min_count]
-    if not best:
-        return None
-    m, k = max(best)
-    return int(k), float(m)
+            vals += [int(p.meta["a"]), int(p.meta["b"])]
+            pidx += [i, i]
+    if not vals:
+        return [None] * norms.shape[1]
+    uniq, inv = np.unique(np.asarray(vals), return_inverse=True)
+    counts = np.bincount(inv, minlength=len(uniq))
+    ok = counts >= min_count
+    if not ok.any():
+        return [None] * norms.shape[1]
+    X = np.asarray(norms, np.float64)[np.asarray(pidx)]  # [pairs, n]
+    out: list[tuple[int, float] | None] = []
+    for j in range(X.shape[1]):
+        mean = np.bincount(inv, weights=X[:, j], minlength=len(uniq)) / np.maximum(counts, 1)
+        mean = np.where(ok, mean, -np.inf)
+        k = len(uniq) - 1 - int(np.argmax(mean[::-1]))  # the largest mean; on ties the larger value
+        out.append((int(uniq[k]), float(mean[k])))
+    return out
 
 
 def clip_adversarial_pairs(sources: Sequence[Problem], trigger: int, concept: int, rng: random.Random,

@@ -25,7 +25,7 @@ from scipy import stats
 from so2lib.data.tasks import Problem
 from so2lib.engine import models as M
 from so2lib.engine.second_order import SecondOrderEngine
-from so2lib.stats import auroc, benjamini_hochberg, not_measurable, validation_row as row, wilson_interval
+from so2lib.stats import auroc, auroc_columns, benjamini_hochberg, not_measurable, validation_row as row, wilson_interval
 
 
 def separating_neurons(effects: np.ndarray, correct: np.ndarray, q: float = 0.05) -> pd.DataFrame:
@@ -321,17 +321,6 @@ def project_on_direction(model: Any, enc: Any, d: torch.Tensor, layers: Sequence
     return np.concatenate(out)
 
 
-def _within_auroc(s: np.ndarray, y: np.ndarray, t: np.ndarray) -> float:
-    """Mean AUROC within each task (tasks with both classes), weighted by task size."""
-    num, den = 0.0, 0
-    for name in np.unique(t):
-        j = t == name
-        a = auroc(s[j], y[j])
-        if a == a:
-            num, den = num + a * int(j.sum()), den + int(j.sum())
-    return num / den if den else float("nan")
-
-
 def direction_vs_baselines(score: np.ndarray, baselines: dict[str, np.ndarray], correct: np.ndarray,
                            tasks: Sequence[str], task_accuracy: dict[str, float] | None = None,
                            n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -360,12 +349,28 @@ def direction_vs_baselines(score: np.ndarray, baselines: dict[str, np.ndarray], 
     if y.all() or not y.any():
         raise NotMeasurable("the validation split has one class only")
 
+    # every score as one column: the direction, then the within-task baselines, then the overall-only ones
+    names_w = list(base)
+    names_o = [k for k in over if k not in base]
+    F = np.column_stack([s] + [base[k] for k in names_w] + [over[k] for k in names_o])
+    n_w = 1 + len(names_w)
+    codes = np.unique(t, return_inverse=True)[1]
+
     def stat(idx: np.ndarray) -> tuple[float, float, dict[str, float], dict[str, float], float, float]:
-        yi, ti = y[idx], t[idx]
-        a = auroc(s[idx], yi)
-        b = {k: auroc(v[idx], yi) for k, v in over.items()}
-        w = _within_auroc(s[idx], yi, ti)
-        wb = {k: _within_auroc(v[idx], yi, ti) for k, v in base.items()}
+        Fi, yi, ci = F[idx], y[idx], codes[idx]
+        A = auroc_columns(Fi, yi)  # [C]: overall AUROC of every score
+        num, den = np.zeros(n_w), 0
+        for c in np.unique(ci):  # within task: weighted by task size, tasks with both classes
+            j = ci == c
+            aw = auroc_columns(Fi[j, :n_w], yi[j])
+            if aw[0] == aw[0]:
+                num, den = num + aw * int(j.sum()), den + int(j.sum())
+        W = num / den if den else np.full(n_w, np.nan)
+        a, w = float(A[0]), float(W[0])
+        b = {k: float(A[1 + i]) for i, k in enumerate(names_w)}
+        b.update({k: float(A[n_w + i]) for i, k in enumerate(names_o)})
+        b = {k: b[k] for k in over}  # the caller's order
+        wb = {k: float(W[1 + i]) for i, k in enumerate(names_w)}
         best = np.nanmax(list(b.values())) if b else np.nan
         wbest = np.nanmax(list(wb.values())) if wb else np.nan
         return a, w, b, wb, a - best, w - wbest

@@ -14,7 +14,7 @@ import torch
 
 from so2lib.engine.second_order import SecondOrderEngine
 from so2lib.phases.applications.adversarial import (ARITHMETIC, adversarial_rows, answers_value,
-                                                    clip_adversarial_pairs, hardest_operand, input_trigger,
+                                                    clip_adversarial_pairs, hardest_operand, input_triggers,
                                                     neuron_push, output_concept, paired_rows, random_variants,
                                                     solved)
 from so2lib.phases.applications.editing import (chosen_minus_random, edit_labels_many, editing_rows, error_class,
@@ -245,12 +245,13 @@ def _adversarial_clip(setup: Setup, cards: dict, max_sources: int, max_neurons: 
     for l in crit:
         vt = np.asarray(load_effects(run, "train", f"vectors_L{l}"), np.float32)
         norms = np.linalg.norm(vt - vt.mean(0), axis=-1)  # [N, n_sel]
+        triggers = input_triggers(norms, setup.problems.train)
         for j, n in enumerate(selected[l]):
             X = output_concept(cards.get((l, n)))
             if X is None:
                 reasons["no number output concept"] += 1
                 continue
-            trig = input_trigger(norms[:, j], setup.problems.train)
+            trig = triggers[j]
             if trig is None:
                 reasons["no trigger operand"] += 1
                 continue
@@ -463,7 +464,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
         params={"threshold": poly_threshold}, deps=["concept_cards"] if run.has("concept_cards") else [])
     pnull = run.step("polysemanticity_null", lambda: _poly_null(setup, poly_threshold, n_draws, seed), "05",
                      params={"threshold": poly_threshold, "n_draws": max(n_draws, 20), "seed": seed, "n_boot": 100,
-                             "test": "share minus random in span, problems resampled", "version": 2},
+                             "test": "share minus random in span, problems resampled", "version": 3},
                      deps=[d for d in ("concept_dictionary", "neuron_directions") if run.has(d)])
     adv = run.step("adversarial", lambda: _adversarial_clip(setup, cards, max_sources, max_adv_neurons, seed),
                    "05", params={"max_sources": max_sources, "max_neurons": max_adv_neurons, "seed": seed,
