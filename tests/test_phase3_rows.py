@@ -145,6 +145,27 @@ def test_control_directions_are_unit_and_in_span():
     assert not torch.allclose(c["random"], P.control_directions(G, mean, 1)["random"])
 
 
+def test_random_control_is_uniform_in_the_span():
+    """Full-rank spans take the Cholesky path: over many draws the effect-space direction
+    ``u = M^T v`` has second moment ``P / r`` (``P`` the projector on the span, ``r`` its rank), as a
+    uniform direction on the span's sphere does; the naive ``z / sqrt(z^T G z)`` is not uniform."""
+    g = torch.Generator().manual_seed(5)
+    K, dm, n = 4, 7, 4000
+    M1 = torch.randn(K, dm, generator=g, dtype=torch.float64) * torch.tensor([4.0, 1.0, 0.5, 0.2])[:, None].double()
+    M = M1.expand(n, K, dm)
+    G = (M @ M.transpose(1, 2)).float()
+    c = P.control_directions(G, torch.ones(K, n), 0)
+    u = torch.einsum("nkd,kn->nd", M.float(), c["random"])
+    torch.testing.assert_close(u.norm(dim=1), torch.ones(n), atol=1e-4, rtol=1e-4)
+    Q = torch.linalg.qr(M1.T.float())[0]  # [dm, K] orthonormal basis of the span
+    target = Q @ Q.T / K
+    assert (u.T @ u / n - target).abs().max() < 0.03
+    z = torch.randn(n, K, generator=g)
+    naive = z / torch.einsum("nk,nkj,nj->n", z, G, z).sqrt()[:, None]
+    un = torch.einsum("nkd,nk->nd", M.float(), naive)
+    assert (un.T @ un / n - target).abs().max() > 0.05  # planted: a non-uniform draw fails
+
+
 # ----------------------------------------------------------------------------- PC1 structure
 
 

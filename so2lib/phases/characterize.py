@@ -237,6 +237,8 @@ STRUCTURE_VERSION = 2
 #: ablated passes stacked and started after the neuron's own layer; 4: the prediction is one
 #: projection of ``p - mean`` on the selected neurons, with the run's own norm scales)
 EFFECT_BUDGET_VERSION = 4
+#: 2: the random rank-1 control drawn through a Cholesky factor (same distribution, other draws)
+PROTOCOL_VERSION = 2
 
 
 @torch.no_grad()
@@ -405,10 +407,10 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
                 ignore_index=True)
         return done
     clip = run.step("clip_protocol", lambda: protocol()["clip"], "03",
-                    params={"share": share, "n_boot": n_boot}, deps=["labels_train", "labels_val", "selection"])
+                    params={"share": share, "n_boot": n_boot, "version": PROTOCOL_VERSION}, deps=["labels_train", "labels_val", "selection"])
     pc1 = run.step("pc1_by_neuron", lambda: protocol()["pc1"], "03", params={"share": share}, deps=["labels_train"])
     per_problem = run.step("clip_per_problem", lambda: protocol()["per_problem"], "03",
-                           params={"share": share}, deps=["labels_train", "labels_val", "selection"])
+                           params={"share": share, "version": PROTOCOL_VERSION}, deps=["labels_train", "labels_val", "selection"])
     structure = run.step("pc1_structure", lambda: protocol()["structure"], "03",
                          params={"share": share, "max_structure_neurons": max_structure_neurons, "rows": 2},
                          deps=["labels_train", "labels_val", "selection"])

@@ -145,23 +145,44 @@ def control_directions(G: torch.Tensor, mean: torch.Tensor, seed: int = 0) -> di
     - ``mean_direction``: the direction of the neuron's training mean effect ``M_n^T mean_n`` (is the
       PC1 more than "activation times a fixed vector"?);
     - ``random``: a uniformly random unit direction in the neuron's effect span (the rows of
-      ``M_n``): ``v = Q L^-1/2 z / ||z||`` with ``G_n = Q L Q^T`` (eigenvalues below ``1e-6`` of the
-      largest dropped) and ``z`` standard Gaussian, seeded by ``seed``."""
+      ``M_n``), from ``z`` standard Gaussian in ``R^K`` (seeded by ``seed``): ``v = L^-T z / ||z||``
+      with ``G_n = L L^T`` (Cholesky; ``M_n^T L^-T`` has orthonormal columns spanning the rows, so
+      ``M_n^T v`` is uniform on the span's unit sphere). Where ``G_n`` is singular or
+      ill-conditioned (a pivot below ``1e-6`` of its largest diagonal entry, e.g. ``K > d_model``)
+      the span is read from its eigendecomposition instead: ``v = Q L^-1/2 z / ||z||`` with
+      ``G_n = Q L Q^T``, eigenvalues below ``1e-6`` of the largest dropped."""
     norm = torch.einsum("kn,nkj,jn->n", mean, G, mean).clamp_min(0).sqrt()
     mdir = torch.where(norm > 0, mean / norm.clamp_min(1e-30), torch.zeros_like(mean))
-    evals, Q = torch.linalg.eigh(G.double())  # [n, K], [n, K, K]
-    ok = evals > 1e-6 * evals[:, -1:].clamp_min(1e-300)
-    z = torch.randn(G.shape[0], G.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    z = z * ok
-    r = torch.einsum("nkj,nj->nk", Q, z / evals.clamp_min(1e-300).sqrt() * ok)
-    rn = z.norm(dim=1, keepdim=True)
-    r = torch.where(rn > 0, r / rn.clamp_min(1e-300), torch.zeros_like(r))
+    Gd = G.double()
+    n, K = G.shape[0], G.shape[1]
+    z = torch.randn(n, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    r = torch.zeros(n, K, dtype=torch.float64)
+    L, info = torch.linalg.cholesky_ex(Gd)
+    diag = torch.diagonal(Gd, dim1=1, dim2=2)
+    piv = torch.diagonal(L, dim1=1, dim2=2) ** 2
+    good = (info == 0) & (piv.min(1).values > 1e-6 * diag.max(1).values) & (diag.max(1).values > 0)
+    if good.any():
+        zg = z[good]
+        r[good] = torch.linalg.solve_triangular(L[good].transpose(1, 2), zg[..., None], upper=True)[..., 0] \
+            / zg.norm(dim=1, keepdim=True)
+    bad = ~good
+    if bad.any():  # singular or ill-conditioned spans: the eigendecomposition
+        evals, Q = torch.linalg.eigh(Gd[bad])  # [b, K], [b, K, K]
+        ok = evals > 1e-6 * evals[:, -1:].clamp_min(1e-300)
+        zb = z[bad] * ok
+        rb = torch.einsum("nkj,nj->nk", Q, zb / evals.clamp_min(1e-300).sqrt() * ok)
+        rn = zb.norm(dim=1, keepdim=True)
+        r[bad] = torch.where(rn > 0, rb / rn.clamp_min(1e-300), torch.zeros_like(rb))
     return {"mean_direction": mdir.float(), "random": r.T.float().contiguous()}
 
 
-def _rank1(w: LayerWeights, dc: torch.Tensor, G: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Residual edit replacing each centred effect ``dc [b, K, n]`` by its projection on ``v [K, n]``."""
-    a = torch.einsum("bkn,nkj,jn->bn", dc, G, v)
+def _rank1(w: LayerWeights, dc: torch.Tensor, G: torch.Tensor, v: torch.Tensor,
+           Gv: torch.Tensor | None = None) -> torch.Tensor:
+    """Residual edit replacing each centred effect ``dc [b, K, n]`` by its projection on ``v [K, n]``
+    (``Gv = G_n v_n [K, n]``, computed here unless given)."""
+    if Gv is None:
+        Gv = torch.einsum("nkj,jn->kn", G, v)
+    a = torch.einsum("bkn,kn->bn", dc, Gv)
     return w.edit(a[:, None] * v[None] - dc)
 
 
@@ -183,8 +204,9 @@ def _edit_batch(model: Any, w: LayerWeights, fit: dict[str, torch.Tensor], c: to
     ctrl = fit.get("controls")
     if ctrl is None:
         ctrl = fit["controls"] = control_directions(G, mean, int(fit.get("seed", 0)))
-    edits["rank1_random"] = _rank1(w, dc, G, ctrl["random"])
-    edits["rank1_mean_direction"] = _rank1(w, dc, G, ctrl["mean_direction"])
+        ctrl["Gv"] = {k: torch.einsum("nkj,jn->kn", G, ctrl[k]) for k in ("random", "mean_direction")}
+    for k in ("random", "mean_direction"):
+        edits[f"rank1_{k}"] = _rank1(w, dc, G, ctrl[k], ctrl["Gv"][k])
     for name, e in edits.items():
         ok, ld = answer_metrics(final_logits(model, final_resid + e), gold)
         out.setdefault(f"{name}_correct", []).append(ok.numpy())
@@ -233,15 +255,28 @@ def layer_groups(layers: Sequence[int], n_problems: int, K: dict[int, int], d_ml
     return [g for g in groups if g]
 
 
+def auto_budget(share: float = 0.25, low: int = 2 << 30, high: int = 8 << 30) -> int:
+    """Bytes for :func:`run_protocol`'s layer groups: ``share`` of the memory available now
+    (Linux ``MemAvailable``; ``low`` where it cannot be read), clipped to ``[low, high]``."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return low
+    return int(min(high, max(low, share * avail)))
+
+
 @torch.no_grad()
 def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: torch.Tensor, layers: Sequence[int],
                  scopes: dict[int, dict[str, torch.Tensor | None]], share: float = 0.02, batch_size: int = 64,
-                 budget: int | str = "2GiB", max_fit_problems: int = 4000, seed: int = 0,
+                 budget: int | str = "auto", max_fit_problems: int = 4000, seed: int = 0,
                  progress: bool = True, keep: dict[int, torch.Tensor] | None = None,
                  ) -> tuple[dict[tuple[int, str], dict[str, np.ndarray]], dict[int, dict]]:
     """The CLIP protocol for several source layers with few forward passes.
 
-    Layers are processed in groups that fit ``budget`` (:func:`layer_groups`); per group, one
+    Layers are processed in groups that fit ``budget`` (:func:`layer_groups`; ``"auto"``:
+    :func:`auto_budget`, a quarter of the memory available, between 2 and 8 GiB; the grouping
+    changes no number, only how many passes there are); per group, one
     forward pass per training batch fits every layer of the group (:func:`fit_from_coefficients`,
     on at most ``max_fit_problems`` training problems, the first ones of a fixed random order)
     and one pass per validation batch measures every layer and scope of ``scopes``
@@ -262,7 +297,7 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
         g = torch.Generator().manual_seed(seed)
         idx = sorted(torch.randperm(N, generator=g)[:max_fit_problems].tolist())
     train = enc_train.subset(idx) if len(idx) < N else enc_train
-    groups = layer_groups(list(layers), len(idx), K, n, _bytes(budget))
+    groups = layer_groups(list(layers), len(idx), K, n, auto_budget() if budget == "auto" else _bytes(budget))
     per: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     stats: dict[int, dict] = {}
     bar = tqdm(total=len(list(layers)), desc="CLIP protocol, source layers", disable=not progress)
