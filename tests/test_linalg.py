@@ -176,3 +176,28 @@ def test_polysemantic_flags_equal_the_per_row_reference():
         got = polysemantic_flags(codes, cats, t)
         assert (got == _flags_reference(codes, cats, t)).all()
         assert 0 < got.mean() < 1 and not got[0]
+
+
+def test_map_replicates_is_independent_of_the_thread_count_and_restores_threads():
+    import torch
+
+    from so2lib.phases.linalg import map_replicates, single_threaded
+
+    rng = np.random.default_rng(0)
+    V = [rng.normal(size=(60, 6)) @ rng.normal(size=(6, 9)) for _ in range(5)]
+    sp = SpanPCA(V)
+    seeds = rng.integers(0, 2 ** 63 - 1, size=12)
+
+    def one(b):
+        rb = np.random.default_rng(int(seeds[b]))
+        return sp.pc1(rb.integers(0, 60, 60)) @ rb.normal(size=9)
+    before = torch.get_num_threads()
+    a = map_replicates(one, 12, n_workers=1)
+    b = map_replicates(one, 12, n_workers=3)
+    np.testing.assert_array_equal(np.array(a), np.array(b))
+    assert torch.get_num_threads() == before
+    with single_threaded():
+        assert torch.get_num_threads() == 1
+        map_replicates(one, 4, n_workers=2)  # nested: the outer context still holds
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

@@ -26,7 +26,7 @@ import torch
 from so2lib.data.tasks import Problem
 from so2lib.engine.models import ModelInfo
 from so2lib.phases.effects import load_effects
-from so2lib.phases.linalg import SpanPCA, omp
+from so2lib.phases.linalg import SpanPCA, map_replicates, omp, single_threaded
 from so2lib.phases.selection import load_selection
 from so2lib.phases.study import Setup
 from so2lib.stats import (auroc, bootstrap_ci, interval_row, mean_row, not_measurable, problem_bootstrap,
@@ -293,9 +293,7 @@ def omp_vs_vocabulary_subsets(vectors: Sequence[np.ndarray], dictionary: np.ndar
     def cosines(idx: np.ndarray, dicts: Sequence[np.ndarray]) -> list[float]:
         P = spans.pc1(idx)
         return [float(cosine(P, sparse_codes(P, D, m) @ D).mean()) for D in dicts]
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):  # many small matrices: threads only contend
+    with single_threaded():  # many small matrices: threads only contend
         return _omp_boot(cosines, np.arange(N), dictionary, subsets, n_subsets, n_boot, rng, len(vectors), N)
 
 
@@ -303,11 +301,13 @@ def _omp_boot(cosines: Any, full: np.ndarray, dictionary: np.ndarray, subsets: l
               n_boot: int, rng: np.random.Generator, n_neurons: int, N: int) -> dict[str, Any]:
     c_all = cosines(full, [dictionary] + subsets)
     point = c_all[0] - float(np.mean(c_all[1:]))
-    boots = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, N, N)
-        a, b = cosines(idx, [dictionary, subsets[int(rng.integers(0, n_subsets))]])
-        boots.append(a - b)
+    draws = [(rng.integers(0, N, N), int(rng.integers(0, n_subsets))) for _ in range(n_boot)]  # in order
+
+    def one(i: int) -> float:
+        idx, s = draws[i]
+        a, b = cosines(idx, [dictionary, subsets[s]])
+        return a - b
+    boots = map_replicates(one, n_boot)
     return {"point": point, "boots": np.asarray(boots), "cosine": c_all[0], "null": c_all[1:],
             "n_neurons": n_neurons, "n_problems": N}
 

@@ -9,14 +9,76 @@
   the PC1 or the span of a bootstrap resample of the problems costs an ``r x r`` scatter formed
   from resample counts, not a copy of ``[N, d]`` and a ``d x d`` scatter per neuron. Exact: the
   resample's centred scatter is the same matrix in other coordinates.
+- :func:`single_threaded` and :func:`map_replicates`: bootstrap replicates are many small
+  matrices, where the BLAS and torch thread pools only contend; they run with one thread each, and
+  the replicates themselves on a few Python threads (numpy and torch release the GIL in their
+  kernels). Each replicate draws from its own generator, so the results do not depend on how many
+  threads ran them.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+_LOCK = threading.Lock()
+_DEPTH = [0]
+_SAVED: list[Any] = []
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """One BLAS thread (threadpoolctl) and one torch intra-op thread within the context; nested
+    and concurrent uses from several Python threads are safe (the outermost one restores)."""
+    from threadpoolctl import threadpool_limits
+
+    with _LOCK:
+        if _DEPTH[0] == 0:
+            _SAVED[:] = [torch.get_num_threads(), threadpool_limits(1)]
+            torch.set_num_threads(1)
+        _DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _DEPTH[0] -= 1
+            if _DEPTH[0] == 0:
+                threads, limits = _SAVED
+                torch.set_num_threads(threads)
+                limits.restore_original_limits()
+                _SAVED.clear()
+
+
+def workers() -> int:
+    """Python threads for :func:`map_replicates`: ``SO2LIB_WORKERS``, else the CPUs this process may
+    use, at most 4 (the GIL bounds the gain beyond that)."""
+    env = os.environ.get("SO2LIB_WORKERS")
+    if env:
+        return max(1, int(env))
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, n))
+
+
+def map_replicates(fn: Callable[[int], Any], n: int, n_workers: int | None = None,
+                   desc: str | None = None) -> list[Any]:
+    """``[fn(0), ..., fn(n - 1)]``, single-threaded kernels, on ``n_workers`` Python threads
+    (:func:`workers`), with a progress bar when ``desc`` is given. ``fn`` must not share mutable
+    state between replicates; results are in order, so a replicate's value does not depend on the
+    thread count."""
+    from so2lib.runs.progress import tqdm
+
+    k = workers() if n_workers is None else max(1, n_workers)
+    with single_threaded():
+        if k == 1 or n <= 1:
+            return [fn(i) for i in tqdm(range(n), desc=desc, disable=desc is None)]
+        with ThreadPoolExecutor(max_workers=k) as ex:
+            return list(tqdm(ex.map(fn, range(n)), total=n, desc=desc, disable=desc is None))
 
 
 def omp(directions: np.ndarray, dictionary: np.ndarray, m: int) -> np.ndarray:
@@ -29,12 +91,8 @@ def omp(directions: np.ndarray, dictionary: np.ndarray, m: int) -> np.ndarray:
     already chosen or has an inner product with the target below machine precision, or when the
     next atom is linearly dependent on those chosen; and also when its residual is zero to 1e-10
     of the target (scikit-learn would then pick an atom by rounding noise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small batched ops: on shared cores, more threads only contend
-    try:
+    with single_threaded():  # small batched ops: on shared cores, more threads only contend
         return _omp(directions, dictionary, m)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _omp(directions: np.ndarray, dictionary: np.ndarray, m: int) -> np.ndarray:

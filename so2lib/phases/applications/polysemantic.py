@@ -11,7 +11,6 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from so2lib.runs.progress import tqdm
 from so2lib.stats import not_measurable, validation_row as row, wilson_interval
 
 RELATED = [{"digits and number words", "number properties"}, {"operations", "procedure", "symbols"},
@@ -89,9 +88,9 @@ def polysemanticity_test(vectors: Sequence[np.ndarray], ranks: Sequence[int], di
     and span and redraws the random directions. Also a sensitivity curve of both shares over the
     coefficient ``thresholds``. Returns ``flags``, ``share``, ``null`` (draws), ``point``, ``boots``,
     ``curve`` (DataFrame)."""
-    from threadpoolctl import threadpool_limits
+    from so2lib.phases.linalg import single_threaded
 
-    with threadpool_limits(1):  # many small matrices: threads only contend
+    with single_threaded():  # many small matrices: threads only contend
         return _poly_test(vectors, ranks, dictionary, categories, m, threshold, n_draws, n_boot, thresholds, seed)
 
 
@@ -99,7 +98,7 @@ def _poly_test(vectors: Sequence[np.ndarray], ranks: Sequence[int], dictionary: 
                categories: Sequence[str], m: int, threshold: float, n_draws: int, n_boot: int,
                thresholds: Sequence[float], seed: int) -> dict[str, Any]:
     from so2lib.phases.concepts import sparse_codes
-    from so2lib.phases.linalg import SpanPCA
+    from so2lib.phases.linalg import SpanPCA, map_replicates
 
     rng = np.random.default_rng(seed)
     spans = SpanPCA(vectors)  # PC1 and span of each resample from its counts (exact, r x r)
@@ -119,13 +118,15 @@ def _poly_test(vectors: Sequence[np.ndarray], ranks: Sequence[int], dictionary: 
                            "null_mean": float(np.mean([polysemantic_flags(c, categories, t).mean() for c in rcodes])),
                            "null_q95": float(np.quantile([polysemantic_flags(c, categories, t).mean()
                                                           for c in rcodes], 0.95))} for t in thresholds])
-    boots = []
-    for _ in tqdm(range(n_boot), desc="polysemanticity (problem bootstrap)"):
-        idx = rng.integers(0, N, N)
-        Pb, Bb = fit(idx)
-        f = polysemantic_flags(sparse_codes(np.concatenate([Pb, random_in_span(Bb, rng)]), dictionary, m),
+    seeds = rng.integers(0, 2 ** 63 - 1, size=n_boot)  # one generator per replicate: any thread count
+
+    def one(b: int) -> float:
+        rb = np.random.default_rng(int(seeds[b]))
+        Pb, Bb = fit(rb.integers(0, N, N))
+        f = polysemantic_flags(sparse_codes(np.concatenate([Pb, random_in_span(Bb, rb)]), dictionary, m),
                                categories, threshold)
-        boots.append(f[:J].mean() - f[J:].mean())
+        return float(f[:J].mean() - f[J:].mean())
+    boots = map_replicates(one, n_boot, desc="polysemanticity (problem bootstrap)")
     return {"flags": flags, "share": float(flags.mean()), "null": null, "point": float(flags.mean() - null.mean()),
             "boots": np.asarray(boots), "curve": curve}
 
