@@ -116,6 +116,28 @@ def test_levels_too_small_for_the_calibration_count_are_skipped():
     first = t["curve"][0]
     assert first["level"] == {"digits": 1} and first["n"] < 40 and first["too_few"]
     assert t["level"] != {"digits": 1}
+    # without the partition (pretrained models saw none of these problems) the 100 one-digit sums
+    # supply the level, and a model at 0.6 there is calibrated at it
+    whole = CAL.calibrate(["addition"], _skill_scorer({"addition": 0.6}), n=40, heldout=False)["tasks"]["addition"]
+    assert whole["curve"][0]["n"] == 40 and not whole["curve"][0]["too_few"]
+    assert whole["level"] == {"digits": 1}
+
+
+def test_heldout_partition_is_for_the_embedded_model_only(tmp_path, tiny_dirs):
+    from so2lib.data.tasks import is_heldout
+    from so2lib.phases import study
+    kw = dict(n_train=60, n_val=30, seed=1, tasks=["addition", "logic"], template="compact", device="cpu",
+              progress=False)
+    auto = study.open_run(str(tmp_path / "auto"), str(tiny_dirs["llama"]), **kw)
+    probs = auto.problems.train + auto.problems.val
+    assert not all(is_heldout(p) for p in probs) and auto.run.manifest["data"]["heldout_partition"] is False
+    forced = study.open_run(str(tmp_path / "forced"), str(tiny_dirs["llama"]), heldout=True, **kw)
+    assert all(is_heldout(p) for p in forced.problems.train + forced.problems.val)
+    assert forced.run.manifest["data"]["heldout_partition"] is True
+    with pytest.raises(ValueError, match="another run directory"):  # a recorded option is not silently changed
+        study.open_run(str(tmp_path / "forced"), str(tiny_dirs["llama"]), heldout=False, **kw)
+    with pytest.raises(Exception, match="heldout"):
+        study.open_run(str(tmp_path / "bad"), str(tiny_dirs["llama"]), heldout="yes", **kw)
 
 
 def test_bad_options_are_refused_and_unlevelled_tasks_reported():

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 import torch
 
+from so2lib.data.embedded import EMBEDDED_DIR
 from so2lib.data.labels import (POSITIONS, Encoded, accuracy_table, bos_ids, check_classes, encode,
                                 has_chat_template, label)
 from so2lib.data.tasks import (TASKS, Problem, ProblemSet, Template, make_problem_set, stable_hash,
@@ -48,7 +50,7 @@ PHASE1_DEFAULTS: dict[str, Any] = {
     "tasks": list(TASKS), "template": None, "n_shots": 3, "chat": "auto", "position": "decide",
     "single_token_only": False, "bos": "auto", "space": "auto", "cot": False, "cot_max_tokens": 96,
     "data_dir": None, "calibrate": False, "calibration_n": 60, "accuracy_band": [0.35, 0.75],
-    "calibration_policy": "flag", "calibration_shots": None,
+    "calibration_policy": "flag", "calibration_shots": None, "heldout": "auto",
 }
 
 
@@ -80,7 +82,7 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
              space: str | None = None, cot: bool | None = None, cot_max_tokens: int | None = None,
              data_dir: str | None = None, calibrate: bool | None = None, calibration_n: int | None = None,
              accuracy_band: Sequence[float] | None = None, calibration_policy: str | None = None,
-             calibration_shots: Sequence[int] | None = None,
+             calibration_shots: Sequence[int] | None = None, heldout: str | bool | None = None,
              min_counts: bool = True) -> Setup:
     """Open (or resume) a run: load the model, build or reload the problems, label both splits.
 
@@ -109,6 +111,12 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
       (``calibration_policy``). See :mod:`so2lib.phases.calibration`; the manifest's ``calibration``
       records each task's level and calibration accuracy.
 
+    - ``heldout``: draw problems (and calibration problems) only from the held-out partition the
+      embedded model never saw (:func:`so2lib.data.tasks.is_heldout`, a fifth of every task's
+      space). ``"auto"``: for the embedded model only; a pretrained model saw none of these
+      problems, and the whole space keeps small levels (one-digit sums: 100 problems, not about
+      20) within reach.
+
     The manifest's ``data.per_task`` records ``{"generated", "kept", "dropped"}`` per task; a
     task that keeps no problem raises a ``ValueError`` that says why, and nothing is saved (the
     directory stays free for other settings).
@@ -131,8 +139,8 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
                 "device": device, "dtype": dtype, "batch_size": batch_size, "template": template,
                 "n_shots": n_shots, "chat": chat, "position": position, "cot_max_tokens": cot_max_tokens,
                 "calibrate": calibrate, "calibration_n": calibration_n, "accuracy_band": accuracy_band,
-                "calibration_policy": calibration_policy, "calibration_shots": calibration_shots},
-               min_counts=min_counts)
+                "calibration_policy": calibration_policy, "calibration_shots": calibration_shots,
+                "heldout": heldout}, min_counts=min_counts)
     torch.manual_seed(seed)
     run = Run(run_dir)
     run.batch_size = batch_size
@@ -142,7 +150,8 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
              "calibrate": calibrate, "calibration_n": calibration_n,
              "accuracy_band": None if accuracy_band is None else [float(x) for x in accuracy_band],
              "calibration_policy": calibration_policy,
-             "calibration_shots": None if calibration_shots is None else [int(x) for x in calibration_shots]}
+             "calibration_shots": None if calibration_shots is None else [int(x) for x in calibration_shots],
+             "heldout": heldout}
     recorded = run.config.get("phase1", {}) if run.has("problems") else {}
     opts = {k: (v if v is not None else recorded.get(k, PHASE1_DEFAULTS[k])) for k, v in given.items()}
     if opts["position"] not in POSITIONS:
@@ -175,16 +184,20 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
                          "bos_prepended": model.tokenizer.convert_ids_to_tokens(bos_ids(model, opts["bos"])),
                          "has_chat_template": has_chat, "chat_template_used": use_chat})
     levels, exclude, run_tasks = None, set(), list(opts["tasks"])
+    use_heldout = ((cfg["model"] == "embedded" or Path(path).resolve() == EMBEDDED_DIR.resolve())
+                   if opts["heldout"] == "auto" else bool(opts["heldout"]))
+    # keys of runs made before the option existed (always the partition) stay as they were
+    hkey = {} if use_heldout else {"heldout": False}
     if opts["calibrate"]:
         from so2lib.phases import calibration as CAL
 
         cparams = {k: opts[k] for k in ("tasks", "calibration_n", "accuracy_band", "calibration_policy",
                                         "calibration_shots")} | {"model": cfg["model"], "seed": seed,
-                                                                 "template": dataclasses.asdict(tmpl)}
+                                                                 "template": dataclasses.asdict(tmpl)} | hkey
         cal = run.step("calibration", lambda: CAL.calibrate(
             opts["tasks"], CAL.model_scorer(model, tmpl, batch_size), n=int(opts["calibration_n"]),
             band=opts["accuracy_band"], seed=seed, policy=opts["calibration_policy"],
-            shots=opts["calibration_shots"] or [None],
+            shots=opts["calibration_shots"] or [None], heldout=use_heldout,
             need=-(-(n_train + n_val) // max(len(opts["tasks"]), 1)) + 1), "01", params=cparams | {"need_of": [n_train, n_val]})
         run.record("calibration", CAL.summary(cal))
         levels, exclude = CAL.chosen_levels(cal), CAL.excluded_compacts(cal)
@@ -199,7 +212,7 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
         tparams.pop("task_shots")  # runs made before calibration existed keep their keys
 
     def make_problems() -> dict[str, Any]:
-        ps = make_problem_set(n_train, n_val, seed, run_tasks, heldout=True, data_dir=opts["data_dir"],
+        ps = make_problem_set(n_train, n_val, seed, run_tasks, heldout=use_heldout, data_dir=opts["data_dir"],
                               levels=levels, exclude=exclude)
         dropped: dict[str, dict[str, int]] = {}
         for split in ("train", "val"):
@@ -215,7 +228,7 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
                                                 "kept": generated[t] - sum(dropped.get(t, {}).values()),
                                                 "dropped": dropped.get(t, {})} for t in ps.tasks}}
     pparams = cfg | {"dtype": str(dtype), "single_token_only": opts["single_token_only"],
-                     "template": tparams, "data_dir": opts["data_dir"], "weights": weights}
+                     "template": tparams, "data_dir": opts["data_dir"], "weights": weights} | hkey
     if levels is not None:
         pparams |= {"levels": levels, "run_tasks": run_tasks}
     try:

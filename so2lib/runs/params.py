@@ -124,12 +124,14 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], Callable[[], str]]] = {
     "accuracy_band": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_num(x) for x in v)
                       and 0 <= v[0] < v[1] <= 1, lambda: "[low, high] with 0 <= low < high <= 1, e.g. [0.35, 0.75]"),
     "calibration_policy": (lambda v: v in ("drop", "flag"), lambda: '"drop" or "flag" (tasks no level brings into the band)'),
+    "heldout": (lambda v: v == "auto" or isinstance(v, bool),
+                lambda: '"auto" (the held-out partition for the embedded model only), true or false'),
     "calibration_shots": (_optional(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_int(x) and x >= 0 for x in v)),
                           lambda: "None (the run's n_shots) or a non-empty list of shot counts >= 0"),
 }
 
 
-MIXED_TYPES = {"chat"}  # parameters whose valid values have several types: CHECKS alone decides
+MIXED_TYPES = {"chat", "heldout"}  # parameters whose valid values have several types: CHECKS alone decides
 
 
 def _type_ok(default: Any, value: Any) -> bool:
