@@ -293,6 +293,29 @@ def mean_row(measure: str, values: np.ndarray, null: float, target: float, how: 
     return validation_row(measure, float(v.mean()), bootstrap_ci(v), null, target, how, higher_is_better, **kw)
 
 
+def study_holm(tables: Sequence[pd.DataFrame]) -> list[pd.DataFrame]:
+    """The primary rows of several verdict tables (a study's phases) Holm-adjusted **together**:
+    copies of ``tables`` whose primary rows carry the study-wide ``p_holm`` and, where a row was
+    established but its study-wide ``p_holm`` is not below 0.05, the verdict ``inconclusive``
+    (:func:`verdict_table` adjusts within one table; adding hypotheses never lowers a Holm
+    p-value, so this only demotes). Non-primary rows are unchanged."""
+    out = [t.copy() for t in tables]
+    for t in out:
+        if "primary" in t.columns and "p_holm" not in t.columns:
+            t["p_holm"] = np.nan
+    keys = [(i, j) for i, t in enumerate(out) if "primary" in t.columns and "p" in t.columns
+            for j in np.flatnonzero(t["primary"].fillna(False).astype(bool).to_numpy())]
+    if not keys:
+        return out
+    adj = holm([float(out[i]["p"].iloc[j]) for i, j in keys])
+    for (i, j), a in zip(keys, adj):
+        t = out[i]
+        t.iloc[j, t.columns.get_loc("p_holm")] = a
+        if t["verdict"].iloc[j] == "established" and not a < 0.05:
+            t.iloc[j, t.columns.get_loc("verdict")] = "inconclusive"
+    return out
+
+
 def verdict_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Rows of :func:`validation_row` as a table with :data:`TABLE_COLUMNS`. The p-values of the
     rows marked ``primary`` are Holm-adjusted together (``p_holm``); a primary row is

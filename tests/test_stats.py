@@ -105,3 +105,22 @@ def test_auroc_columns_equal_auroc_per_column():
     got = S.auroc_columns(F, y)
     np.testing.assert_array_equal(got, [S.auroc(F[:, i], y) for i in range(3)])
     assert got[2] == 0.0 and np.isnan(S.auroc_columns(F, np.ones(200, bool))).all()
+
+
+def test_study_holm_adjusts_primary_rows_across_tables_and_only_demotes():
+    def table(ps, verdicts, primary):
+        return S.verdict_table([S.validation_row(f"m{i}", 1.0, (0.5, 1.5), 0.0, 0.0, "how", p=p, primary=pr)
+                                for i, (p, pr) in enumerate(zip(ps, primary))]).assign(verdict=verdicts)
+    a = table([0.01, 0.02, 0.5], ["established", "established", "established"], [True, True, False])
+    b = table([0.011, 0.3], ["established", "inconclusive"], [True, True])
+    sa, sb = S.study_holm([a, b])
+    p_all = S.holm([0.01, 0.02, 0.011, 0.3])
+    np.testing.assert_allclose(list(sa.p_holm[:2]) + list(sb.p_holm), p_all)
+    # 0.01 * 4 = 0.04 stays established; 0.02 -> 0.04 (step-down: max(0.033, 0.02 * 2)) ... recomputed here
+    for df, i, adj in ((sa, 0, p_all[0]), (sa, 1, p_all[1]), (sb, 0, p_all[2])):
+        assert df.verdict[i] == ("established" if adj < 0.05 else "inconclusive")
+    assert sa.verdict[2] == "established" and sb.verdict[1] == "inconclusive"  # not primary; never promoted
+    # planted: four primaries each at p = 0.02 pass alone (per table of one) but not together
+    t4 = [table([0.02], ["established"], [True]) for _ in range(4)]
+    assert all(t.verdict[0] == "established" for t in t4)
+    assert all(t.verdict[0] == "inconclusive" for t in S.study_holm(t4))

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from so2lib.runs.rundir import Run
+from so2lib.stats import study_holm
 
 DECISIVE = ("established", "refuted")
 OUTCOMES = ("replicates", "same verdict, sizes differ", "contradicts", "undetermined", "not comparable")
@@ -57,7 +58,8 @@ def _label(run: Run, used: set[str]) -> str:
 
 def verdict_rows(run: Run) -> pd.DataFrame:
     """Every verdict row of a run (all of its verdict tables), keyed by ``measure``; the
-    ``table`` column names the table. Refuses a run with none of them."""
+    ``table`` column names the table; primary rows carry the study-wide Holm adjustment
+    (:func:`so2lib.stats.study_holm`). Refuses a run with none of them."""
     from so2lib.views.report import VERDICT_TABLES, _verdicts
 
     frames = []
@@ -70,6 +72,7 @@ def verdict_rows(run: Run) -> pd.DataFrame:
     if not frames:
         raise CompareError(f"{run.path} holds none of the verdict tables "
                            f"{[n for n, _ in VERDICT_TABLES]}: run notebooks 03-05 into it first")
+    frames = study_holm(frames)  # primary rows: Holm across the run's tables, as its report reads them
     df = pd.concat(frames, ignore_index=True)
     return df.drop_duplicates("measure", keep="first").set_index("measure")
 

@@ -25,7 +25,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from so2lib.runs.rundir import Run, atomic_write
-from so2lib.stats import wilson_interval
+from so2lib.stats import study_holm, wilson_interval
 from so2lib.views.summary import compact_text, fmt
 
 # ----------------------------------------------------------------------------- formatting
@@ -180,13 +180,15 @@ def section_validation(run: Run) -> Section | None:
     found = [(name, title, _verdicts(run.load(name))) for name, title in VERDICT_TABLES if run.has(name)]
     if not found:
         return None
+    # the primary rows of all tables Holm-adjusted together (each artifact adjusts within itself)
+    found = [(n, t, df) for (n, t, _), df in zip(found, study_holm([df for _, _, df in found]))]
     s = Section("Validation table", "Every row of every verdict table. Each row is an estimate, usually the "
                 "estimate minus its control (the strongest alternative explanation), with a 95% interval that "
                 "resamples problems: 'established' when the whole interval lies on the target's side and excludes "
                 "the control, 'refuted' when it lies on the other side (or within the stated margin of the "
                 "control), 'inconclusive' otherwise (the minimum detectable effect, mde, says what this n could "
-                "resolve), 'not testable' when the data cannot measure it, and why. Primary rows are Holm-adjusted "
-                "together (p_holm). Rows measured on the training split are marked (split = training, blue edge).")
+                "resolve), 'not testable' when the data cannot measure it, and why. The primary rows of all tables "
+                "are Holm-adjusted together (p_holm, across the study; an established primary row needs p_holm < 0.05). Rows measured on the training split are marked (split = training, blue edge).")
     verdicts = pd.concat([df.verdict for _, _, df in found if "verdict" in df.columns])
     s.notes.append("Verdicts: " + ", ".join(f"{fmt(int(v))} {k}" for k, v in verdicts.value_counts().items()))
     allrows = pd.concat([df for _, _, df in found], ignore_index=True)
