@@ -109,3 +109,45 @@ def test_rank1_control_edits_match_full_vectors(arch, tiny_models):
         torch.testing.assert_close(u.norm(dim=1), torch.ones(len(u)), rtol=1e-3, atol=1e-3)
         ref = (torch.einsum("bnd,nd->bn", full, u)[..., None] * u[None] - full).sum(1)
         torch.testing.assert_close(P._rank1(w, c, G, ctrl[key]), ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_direction_maps_match_full_vectors(arch, tiny_models):
+    """``directions`` (coefficients -> effect space) and ``coefficients_of`` (its adjoint) against
+    the neurons' explicit ``M_n``."""
+    full, w, c = layer_case(tiny_models[arch])
+    M = torch.einsum("nm,kmh,khd->nkd", w.W_out, w.W_V, w.W_O)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(w.K, M.shape[0], generator=g)
+    U = torch.randn(M.shape[0], M.shape[2], generator=g)
+    torch.testing.assert_close(w.directions(v), torch.einsum("nkd,kn->nd", M, v), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.coefficients_of(U), torch.einsum("nkd,nd->kn", M, U), rtol=1e-4, atol=1e-5)
+    # an effect's projection on u_n, from its coefficients: c_n . g_n = (M_n^T c_n) . u_n
+    a = torch.einsum("bkn,kn->bn", c, w.coefficients_of(U))
+    torch.testing.assert_close(a, torch.einsum("bnd,nd->bn", full, U), rtol=1e-3, atol=1e-4)
+
+
+def test_evaluate_replacements_with_pc1_equals_the_protocol_rank1(tiny_models):
+    """CLIP's --evaluate path (directions given in effect space) with each neuron's own PC1
+    reproduces the protocol's rank-1 and mean replacements of all neurons of a layer: two code
+    paths, one answer; another direction (planted) gives other readouts."""
+    from so2lib.data.labels import Encoded
+    model = tiny_models["llama"]
+    g = torch.Generator().manual_seed(4)
+    prompts = [[0] + torch.randint(2, 400, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (40,), generator=g)]
+    enc = Encoded(prompts, [[int(t)] for t in torch.randint(2, 400, (40,), generator=g)], pad_id=0)
+    tr, va = enc.subset(range(24)), enc.subset(range(24, 40))
+    per, st = P.run_protocol(model, tr, va, va.gold, [1], {1: {"all": None}}, 0.1, 7, progress=False,
+                             keep={1: torch.arange(4)})
+    fit = st[1]["fit"]
+    w = P.LayerWeights(model, 1)
+    u = w.directions(fit["v"])
+    torch.testing.assert_close(u.norm(dim=1), torch.ones(len(u)), rtol=1e-3, atol=1e-3)
+    other = torch.nn.functional.normalize(torch.randn(u.shape, generator=g), dim=1)
+    ev = P.evaluate_replacements(model, va, va.gold, {1: fit}, {"pc1": {1: u}, "other": {1: other}}, 5)
+    ref = per[(1, "all")]
+    for a, b in (("clean", "clean"), ("mean", "mean"), ("pc1", "rank1")):
+        np.testing.assert_allclose(ev[f"{a}_logit_diff"], ref[f"{b}_logit_diff"], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(ev["other_logit_diff"], ref["rank1_logit_diff"], atol=1e-3)
+    r = P.recovered_difference(ev["clean_correct"], ev["mean_correct"], ev["pc1_correct"], ev["other_correct"], 200)
+    assert set(r) == {"point", "boots", "note"}

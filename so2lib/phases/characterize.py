@@ -385,6 +385,7 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
             done["per_problem"] = pd.concat([pd.DataFrame({"layer": l, "neurons": scope, "problem": np.arange(
                 len(pp["clean_correct"])), **{k: v for k, v in pp.items()}}) for (l, scope), pp in per.items()],
                 ignore_index=True)
+            done["fits"] = {str(l): st[l].pop("fit") for l in keep}
             arrays = {l: R.structure_arrays(st[l].pop("structure"), share, seed) for l in keep}
             srows = []
             for l, a in arrays.items():
@@ -414,6 +415,8 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
     structure = run.step("pc1_structure", lambda: protocol()["structure"], "03",
                          params={"share": share, "max_structure_neurons": max_structure_neurons, "rows": 2},
                          deps=["labels_train", "labels_val", "selection"])
+    run.step("clip_fits", lambda: protocol()["fits"], "03", params={"share": share, "version": PROTOCOL_VERSION},
+             deps=["labels_train", "selection"])  # every neuron's PC1 and mean of the critical layers (for 04)
     gold_train = torch.tensor(setup.labels["train"].gold_token.values)
     outcomes = {"train": second_order_outcomes(model, sums["train"], sums["train"], gold_train),
                 "val": second_order_outcomes(model, sums["train"], sums["val"], gold_val)}

@@ -415,7 +415,8 @@ def pc1_validation(vec_train: np.ndarray, vec_val: np.ndarray, pc: np.ndarray,
 def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataFrame, recovered: dict[str, Any],
                        attribution: pd.DataFrame, *, omp: dict[str, Any] | None = None,
                        pc1_boot: dict[str, Any] | None = None, pred_boot: dict[str, Any] | None = None,
-                       dictionary: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+                       dictionary: pd.DataFrame | None = None,
+                       evaluated: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The rows of ``decomposition_table``. Every interval resamples problems (refitting what is
     fitted); rows measured on the training split say so in ``split``."""
     rows = []
@@ -444,12 +445,36 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
     m = "sparse replacement: share of the mean-ablation drop recovered (selected neurons)"
     how = ("validation accuracy when every selected neuron's effect is replaced by its training mean plus its "
            "projection on the sparse reconstruction: (acc(sparse) - acc(mean)) / (acc(clean) - acc(mean)); "
-           "paired bootstrap over problems; not yet checked on all neurons of the layer (CLIP's --evaluate)")
+           "paired bootstrap over problems; all neurons of the layers: the --evaluate row below")
     if recovered.get("share") == recovered.get("share"):
         rows.append(row(m, recovered["share"], (recovered["ci_low"], recovered["ci_high"]), 0.0, 0.8, how))
     else:
         rows.append(not_measurable(m, how, recovered.get("note", "nothing to recover").removeprefix("not testable: "),
                                    0.8))
+    m = ("sparse replacement, all neurons of the critical layers (CLIP's --evaluate): recovered share, concepts "
+         "minus a size-matched vocabulary subset")
+    how = ("validation accuracy when every neuron of the critical layers has its effect replaced by its training "
+           "mean plus its projection on the m-sparse OMP reconstruction of its PC1 (the CLIP protocol's top-k PC1, "
+           "fitted on training) over the read-out + data concepts, minus the same with random subsets of the "
+           "model's vocabulary of the dictionary's size (per problem, the mean over 5 seeded subsets), over the "
+           "mean-ablation drop: (acc(concepts) - acc(vocabulary)) / (acc(clean) - acc(mean)); paired bootstrap over "
+           "validation problems")
+    ev = evaluated or {}
+    if "clean_correct" in ev:
+        from so2lib.phases.protocol import recovered_difference, recovered_share
+        c, mn = np.asarray(ev["clean_correct"], float), np.asarray(ev["mean_correct"], float)
+        r = recovered_difference(c, mn, ev["sparse_correct"], ev["vocabulary_correct"])
+        shares = {k: recovered_share(c, mn, ev[f"{k}_correct"])["share"] for k in ("pc1", "sparse", "vocabulary")}
+        detail = (f" (layers {ev['layers']}, {ev['n_neurons']} neurons; recovered share: PC1 rank-1 "
+                  f"{shares['pc1']:.3f}, concepts {shares['sparse']:.3f}, vocabulary {shares['vocabulary']:.3f}; mean "
+                  f"cosine of the reconstruction with the PC1: concepts {ev['cosine_sparse']:.3f}, vocabulary "
+                  f"{ev['cosine_vocabulary']:.3f})")
+        if len(r["boots"]) > 1:
+            rows.append(interval_row(m, r["point"], r["boots"], 0.0, 0.0, how + detail, margin=0.05))
+        else:
+            rows.append(not_measurable(m, how + detail, r["note"], 0.0))
+    else:
+        rows.append(not_measurable(m, how, ev.get("reason", "not computed"), 0.0))
     m = "predictive check: top data concept predicts significance, minus random concepts"
     how = ("per selected neuron, |AUROC - 0.5| of its top data concept's flag for the validation problems on "
            "which it is significant, minus the mean for random data concepts; mean over neurons; bootstrap over "
@@ -528,6 +553,10 @@ def carry_attribution_row(attribution: pd.DataFrame, n_boot: int = 1000, seed: i
 
 
 # ----------------------------------------------------------------------------- the phase, for notebooks
+
+
+#: random vocabulary subsets of the --evaluate row's control (each costs one OMP and one readout per batch)
+EVALUATE_SUBSETS = 5
 
 
 def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_attribution_problems: int = 200
@@ -628,6 +657,40 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
         r = recovered_share(clean, per["mean"], per["sparse"])
         return {k: (float(v) if not isinstance(v, str) else v) for k, v in r.items()}
     rec = run.step("sparse_recovered_share", recovered, "04", params={"m": m}, deps=deps + ["layer_sums_val"])
+
+    def evaluate() -> dict[str, Any]:  # CLIP's --evaluate: every neuron of the critical layers
+        from so2lib.phases import protocol as P
+        if not run.has("clip_fits"):
+            return {"reason": "no clip_fits artifact (run notebook 03 with this version of so2lib)"}
+        if len(main_c) < m:
+            return {"reason": f"the math/logic dictionary has {len(main_c)} atoms < m={m}"}
+        fits = {int(l): f for l, f in run.load("clip_fits").items() if int(l) in crit}
+        if not fits:
+            return {"reason": "no critical layer with later heads"}
+        rng = np.random.default_rng(int(run.config.get("seed", 0)))
+        subs = {f"vocabulary_{i}": prepare_dictionary(voc.numpy()[rng.choice(len(voc), len(main_Dp), replace=False)])
+                for i in range(EVALUATE_SUBSETS)}
+        dicts = {"sparse": main_Dp, **subs}
+        dirs: dict[str, dict[int, torch.Tensor]] = {"pc1": {}, **{k: {} for k in dicts}}
+        cos: dict[str, list[np.ndarray]] = {k: [] for k in dicts}
+        for l, f in fits.items():
+            u = P.LayerWeights(model, l).directions(f["v"]).double().numpy()  # [d_mlp, d_model], unit (0: no effect)
+            dirs["pc1"][l] = torch.from_numpy(u)
+            for name, D in dicts.items():
+                r = sparse_codes(u, D, m) @ D
+                cos[name].append(cosine(u, r)[np.linalg.norm(u, axis=1) > 0])
+                dirs[name][l] = torch.from_numpy(r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12))
+        ev = P.evaluate_replacements(model, setup.enc["val"], gold_val, fits, dirs, setup.batch_size)
+        voc_ok = np.mean([ev.pop(f"{k}_correct") for k in subs], axis=0)  # per problem: mean over the subsets
+        voc_ld = np.mean([ev.pop(f"{k}_logit_diff") for k in subs], axis=0)
+        return {k: v.tolist() for k, v in ev.items()} | {
+            "vocabulary_correct": voc_ok.tolist(), "vocabulary_logit_diff": voc_ld.tolist(),
+            "layers": sorted(fits), "n_neurons": int(sum(len(f["v"].T) for f in fits.values())),
+            "n_subsets": EVALUATE_SUBSETS, "cosine_sparse": float(np.concatenate(cos["sparse"]).mean()),
+            "cosine_vocabulary": float(np.mean([np.concatenate(cos[k]).mean() for k in subs]))}
+    ev_deps = deps + (["clip_fits"] if run.has("clip_fits") else [])
+    evaluated = run.step("sparse_evaluate", evaluate, "04", params={"m": m, "n_subsets": EVALUATE_SUBSETS, "version": 1},
+                         deps=ev_deps)
     sig = np.concatenate([nd["significant"][str(l)].numpy() for l in crit], axis=1) if crit else np.zeros((0, 0))
     pred = run.step("predictive_check", lambda: _predictive(sig, flags["val"], main, owners), "04",
                     params={"m": m}, deps=deps)
@@ -675,8 +738,10 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
         setup, selected, max_attribution_problems, setup.batch_size), "04",
         params={"max_problems": max_attribution_problems}, deps=["selection", "labels_val"])
     tab = run.step("decomposition_table", lambda: table(decomposition_rows(
-        quality, pred, pc1v, rec, attr, omp=omp, pc1_boot=pc1b, pred_boot=pred_boot, dictionary=dict_summary)), "04",
+        quality, pred, pc1v, rec, attr, omp=omp, pc1_boot=pc1b, pred_boot=pred_boot, dictionary=dict_summary,
+        evaluated=evaluated)), "04",
         params={"m": m}, deps=["decomposition_quality", "predictive_check", "pc1_validation", "sparse_recovered_share",
+                               "sparse_evaluate",
                                "token_attribution", "omp_vs_vocabulary_subsets", "pc1_validation_bootstrap",
                                "predictive_check_bootstrap", "dictionary_summary"])
     run.record("phase4", {"m": m, "dictionary_sizes": {k: len(v[0]) for k, v in dictionaries.items()}})

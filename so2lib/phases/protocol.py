@@ -62,6 +62,20 @@ class LayerWeights:
         z = torch.bmm(x.permute(1, 0, 2).to(self._P.device), self._P)  # [K, b, dh]
         return torch.einsum("kbh,khd->bd", z, self.W_O.to(z.device))
 
+    def directions(self, v: torch.Tensor) -> torch.Tensor:
+        """``[n, dm]`` effect-space directions ``u_n = M_n^T v_n`` of coefficient vectors ``v [K, n]``."""
+        if not hasattr(self, "_P"):
+            self._P = torch.einsum("nm,kmh->knh", self.W_out, self.W_V).contiguous()
+        return torch.einsum("knh,khd->nd", v.to(self._P)[:, :, None] * self._P, self.W_O.to(self._P))
+
+    def coefficients_of(self, U: torch.Tensor) -> torch.Tensor:
+        """``[K, n]`` ``g_n = M_n u_n`` for directions ``U [n, dm]``: an effect with coefficients ``c_n``
+        projects on ``u_n`` as ``c_n . g_n``."""
+        if not hasattr(self, "_P"):
+            self._P = torch.einsum("nm,kmh->knh", self.W_out, self.W_V).contiguous()
+        Z = torch.einsum("khd,nd->knh", self.W_O.to(self._P), U.to(self._P))
+        return (self._P * Z).sum(-1)
+
     def gram(self, chunk: int = 256) -> torch.Tensor:
         """``G [n, K, K]``, ``G_n = M_n M_n^T``, built ``chunk`` neurons at a time."""
         out = []
@@ -285,7 +299,8 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
     ``{"pc1_share", "pc1_share_shuffled", "K", "n_fit"}``. ``keep``: ``{layer: neurons}`` whose
     training and validation coefficients are also returned, in ``stats[layer]["structure"]``
     (``neurons``, ``coef_train [N_fit, K, s]``, ``coef_val [N_val, K, s]``, ``G``, ``mean``, ``v``,
-    ``M [s, K, d_model]``: what the PC1-structure rows need)."""
+    ``M [s, K, d_model]``: what the PC1-structure rows need) and every neuron's fit,
+    ``stats[layer]["fit"]`` (``v`` and ``mean``, ``[K, d_mlp]``; for :func:`evaluate_replacements`)."""
     from so2lib.engine.second_order import _bytes
     from so2lib.runs.progress import tqdm
     eng = engine_for(model)
@@ -316,6 +331,7 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
                         fits[l]["pc1_share_shuffled"].numpy(), "K": K[l], "n_fit": len(idx)}
             del fits[l]["energy"]
             if keep and l in keep:
+                stats[l]["fit"] = {"v": fits[l]["v"].clone(), "mean": fits[l]["mean"].clone()}
                 kn = torch.as_tensor(keep[l], dtype=torch.long)
                 W = ws[l]
                 Mn = torch.einsum("nm,kmh,khd->nkd", W.W_out[kn], W.W_V, W.W_O)
@@ -344,6 +360,58 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
         bar.update(len(group))
     bar.close()
     return per, stats
+
+
+@torch.no_grad()
+def evaluate_replacements(model: Any, enc_val: Encoded, gold_val: torch.Tensor, fits: dict[int, dict[str, torch.Tensor]],
+                          directions: dict[str, dict[int, torch.Tensor]], batch_size: int = 64) -> dict[str, np.ndarray]:
+    """CLIP's ``--evaluate`` on **all** neurons of the layers of ``fits`` (``{layer: {"v", "mean"}}``
+    from :func:`run_protocol`) at once. Per validation problem ``[N]``: correctness and logit
+    difference of the clean model (``clean``), with every neuron's effect replaced by its training
+    mean (``mean``), and for each ``directions[name][layer] [d_mlp, d_model]`` (one unit effect-space
+    direction per neuron, e.g. its PC1 or that PC1's sparse reconstruction) by the mean plus the
+    effect's projection on that direction (``name``). Edits act on the residual at T."""
+    eng = engine_for(model)
+    layers = sorted(fits)
+    ws = {l: LayerWeights(model, l, eng) for l in layers}
+    proj = {name: {l: (ws[l].coefficients_of(per[l].float()), per[l].float()) for l in layers}
+            for name, per in directions.items()}
+    out: dict[str, list] = {}
+    for rows_idx, x, T in enc_val.batches(batch_size):
+        rows = capture_batch(model, x, T, layers)
+        fr = rows.final_resid.cpu().float()
+        gold = gold_val[rows_idx.start:rows_idx.stop]
+        base = torch.zeros_like(fr)
+        parts = {name: torch.zeros_like(fr) for name in directions}
+        for l in layers:
+            dc = coefficients(eng, rows, l) - fits[l]["mean"]
+            base -= ws[l].edit(dc)
+            for name in directions:
+                g, U = proj[name][l]
+                parts[name] += torch.einsum("bkn,kn->bn", dc, g) @ U
+        edits = {"clean": torch.zeros_like(fr), "mean": base, **{k: base + v for k, v in parts.items()}}
+        for name, e in edits.items():
+            ok, ld = answer_metrics(final_logits(model, fr + e), gold)
+            out.setdefault(f"{name}_correct", []).append(ok.numpy())
+            out.setdefault(f"{name}_logit_diff", []).append(ld.numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def recovered_difference(clean: np.ndarray, mean: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int = 2000,
+                         seed: int = 0) -> dict[str, Any]:
+    """``(acc(a) - acc(b)) / (acc(clean) - acc(mean))``: how much more of the mean-ablation drop
+    replacement ``a`` recovers than ``b``, with paired bootstrap replicates over problems (the same
+    resample in numerator and denominator). Not testable when the drop's CI includes zero."""
+    c, m, x, y = (np.asarray(v, float) for v in (clean, mean, a, b))
+    drop = paired_bootstrap(m, c, n_boot, seed)
+    if not drop["ci_low"] > 0:
+        return {"point": float("nan"), "boots": np.zeros(0),
+                "note": f"mean-ablation drop {100 * drop['change']:.2f} points, CI [{100 * drop['ci_low']:.2f}, "
+                        f"{100 * drop['ci_high']:.2f}] includes 0: nothing to recover"}
+    idx = np.random.default_rng(seed).integers(0, len(c), size=(n_boot, len(c)))
+    den = (c - m)[idx].mean(1)
+    boots = (x - y)[idx].mean(1) / np.where(den > 0, den, np.nan)
+    return {"point": float((x - y).mean() / (c - m).mean()), "boots": boots[np.isfinite(boots)], "note": ""}
 
 
 def protocol_table(per_problem: dict[str, np.ndarray], layer: int, scope: str, n_boot: int = 2000,
