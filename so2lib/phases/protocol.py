@@ -57,24 +57,27 @@ class LayerWeights:
         """``[b, dm]`` = ``sum_n sum_k x[b, k, n] M_nk`` for coefficients ``x [b, K, n]``, through the
         per-head products ``w_n W_V[k]`` (``[K, n, dh]``, built once): ``d_model / d_head`` times
         less arithmetic than going through ``d_model``."""
+        P = self.products
+        z = torch.bmm(x.permute(1, 0, 2).to(P.device), P)  # [K, b, dh]
+        return torch.einsum("kbh,khd->bd", z, self.W_O.to(z.device))
+
+    @property
+    def products(self) -> torch.Tensor:
+        """``[K, n, dh]`` the per-head products ``w_n W_V[k]``, built on first use."""
         if not hasattr(self, "_P"):
             self._P = torch.einsum("nm,kmh->knh", self.W_out, self.W_V).contiguous()
-        z = torch.bmm(x.permute(1, 0, 2).to(self._P.device), self._P)  # [K, b, dh]
-        return torch.einsum("kbh,khd->bd", z, self.W_O.to(z.device))
+        return self._P
 
     def directions(self, v: torch.Tensor) -> torch.Tensor:
         """``[n, dm]`` effect-space directions ``u_n = M_n^T v_n`` of coefficient vectors ``v [K, n]``."""
-        if not hasattr(self, "_P"):
-            self._P = torch.einsum("nm,kmh->knh", self.W_out, self.W_V).contiguous()
-        return torch.einsum("knh,khd->nd", v.to(self._P)[:, :, None] * self._P, self.W_O.to(self._P))
+        P = self.products
+        return torch.einsum("knh,khd->nd", v.to(P)[:, :, None] * P, self.W_O.to(P))
 
     def coefficients_of(self, U: torch.Tensor) -> torch.Tensor:
         """``[K, n]`` ``g_n = M_n u_n`` for directions ``U [n, dm]``: an effect with coefficients ``c_n``
         projects on ``u_n`` as ``c_n . g_n``."""
-        if not hasattr(self, "_P"):
-            self._P = torch.einsum("nm,kmh->knh", self.W_out, self.W_V).contiguous()
-        Z = torch.einsum("khd,nd->knh", self.W_O.to(self._P), U.to(self._P))
-        return (self._P * Z).sum(-1)
+        P = self.products
+        return (P * torch.einsum("khd,nd->knh", self.W_O.to(P), U.to(P))).sum(-1)
 
     def gram(self, chunk: int = 256) -> torch.Tensor:
         """``G [n, K, K]``, ``G_n = M_n M_n^T``, built ``chunk`` neurons at a time."""
