@@ -319,7 +319,7 @@ def _r2(y: np.ndarray, yhat: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- the phase, for notebooks
 
 
-def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: int | None = None,
+def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: int | None = 20,
                            progress: bool = True, n_boot: int = 2000,
                            max_structure_neurons: int = 512) -> dict[str, Any]:
     """Phase 3: output-space ablations, the CLIP protocol for all neurons of each layer (and the
