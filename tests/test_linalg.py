@@ -201,3 +201,14 @@ def test_map_replicates_is_independent_of_the_thread_count_and_restores_threads(
         map_replicates(one, 4, n_workers=2)  # nested: the outer context still holds
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_omp_never_forms_the_atoms_gram():
+    """A whole vocabulary as the dictionary (Gemma-3: 262,144 atoms): the K x K Gram would need
+    hundreds of GB; OMP must work from the chosen atoms only."""
+    rng = np.random.default_rng(0)
+    D = rng.normal(size=(150_000, 4))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    Y = rng.normal(size=(3, 4))
+    codes = omp(Y, D, 2)
+    assert codes.shape == (3, 150_000) and ((codes != 0).sum(1) <= 2).all()

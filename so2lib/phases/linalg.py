@@ -104,7 +104,6 @@ def _omp(directions: np.ndarray, dictionary: np.ndarray, m: int) -> np.ndarray:
         raise ValueError(f"sparsity m={m} must be between 1 and min(atoms, d_model) = {min(D.shape)}")
     eps = np.finfo(np.float64).eps
     alpha = Y @ D.T  # [B, K] inner products with the targets
-    Gd = D @ D.T  # [K, K] the atoms' Gram: each step's Gram of the chosen atoms is read from it
     rows = torch.arange(B)
     sel = torch.zeros(B, m, dtype=torch.long)
     n_sel = torch.zeros(B, dtype=torch.long)
@@ -130,7 +129,9 @@ def _omp(directions: np.ndarray, dictionary: np.ndarray, m: int) -> np.ndarray:
         s_k = torch.where(active, lam, sel[:, k])
         sel[:, k] = s_k
         A[:, k] = D[s_k]
-        g_row = Gd[s_k[:, None], sel[:, : k + 1]]  # [B, k+1]
+        # the new atom's inner products with those chosen (from the atoms: a dictionary can be a
+        # whole vocabulary, whose K x K Gram would not fit in memory)
+        g_row = torch.bmm(A[:, : k + 1], A[:, k, :, None])[..., 0]  # [B, k+1]
         G[:, k, : k + 1] = g_row
         G[:, : k + 1, k] = g_row
         Gk = G[:, : k + 1, : k + 1]
