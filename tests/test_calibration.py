@@ -138,6 +138,13 @@ def test_heldout_partition_is_for_the_embedded_model_only(tmp_path, tiny_dirs):
         study.open_run(str(tmp_path / "forced"), str(tiny_dirs["llama"]), heldout=False, **kw)
     with pytest.raises(Exception, match="heldout"):
         study.open_run(str(tmp_path / "bad"), str(tiny_dirs["llama"]), heldout="yes", **kw)
+    # a run made before the option existed (no "heldout" recorded) keeps the partition on reopening
+    import json
+    man = json.loads((tmp_path / "forced" / "manifest.json").read_text())
+    man["config"]["phase1"].pop("heldout")
+    (tmp_path / "forced" / "manifest.json").write_text(json.dumps(man))
+    again = study.open_run(str(tmp_path / "forced"), str(tiny_dirs["llama"]), **kw)
+    assert [p.compact for p in again.problems.train] == [p.compact for p in forced.problems.train]
 
 
 def test_bad_options_are_refused_and_unlevelled_tasks_reported():

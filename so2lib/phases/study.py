@@ -153,6 +153,8 @@ def open_run(run_dir: str, model_name: str | None = None, n_train: int = 5000, n
              "calibration_shots": None if calibration_shots is None else [int(x) for x in calibration_shots],
              "heldout": heldout}
     recorded = run.config.get("phase1", {}) if run.has("problems") else {}
+    if run.has("problems") and "heldout" not in recorded:  # made before the option: always the partition
+        recorded = recorded | {"heldout": True}
     opts = {k: (v if v is not None else recorded.get(k, PHASE1_DEFAULTS[k])) for k, v in given.items()}
     if opts["position"] not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, not {opts['position']!r}")
