@@ -275,8 +275,24 @@ def test_pc1_validation_and_decomposition_rows():
     rows = Co.decomposition_rows(empty, pd.DataFrame(columns=["strength", "strength_random"]),
                                  pd.DataFrame(columns=["val_share", "train_share", "K"]), {"share": float("nan")},
                                  pd.DataFrame(columns=["problem", "share", "null"]))
-    assert len(rows) == 6 and {r["verdict"] for r in rows} == {"not testable"}
+    assert len(rows) == 7 and {r["verdict"] for r in rows} == {"not testable"}
     assert rows[0]["split"] == "training"
+    # CLIP's --evaluate row: planted outcomes where the concepts recover the drop and the vocabulary
+    # does not (established), and where both recover it alike (not established)
+    n = 400
+    clean = np.ones(n)
+    mean = np.r_[np.zeros(200), np.ones(200)]
+    full = clean.copy()
+    for sparse, want in ((full, {"established"}), (mean, {"refuted", "inconclusive"})):
+        ev = {"clean_correct": clean, "mean_correct": mean, "pc1_correct": full, "sparse_correct": sparse,
+              "vocabulary_correct": mean, "layers": [0], "n_neurons": 8, "cosine_sparse": 0.9,
+              "cosine_vocabulary": 0.8}
+        rows = Co.decomposition_rows(empty, pd.DataFrame(columns=["strength", "strength_random"]),
+                                     pd.DataFrame(columns=["val_share", "train_share", "K"]),
+                                     {"share": float("nan")}, pd.DataFrame(columns=["problem", "share", "null"]),
+                                     evaluated=ev)
+        r = next(r for r in rows if "--evaluate" in r["measure"])
+        assert r["verdict"] in want, (r["verdict"], r["measured"])
 
 
 def _neurons_in(D, rng, N=150, n=6, noise=0.05):

@@ -133,7 +133,7 @@ def test_phase4_and_phase5_tables_never_crash(phase2):
         characterize.characterization_phase(setup, share=0.05, progress=False)
     cols = TABLE_COLUMNS
     res4 = concepts.decomposition_phase(setup, m=8, progress=False)
-    assert list(res4["table"].columns) == cols and len(res4["table"]) == 6
+    assert list(res4["table"].columns) == cols and len(res4["table"]) == 7
     assert list(setup.run.load("decomposition_table").columns) == cols
     res5 = applications.applications_phase(setup, k_edit=2, n_random_sets=2, n_perm=50, n_draws=3, progress=False)
     t = res5["table"]
