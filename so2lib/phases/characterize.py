@@ -62,12 +62,12 @@ def pc1_batch(vectors: np.ndarray, chunk: int = 16) -> tuple[np.ndarray, np.ndar
     mean (as PCA does); the first eigenvector of its scatter matrix (float64) is PCA's first
     component, signed as scikit-learn signs it (largest-magnitude entry positive) and then by
     :func:`pc1`'s majority rule; the share is the top eigenvalue over the trace."""
-    from threadpoolctl import threadpool_limits
+    from so2lib.phases.linalg import single_threaded
 
     n, m, d = vectors.shape
     dirs, share = np.zeros((n, d), np.float32), np.zeros(n)
     # one BLAS thread: small matrices, and a threaded BLAS stalls beside torch's own threads
-    with threadpool_limits(limits=1, user_api="blas"):
+    with single_threaded():
         for c in range(0, n, chunk):
             X32 = np.asarray(vectors[c:c + chunk], dtype=np.float32)
             Xc = X32.astype(np.float64)

@@ -472,7 +472,7 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
         if len(r["boots"]) > 1:
             rows.append(interval_row(m, r["point"], r["boots"], 0.0, 0.0, how + detail, margin=0.05))
         else:
-            rows.append(not_measurable(m, how + detail, r["note"], 0.0))
+            rows.append(not_measurable(m, how + detail, r["note"] + ": nothing to recover", 0.0))
     else:
         rows.append(not_measurable(m, how, ev.get("reason", "not computed"), 0.0))
     m = "predictive check: top data concept predicts significance, minus random concepts"

@@ -224,11 +224,19 @@ def _edit_batch(model: Any, w: LayerWeights, fit: dict[str, torch.Tensor], c: to
         ctrl["Gv"] = {k: torch.einsum("nkj,jn->kn", G, ctrl[k]) for k in ("random", "mean_direction")}
     for k in ("random", "mean_direction"):
         edits[f"rank1_{k}"] = _rank1(w, dc, G, ctrl[k], ctrl["Gv"][k])
+    _read(model, final_resid, edits, gold, out)
+    out.setdefault("significant_share", []).append(sig[:, keep].float().mean(1).numpy())
+
+
+def _read(model: Any, final_resid: torch.Tensor, edits: dict[str, torch.Tensor], gold: torch.Tensor,
+          out: dict[str, list]) -> None:
+    """Append each edit's per-problem correctness and logit difference (``{name}_correct``,
+    ``{name}_logit_diff``) to ``out``: the residual at T plus the edit, through the final norm and
+    the unembedding only."""
     for name, e in edits.items():
         ok, ld = answer_metrics(final_logits(model, final_resid + e), gold)
         out.setdefault(f"{name}_correct", []).append(ok.numpy())
         out.setdefault(f"{name}_logit_diff", []).append(ld.numpy())
-    out.setdefault("significant_share", []).append(sig[:, keep].float().mean(1).numpy())
 
 
 def _keep(n: int, neurons: torch.Tensor | None) -> torch.Tensor:
@@ -392,11 +400,8 @@ def evaluate_replacements(model: Any, enc_val: Encoded, gold_val: torch.Tensor, 
             for name in directions:
                 g, U = proj[name][l]
                 parts[name] += torch.einsum("bkn,kn->bn", dc, g) @ U
-        edits = {"clean": torch.zeros_like(fr), "mean": base, **{k: base + v for k, v in parts.items()}}
-        for name, e in edits.items():
-            ok, ld = answer_metrics(final_logits(model, fr + e), gold)
-            out.setdefault(f"{name}_correct", []).append(ok.numpy())
-            out.setdefault(f"{name}_logit_diff", []).append(ld.numpy())
+        _read(model, fr, {"clean": torch.zeros_like(fr), "mean": base, **{k: base + v for k, v in parts.items()}},
+              gold, out)
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -410,7 +415,7 @@ def recovered_difference(clean: np.ndarray, mean: np.ndarray, a: np.ndarray, b: 
     if not drop["ci_low"] > 0:
         return {"point": float("nan"), "boots": np.zeros(0),
                 "note": f"mean-ablation drop {100 * drop['change']:.2f} points, CI [{100 * drop['ci_low']:.2f}, "
-                        f"{100 * drop['ci_high']:.2f}] includes 0: nothing to recover"}
+                        f"{100 * drop['ci_high']:.2f}] includes 0"}
     idx = np.random.default_rng(seed).integers(0, len(c), size=(n_boot, len(c)))
     den = (c - m)[idx].mean(1)
     boots = (x - y)[idx].mean(1) / np.where(den > 0, den, np.nan)
@@ -446,17 +451,11 @@ def protocol_table(per_problem: dict[str, np.ndarray], layer: int, scope: str, n
 
 def recovered_share(clean: np.ndarray, mean: np.ndarray, rank1: np.ndarray, n_boot: int = 2000,
                     seed: int = 0) -> dict[str, Any]:
-    """``(acc(rank1) - acc(mean)) / (acc(clean) - acc(mean))`` with a paired bootstrap CI.
-    Not testable (NaN, with a note) when the mean-ablation drop's CI includes zero: there is
-    nothing for rank-1 to recover."""
-    c, m, r = (np.asarray(a, float) for a in (clean, mean, rank1))
-    drop = paired_bootstrap(m, c, n_boot, seed)
-    if not drop["ci_low"] > 0:
-        return {"share": np.nan, "ci_low": np.nan, "ci_high": np.nan,
-                "note": f"not testable: mean-ablation drop {100 * drop['change']:.2f} points, CI "
-                        f"[{100 * drop['ci_low']:.2f}, {100 * drop['ci_high']:.2f}] includes 0"}
-    idx = np.random.default_rng(seed).integers(0, len(c), size=(n_boot, len(c)))
-    num, den = (r - m)[idx].mean(1), (c - m)[idx].mean(1)
-    boots = num / np.where(den > 0, den, np.nan)
-    lo, hi = np.nanquantile(boots, [0.025, 0.975])
-    return {"share": float((r - m).mean() / (c - m).mean()), "ci_low": float(lo), "ci_high": float(hi), "note": ""}
+    """``(acc(rank1) - acc(mean)) / (acc(clean) - acc(mean))`` with a paired bootstrap CI
+    (:func:`recovered_difference` of ``rank1`` against ``mean``). Not testable (NaN, with a note)
+    when the mean-ablation drop's CI includes zero: there is nothing for rank-1 to recover."""
+    r = recovered_difference(clean, mean, rank1, mean, n_boot, seed)
+    if r["note"]:
+        return {"share": np.nan, "ci_low": np.nan, "ci_high": np.nan, "note": "not testable: " + r["note"]}
+    lo, hi = np.quantile(r["boots"], [0.025, 0.975]) if len(r["boots"]) else (np.nan, np.nan)
+    return {"share": r["point"], "ci_low": float(lo), "ci_high": float(hi), "note": ""}
