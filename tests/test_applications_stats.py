@@ -23,7 +23,7 @@ def _confounded(seed, N=600, P=300, real=None, strength=1.5):
     ok = rng.random(N) < acc
     X = rng.normal(size=(N, P)) + 2.0 * strata[:, None]  # every neuron tracks the stratum
     if real is not None:
-        X[ok, real] += strength
+        X[np.ix_(ok, np.atleast_1d(real))] += strength
     return X, ok, [("task", s) for s in strata]
 
 
@@ -82,6 +82,28 @@ def test_error_analysis_finds_and_replicates_a_planted_neuron():
     c = A.chosen_minus_random(ok0, rand[0], rand[1:])
     causal = {**c, "rank_p": 0.5, "n_neurons": 1, "n_sets": 19}
     assert A.error_analysis_rows(res["summary"], 0.05, causal=causal)[2]["verdict"] != "established"
+
+
+def test_sign_concordance_replicates_planted_neurons_and_not_training_noise():
+    # 20 planted neurons: their validation sign follows the training sign (established beyond 0.5)
+    planted = list(range(20))
+    Xt, okt, st = _confounded(4, N=800, real=planted, strength=0.6)
+    Xv, okv, sv = _confounded(5, N=400, real=planted, strength=0.6)
+    res = A.stratified_error_analysis([Xt], okt, st, [Xv], okv, sv, q=0.05, n_perm=20, n_boot=100)
+    s = res["summary"]
+    assert s["discoveries"] >= 10 and s["concordance"] > 0.9 and s["concordance_lo"] > 0.55
+    assert s["n_boot"] == 100 and 0.3 < s["concordance_other"] < 0.7
+    r = A.error_analysis_rows(s, 0.05)[1]
+    assert r["verdict"] == "established" and r["control"] == 0.5 and "sign" in r["measure"]
+    # training "discoveries" that are noise (the training labels planted on columns unrelated on
+    # validation): the validation signs are coin flips, never established
+    Xv0, okv0, sv0 = _confounded(6, N=400)
+    res0 = A.stratified_error_analysis([Xt], okt, st, [Xv0], okv0, sv0, q=0.05, n_perm=20, n_boot=100)
+    r0 = A.error_analysis_rows(res0["summary"], 0.05)[1]
+    assert r0["verdict"] in ("inconclusive", "refuted") and r0["ci_low"] < 0.5 + 0.05
+    # the concordance alone: a half-and-half sign pattern reads 0.5
+    c = A.sign_concordance(Xv0[:, :20], okv0, sv0, np.where(np.arange(20) % 2 == 0, 1.0, -1.0), 50)
+    assert 0.1 < c["concordance"] < 0.9 and c["concordance_lo"] <= c["concordance"] <= c["concordance_hi"]
 
 
 def test_error_analysis_without_informative_strata_is_not_testable():
@@ -293,6 +315,19 @@ def test_pc1_validation_and_decomposition_rows():
                                      evaluated=ev)
         r = next(r for r in rows if "--evaluate" in r["measure"])
         assert r["verdict"] in want, (r["verdict"], r["measured"])
+        # the selected neurons' sparse replacement, against the same control
+        rec = {k: ev[k] for k in ("clean_correct", "mean_correct", "sparse_correct", "vocabulary_correct")}
+        rows = Co.decomposition_rows(empty, pd.DataFrame(columns=["strength", "strength_random"]),
+                                     pd.DataFrame(columns=["val_share", "train_share", "K"]),
+                                     rec | {"n_neurons": 8, "n_subsets": 5},
+                                     pd.DataFrame(columns=["problem", "share", "null"]))
+        r = next(r for r in rows if r["measure"].startswith("sparse replacement (selected neurons)"))
+        assert r["verdict"] in want and r["control"] == 0.0, (r["verdict"], r["measured"])
+    # the vocabulary control is seeded and size-matched: the same subsets for the same seed
+    V = np.random.default_rng(2).normal(size=(50, 8))
+    a, b, c = (Co.vocabulary_subsets(V, 6, s) for s in (0, 0, 1))
+    assert len(a) == Co.EVALUATE_SUBSETS and all(x.shape == (6, 8) for x in a.values())
+    assert all(np.array_equal(a[k], b[k]) for k in a) and not np.array_equal(a["vocabulary_0"], c["vocabulary_0"])
 
 
 def _neurons_in(D, rng, N=150, n=6, noise=0.05):

@@ -210,6 +210,33 @@ def test_pc1_beyond_mean_fixed_vector_fails_two_directions_pass():
         assert all(r["resampled"].startswith("problems") for r in rows.values())
 
 
+def test_structure_refits_equal_the_fixed_fit_on_the_full_sample_and_widen_the_interval(monkeypatch):
+    st = structure("two")
+    a = R.structure_arrays(st, n_refit=0)
+    assert "boot" not in a
+    # a refit on the full training sample (no resampling) and unit validation weights is the fit itself
+    orig = R._boot_idx
+    monkeypatch.setattr(R, "_boot_idx", lambda n, b, seed: np.tile(np.arange(n), (b, 1)))
+    bt = R.structure_refits(st, 0.02, 0, n_refit=1, n_boot=1)
+    monkeypatch.setattr(R, "_boot_idx", orig)
+    for key in ("pc1", "mean_direction", "other", "null_pc1"):
+        np.testing.assert_allclose(bt[key][0], a[key].sum(0) / a["energy"].sum(0), rtol=1e-4, atol=1e-6)
+    # with resampling: refitted replicates, the same for any thread count, and a wider interval than
+    # the one that holds the training fits fixed
+    r1 = R.structure_refits(st, 0.02, 0, n_refit=8, n_boot=200)
+    from so2lib.phases import linalg
+    monkeypatch.setenv("SO2LIB_WORKERS", "1")
+    r2 = R.structure_refits(st, 0.02, 0, n_refit=8, n_boot=200)
+    assert all(np.array_equal(r1[k], r2[k]) for k in ("pc1", "other")) and linalg.workers() == 1
+    b = R.structure_arrays(st, n_refit=8, n_boot=200)
+    name = "L: PC1 share minus mean-effect direction"
+    fixed = next(r for r in R.structure_rows([a], "L", 200, 10) if r["measure"] == name)
+    refit = next(r for r in R.structure_rows([b], "L", 200, 10) if r["measure"] == name)
+    assert refit["measured"] == pytest.approx(fixed["measured"])
+    assert "refitted" in refit["resampled"] and "fixed" in fixed["how"]
+    assert refit["ci_high"] - refit["ci_low"] >= 0.9 * (fixed["ci_high"] - fixed["ci_low"])
+
+
 def test_pc1_structure_needs_enough_top_problems_and_excludes_dead_neurons():
     few = R.structure_arrays(structure("two", N=1000))  # k = 20 < 50
     rows = R.structure_rows([few], "L", 50, 10)

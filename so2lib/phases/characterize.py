@@ -239,6 +239,10 @@ STRUCTURE_VERSION = 2
 EFFECT_BUDGET_VERSION = 4
 #: 2: the random rank-1 control drawn through a Cholesky factor (same distribution, other draws)
 PROTOCOL_VERSION = 2
+#: training refits behind the PC1-structure rows' intervals (phase3_rows.structure_refits): each
+#: bootstrap replicate resamples the validation problems and uses one of these refits of the
+#: training fits (mean, top-k, PC1 and controls), so the interval carries both sources of variability
+STRUCTURE_REFITS = 20
 
 
 @torch.no_grad()
@@ -386,7 +390,7 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
                 len(pp["clean_correct"])), **{k: v for k, v in pp.items()}}) for (l, scope), pp in per.items()],
                 ignore_index=True)
             done["fits"] = {str(l): st[l].pop("fit") for l in keep}
-            arrays = {l: R.structure_arrays(st[l].pop("structure"), share, seed) for l in keep}
+            arrays = {l: R.structure_arrays(st[l].pop("structure"), share, seed, STRUCTURE_REFITS) for l in keep}
             srows = []
             for l, a in arrays.items():
                 srows += [dict(r, layer=str(l)) for r in R.structure_rows([a], f"layer {l}", seed=seed)]
@@ -413,7 +417,8 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
     per_problem = run.step("clip_per_problem", lambda: protocol()["per_problem"], "03",
                            params={"share": share, "version": PROTOCOL_VERSION}, deps=["labels_train", "labels_val", "selection"])
     structure = run.step("pc1_structure", lambda: protocol()["structure"], "03",
-                         params={"share": share, "max_structure_neurons": max_structure_neurons, "rows": 2},
+                         params={"share": share, "max_structure_neurons": max_structure_neurons, "rows": 3,
+                                 "n_refit": STRUCTURE_REFITS},
                          deps=["labels_train", "labels_val", "selection"])
     run.step("clip_fits", lambda: protocol()["fits"], "03", params={"share": share, "version": PROTOCOL_VERSION},
              deps=["labels_train", "selection"])  # every neuron's PC1 and mean of the critical layers (for 04)

@@ -442,15 +442,28 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
                                  margin=0.02))
     else:
         rows.append(not_measurable(m, how, (omp or {}).get("reason", "no decomposition"), 0.0, split="training"))
-    m = "sparse replacement: share of the mean-ablation drop recovered (selected neurons)"
+    m = ("sparse replacement (selected neurons): recovered share, concepts minus a size-matched vocabulary "
+         "subset")
     how = ("validation accuracy when every selected neuron's effect is replaced by its training mean plus its "
-           "projection on the sparse reconstruction: (acc(sparse) - acc(mean)) / (acc(clean) - acc(mean)); "
-           "paired bootstrap over problems; all neurons of the layers: the --evaluate row below")
-    if recovered.get("share") == recovered.get("share"):
-        rows.append(row(m, recovered["share"], (recovered["ci_low"], recovered["ci_high"]), 0.0, 0.8, how))
+           "projection on the m-sparse OMP reconstruction of its PC1 over the read-out + data concepts, minus the "
+           "same with random subsets of the model's vocabulary of the dictionary's size (per problem, the mean over "
+           "the subsets; the same subsets as the --evaluate row), over the mean-ablation drop: "
+           "(acc(concepts) - acc(vocabulary)) / (acc(clean) - acc(mean)); paired bootstrap over validation problems; "
+           "all neurons of the layers: the --evaluate row below")
+    if "clean_correct" in recovered:
+        from so2lib.phases.protocol import recovered_difference, recovered_share
+        c, mn = np.asarray(recovered["clean_correct"], float), np.asarray(recovered["mean_correct"], float)
+        r = recovered_difference(c, mn, recovered["sparse_correct"], recovered["vocabulary_correct"])
+        shares = {k: recovered_share(c, mn, recovered[f"{k}_correct"])["share"] for k in ("sparse", "vocabulary")}
+        detail = (f" (recovered share: concepts {shares['sparse']:.3f}, vocabulary {shares['vocabulary']:.3f}; "
+                  f"{recovered['n_neurons']} neurons, {recovered['n_subsets']} subsets)")
+        if len(r["boots"]) > 1:
+            rows.append(interval_row(m, r["point"], r["boots"], 0.0, 0.0, how + detail, margin=0.05))
+        else:
+            rows.append(not_measurable(m, how + detail, r["note"] + ": nothing to recover", 0.0))
     else:
         rows.append(not_measurable(m, how, recovered.get("note", "nothing to recover").removeprefix("not testable: "),
-                                   0.8))
+                                   0.0))
     m = ("sparse replacement, all neurons of the critical layers (CLIP's --evaluate): recovered share, concepts "
          "minus a size-matched vocabulary subset")
     how = ("validation accuracy when every neuron of the critical layers has its effect replaced by its training "
@@ -559,6 +572,18 @@ def carry_attribution_row(attribution: pd.DataFrame, n_boot: int = 1000, seed: i
 EVALUATE_SUBSETS = 5
 
 
+def vocabulary_subsets(vocabulary: torch.Tensor | np.ndarray, n_atoms: int, seed: int,
+                       n_subsets: int = EVALUATE_SUBSETS) -> dict[str, np.ndarray]:
+    """``n_subsets`` prepared dictionaries of ``n_atoms`` rows drawn without replacement from the
+    model's vocabulary directions ``[V, d_model]`` (the size-matched control of the sparse
+    replacement rows), ``{"vocabulary_0": [n_atoms, d_model], ...}``; seeded, so every row that
+    uses them sees the same subsets."""
+    V = np.asarray(vocabulary)
+    rng = np.random.default_rng(seed)
+    return {f"vocabulary_{i}": prepare_dictionary(V[rng.choice(len(V), n_atoms, replace=False)])
+            for i in range(n_subsets)}
+
+
 def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_attribution_problems: int = 200
                         ) -> dict[str, Any]:
     """Phase 4: each selected neuron's principal direction (PC1 of its centred effects, training
@@ -569,7 +594,6 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
     is a row of ``decomposition_table`` (the columns of ``validation_table``)."""
     from so2lib.engine import attribution as At
     from so2lib.phases import characterize as C
-    from so2lib.phases.protocol import recovered_share
     run, model = setup.run, setup.model
     crit, selected = load_selection(run)
     ln = ModelInfo.of(model).norm == "LN"
@@ -646,17 +670,29 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
     repl = run.step("decomposition_replacement", lambda: C.replacement_accuracy(model, resid_val, gold_val, edits),
                     "04", params={"m": m}, deps=deps + ["layer_sums_val"])
 
+    seed = int(run.config.get("seed", 0))
+
     def recovered() -> dict[str, Any]:
+        """Per validation problem: correct under clean, mean, the sparse replacement of every selected
+        neuron, and (the control) the same over random vocabulary subsets (mean over the subsets)."""
         if not main or not crit:
-            return {"share": float("nan"), "note": "no sparse reconstruction (too few concepts or neurons)"}
-        per = {}
-        for kind in ("mean", "sparse"):
-            delta = sum(torch.as_tensor(edits[l][kind]) for l in crit)
-            per[kind] = C.answer_metrics(C.final_logits(model, resid_val + delta), gold_val)[0].numpy()
+            return {"note": "no sparse reconstruction (too few concepts or neurons)"}
         clean = C.answer_metrics(C.final_logits(model, resid_val), gold_val)[0].numpy()
-        r = recovered_share(clean, per["mean"], per["sparse"])
-        return {k: (float(v) if not isinstance(v, str) else v) for k, v in r.items()}
-    rec = run.step("sparse_recovered_share", recovered, "04", params={"m": m}, deps=deps + ["layer_sums_val"])
+
+        def correct(kind_edits: dict[int, np.ndarray]) -> np.ndarray:
+            delta = sum(torch.as_tensor(kind_edits[l]) for l in crit)
+            return C.answer_metrics(C.final_logits(model, resid_val + delta), gold_val)[0].numpy().astype(float)
+        out = {"clean_correct": clean.astype(float), "mean_correct": correct({l: edits[l]["mean"] for l in crit}),
+               "sparse_correct": correct({l: edits[l]["sparse"] for l in crit})}
+        voc_ok = []
+        for D in vocabulary_subsets(voc, len(main_Dp), seed).values():
+            recon = sparse_codes(dirs, D, m) @ D
+            voc_ok.append(correct({l: C.projection_edit(centred_val[l], recon[offs[i]:offs[i + 1]])
+                                   for i, l in enumerate(crit)}))
+        out["vocabulary_correct"] = np.mean(voc_ok, axis=0)
+        return {k: v.tolist() for k, v in out.items()} | {"n_neurons": int(offs[-1]), "n_subsets": len(voc_ok)}
+    rec = run.step("sparse_recovered_share", recovered, "04",
+                   params={"m": m, "n_subsets": EVALUATE_SUBSETS, "version": 2}, deps=deps + ["layer_sums_val"])
 
     def evaluate() -> dict[str, Any]:  # CLIP's --evaluate: every neuron of the critical layers
         from so2lib.phases import protocol as P
@@ -667,9 +703,7 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
         fits = {int(l): f for l, f in run.load("clip_fits").items() if int(l) in crit}
         if not fits:
             return {"reason": "no critical layer with later heads"}
-        rng = np.random.default_rng(int(run.config.get("seed", 0)))
-        subs = {f"vocabulary_{i}": prepare_dictionary(voc.numpy()[rng.choice(len(voc), len(main_Dp), replace=False)])
-                for i in range(EVALUATE_SUBSETS)}
+        subs = vocabulary_subsets(voc, len(main_Dp), seed)
         dicts = {"sparse": main_Dp, **subs}
         dirs: dict[str, dict[int, torch.Tensor]] = {"pc1": {}, **{k: {} for k in dicts}}
         cos: dict[str, list[np.ndarray]] = {k: [] for k in dicts}

@@ -11,7 +11,9 @@ the strongest alternative explanation, with intervals that resample validation P
 - **PC1 structure** (:func:`structure_arrays`, :func:`structure_rows`): the validation share of
   each neuron's centred effect energy along its training PC1, minus the same along its
   mean-effect direction, along another neuron's PC1, and along the PC1 of an activation-only
-  null; and its ratio to the validation set's own PC1 (the ceiling).
+  null; and its ratio to the validation set's own PC1 (the ceiling). The difference rows' intervals
+  refit the training fits (:func:`structure_refits`: each replicate resamples validation problems
+  and uses a refit on a bootstrap resample of the training problems).
 - **Energy share** (:func:`energy_share_row`): a description beside a heavy-tailed (Laplace) null.
 - **Layer concentration** (:func:`concentration_row`): the share of the second-order ablation drop
   in the layers chosen by second-order ablation on training.
@@ -26,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from so2lib.phases.linalg import map_replicates
 from so2lib.stats import interval_row, not_measurable, top_share
 
 PROBLEMS = "problems (validation)"
@@ -169,7 +172,95 @@ def activation_only(dc: torch.Tensor, G: torch.Tensor, seed: int = 0) -> torch.T
     return unit[pi] * nrm[:, None]
 
 
-def structure_arrays(st: dict[str, torch.Tensor], share: float = 0.02, seed: int = 0) -> dict[str, Any]:
+def _unit_cols(x: torch.Tensor) -> torch.Tensor:
+    """Columns ``[K, s]`` scaled to unit norm (zero columns stay zero)."""
+    n = x.norm(dim=0, keepdim=True)
+    return torch.where(n > 0, x / n.clamp_min(1e-30), torch.zeros_like(x))
+
+
+def structure_refits(st: dict[str, torch.Tensor], share: float = 0.02, seed: int = 0, n_refit: int = 20,
+                     n_boot: int = 1000) -> dict[str, np.ndarray]:
+    """Bootstrap replicates of the PC1-structure shares **with the training fits refitted**.
+
+    Replicate ``b`` (of ``n_boot``) resamples the validation problems (counts seeded by ``seed``,
+    the same for every layer of a run) and uses training refit ``b mod n_refit``: a bootstrap
+    resample of the training problems (also seeded by ``seed`` alone) from which the training
+    mean, the top-k problems, the PC1, the mean-effect direction, another neuron's PC1 and the
+    activation-only null's PC1 are all refitted, exactly as :func:`structure_arrays` fits them
+    once. So the interval carries both sources of sampling variability: which validation
+    problems measure and which training problems fit (the training component through
+    ``n_refit`` distinct refits). Everything is computed in orthonormal coordinates of each
+    neuron's span (``y = B dc`` with ``B^T B = G``), where effect energies are squared norms.
+
+    Returns ``{key: [n_boot, s]}`` per-neuron validation shares ``sum_b w num / sum_b w energy``
+    for ``key`` in ``pc1``, ``mean_direction``, ``other``, ``null_pc1``, and ``n_refit``."""
+    ct, cv = st["coef_train"].float(), st["coef_val"].float()
+    G, M = st["G"].float(), st["M"].float()
+    N, K, s = ct.shape
+    Nv = cv.shape[0]
+    evals, Q = torch.linalg.eigh(G.double())
+    root = evals.clamp_min(0).sqrt()
+    B = (root[:, :, None] * Q.transpose(1, 2)).float()  # [s, K, K]
+    inv = torch.where(root > 1e-6 * root.max(1, keepdim=True).values.clamp_min(1e-30), 1 / root.clamp_min(1e-30),
+                      torch.zeros_like(root))
+    Binv = (Q * inv[:, None, :]).float()  # [s, K, K]: dc = Binv y on the span
+    y_tr = torch.einsum("nkj,bjn->nbk", B, ct).contiguous()  # [s, N, K]: neuron-major for the gathers
+    y_va = torch.einsum("nkj,bjn->bkn", B, cv)  # [Nv, K, s]
+    sq_tr = y_tr.square().sum(2)  # [s, N]
+    k = min(N, max(2, int(round(share * N))))
+    part = torch.as_tensor(derangement(s, seed))
+    pi = torch.as_tensor(np.random.default_rng(seed).permutation(N))  # as activation_only(seed) permutes
+    pi_v = torch.as_tensor(np.random.default_rng(seed + 1).permutation(Nv))
+    ar = torch.arange(s)[:, None]
+    tr_idx = _boot_idx(N, n_refit, seed + 7)
+    w = np.stack([np.bincount(i, minlength=Nv) for i in _boot_idx(Nv, n_boot, seed)]).astype(np.float64)
+    out = {key: np.zeros((n_boot, s)) for key in ("pc1", "mean_direction", "other", "null_pc1")}
+
+    def pc1(X: torch.Tensor) -> torch.Tensor:  # [s, k, K] -> unit top right singular vector [K, s]
+        C = X.transpose(1, 2) @ X if K <= X.shape[1] else None
+        if C is not None:
+            vec = torch.linalg.eigh(C)[1][:, :, -1]
+        else:
+            a = torch.linalg.eigh(X @ X.transpose(1, 2))[1][:, :, -1]
+            vec = torch.einsum("nkK,nk->nK", X, a)
+        return _unit_cols(vec.T)
+
+    def refit(r: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        idx = torch.as_tensor(tr_idx[r])
+        cnt = torch.bincount(idx, minlength=N).float()
+        m = (y_tr.transpose(1, 2) @ cnt).T / N  # [K, s]: the resample's mean
+        e_orig = sq_tr - 2 * (y_tr @ m.T[:, :, None])[:, :, 0] + m.square().sum(0)[:, None]  # [s, N]
+        e_t = e_orig[:, idx].clamp_min(0)  # [s, N] over the resample's positions
+        pos = e_t.topk(k, dim=1).indices  # [s, k]: positions in the resample
+        top = y_tr[ar, idx[pos]] - m.T[:, None]  # [s, k, K]
+        v = pc1(top)
+        src = y_tr[ar, idx[pi[pos]]] - m.T[:, None]  # activation-only null: magnitude kept, profile from pi
+        nsrc = src.norm(dim=2, keepdim=True)
+        v_null = pc1(torch.where(nsrc > 0, src / nsrc.clamp_min(1e-30), torch.zeros_like(src))
+                     * e_t.gather(1, pos).sqrt()[:, :, None])
+        dv = y_va - m
+        e_v = dv.square().sum(1)  # [Nv, s]
+        u = torch.einsum("nkd,kn->nd", M, torch.einsum("nkj,jn->kn", Binv, v))  # [s, dm]: effect-space PC1
+        g = torch.einsum("nkd,nd->nk", M, u[part])  # [s, K]: another neuron's PC1 read by neuron n
+        other = torch.einsum("bkn,nk->bn", torch.einsum("nkj,bjn->bkn", Binv, dv), g).square()
+        nrm = e_v.sqrt()
+        unit = dv / torch.where(nrm > 0, nrm, torch.ones_like(nrm))[:, None]
+        nv = unit[pi_v] * nrm[:, None]
+        num = {"pc1": torch.einsum("bkn,kn->bn", dv, v).square(),
+               "mean_direction": torch.einsum("bkn,kn->bn", dv, _unit_cols(m)).square(),
+               "other": other, "null_pc1": torch.einsum("bkn,kn->bn", nv, v_null).square()}
+        rows = np.arange(r, n_boot, n_refit)
+        den = np.maximum(w[rows] @ e_v.double().numpy(), 1e-30)
+        return rows, {key: (w[rows] @ x.double().numpy()) / den for key, x in num.items()}
+
+    for rows, shares in map_replicates(refit, n_refit):  # in order: independent of the thread count
+        for key, x in shares.items():
+            out[key][rows] = x
+    return {**out, "n_refit": n_refit}
+
+
+def structure_arrays(st: dict[str, torch.Tensor], share: float = 0.02, seed: int = 0, n_refit: int = 20,
+                     n_boot: int = 1000) -> dict[str, Any]:
     """Per-problem arrays of the PC1-structure rows for the neurons of one layer.
 
     ``st``: ``stats[layer]["structure"]`` of :func:`protocol.run_protocol` (training and validation
@@ -180,7 +271,8 @@ def structure_arrays(st: dict[str, torch.Tensor], share: float = 0.02, seed: int
     validation effects on that null's own training top-k PC1); ``y [N_val, K, s]``: validation
     effects in orthonormal coordinates of each span (for the validation set's own PC1); ``k``
     (top problems the PC1 was fitted on), ``K`` and ``keep [s]`` (neurons with any training and
-    validation variance: zero-variance neurons are excluded, not scored 1)."""
+    validation variance: zero-variance neurons are excluded, not scored 1); ``boot``: the
+    :func:`structure_refits` replicates (training fits refitted; absent when ``n_refit`` is 0)."""
     from so2lib.phases.protocol import control_directions, fit_pc1
     ct, cv = st["coef_train"].float(), st["coef_val"].float()
     G, mean, v, M = st["G"].float(), st["mean"].float(), st["v"].float(), st["M"].float()
@@ -205,9 +297,12 @@ def structure_arrays(st: dict[str, torch.Tensor], share: float = 0.02, seed: int
     evals, Q = torch.linalg.eigh(G.double())
     B = (evals.clamp_min(0).sqrt()[:, :, None] * Q.transpose(1, 2)).float()  # [s, K, K]: y = B dc
     y = torch.einsum("nkj,bjn->bkn", B, dcv)
-    return {"energy": e_v.numpy(), "pc1": _proj2(dcv, G, v).numpy(), "mean_direction": _proj2(dcv, G, mdir).numpy(),
-            "other": other.numpy(), "null_pc1": _proj2(nv, G, v_null).numpy(), "y": y.numpy(), "k": k, "K": K,
-            "keep": keep.numpy()}
+    out = {"energy": e_v.numpy(), "pc1": _proj2(dcv, G, v).numpy(), "mean_direction": _proj2(dcv, G, mdir).numpy(),
+           "other": other.numpy(), "null_pc1": _proj2(nv, G, v_null).numpy(), "y": y.numpy(), "k": k, "K": K,
+           "keep": keep.numpy()}
+    if n_refit > 0 and k >= max(50, 2 * K):  # only where the rows are testable
+        out["boot"] = structure_refits(st, share, seed, n_refit, n_boot)
+    return out
 
 
 def _shares(w: np.ndarray, num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -247,16 +342,27 @@ def structure_rows(arrays: Sequence[dict[str, Any]], label: str, n_boot: int = 1
     w = np.stack([np.bincount(i, minlength=N) for i in _boot_idx(N, n_boot, seed)]).astype(float)
     one = np.ones((1, N))
     pc1_pt, pc1_b = float(_shares(one, P1, E)[0]), _shares(w, P1, E)
+    refit = all("boot" in a for a in ok) and len({a["boot"]["pc1"].shape[0] for a in ok}) == 1
+    if refit:  # replicates with the training fits refitted (structure_refits): the same resamples in every layer
+        bcat = lambda key: np.concatenate([a["boot"][key][:, a["keep"]] for a in ok], 1).mean(1)  # noqa: E731
+        pc1_b = bcat("pc1")
+        resample = (f"bootstrap over validation problems with the training fits refitted on {ok[0]['boot']['n_refit']} "
+                    f"bootstrap resamples of the training problems (mean, top-k, PC1 and every control refitted)")
+        res_unit = "problems (validation; training fits refitted)"
+    else:
+        resample = "paired bootstrap over validation problems, training fits held fixed"
+        res_unit = PROBLEMS
     n_neurons = E.shape[1]
     used = "; ".join(f"k={a['k']}, K={a['K']}, {int(a['keep'].sum())} neurons" for a in ok)
     for key, name, why in names:
         C = cat(key)
         c_pt = float(_shares(one, C, E)[0])
         how = (f"{base_how}, minus the same along the {name} ({why}); PC1 {pc1_pt:.3f}, control {c_pt:.3f}; "
-               f"{n_neurons} neurons ({used}); paired bootstrap over validation problems, training fits held fixed")
-        rows.append(interval_row(f"{label}: PC1 share minus {name}", pc1_pt - c_pt, pc1_b - _shares(w, C, E), 0.0,
+               f"{n_neurons} neurons ({used}); {resample}")
+        c_b = bcat(key) if refit else _shares(w, C, E)
+        rows.append(interval_row(f"{label}: PC1 share minus {name}", pc1_pt - c_pt, pc1_b - c_b, 0.0,
                                  margin, how + f"; target: beyond the control by more than {margin:g}",
-                                 resampled=PROBLEMS, primary=primary and key == "mean_direction", margin=margin))
+                                 resampled=res_unit, primary=primary and key == "mean_direction", margin=margin))
     # ceiling: the validation set's own PC1 (fitted once on all validation problems, in-sample, so an
     # optimistic ceiling), held fixed like the training fits; the ratio of the two shares per replicate
     own = []
@@ -267,7 +373,7 @@ def structure_rows(arrays: Sequence[dict[str, Any]], label: str, n_boot: int = 1
         own.append(np.einsum("ikn,nk->in", y, e1) ** 2)
     Pown = np.concatenate(own, 1)
     r_pt = pc1_pt / float(_shares(one, Pown, E)[0])
-    r_b = pc1_b / _shares(w, Pown, E)
+    r_b = _shares(w, P1, E) / _shares(w, Pown, E)
     rows.append(interval_row(
         f"{label}: training PC1 share / validation's own PC1 share", r_pt, r_b, float("nan"), 0.8,
         f"{base_how}, over the share along the PC1 of the validation effects themselves (fitted on all "

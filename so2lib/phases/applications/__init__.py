@@ -23,7 +23,7 @@ from so2lib.phases.applications.editing import (chosen_minus_random, edit_labels
 from so2lib.phases.applications.errors import (NotMeasurable, direction_rows, direction_vs_baselines,
                                                discovery_power, error_analysis_rows, error_stratum,
                                                failure_report, final_normalized, null_discoveries,
-                                               project_on_direction, separating_neurons,
+                                               project_on_direction, separating_neurons, sign_concordance,
                                                stratified_error_analysis, stratified_scan)
 from so2lib.phases.applications.phase import applications_phase, neuron_only_rows
 from so2lib.phases.applications.polysemantic import (RELATED, category_group, polysemantic_flags,
@@ -39,6 +39,6 @@ __all__ = [
     "failure_report", "final_normalized", "input_trigger", "input_triggers", "neuron_push", "not_measurable",
     "null_discoveries", "output_concept", "paired_rows", "polysemantic_flags", "polysemanticity",
     "polysemanticity_test", "polysemanticity_rows", "project_on_direction", "random_in_span", "random_sets_like",
-    "random_variants", "rebuild", "row", "scaling_hooks", "separating_neurons", "solved", "span_basis",
+    "random_variants", "rebuild", "row", "scaling_hooks", "separating_neurons", "sign_concordance", "solved", "span_basis",
     "stratified_error_analysis", "stratified_scan", "table", "wilson_interval",
 ]

@@ -25,7 +25,7 @@ from scipy import stats
 from so2lib.data.tasks import Problem
 from so2lib.engine import models as M
 from so2lib.engine.second_order import SecondOrderEngine
-from so2lib.stats import auroc, auroc_columns, benjamini_hochberg, not_measurable, validation_row as row, wilson_interval
+from so2lib.stats import auroc, auroc_columns, benjamini_hochberg, not_measurable, validation_row as row
 
 
 def separating_neurons(effects: np.ndarray, correct: np.ndarray, q: float = 0.05) -> pd.DataFrame:
@@ -162,12 +162,15 @@ def null_discoveries(z_perm: np.ndarray, q: float = 0.05) -> np.ndarray:
 def stratified_error_analysis(train_blocks: Sequence[np.ndarray], correct_train: np.ndarray,
                               strata_train: Sequence[Any], val_blocks: Sequence[np.ndarray],
                               correct_val: np.ndarray, strata_val: Sequence[Any], q: float = 0.05,
-                              n_perm: int = 200, seed: int = 0, names: pd.DataFrame | None = None
-                              ) -> dict[str, Any]:
+                              n_perm: int = 200, seed: int = 0, names: pd.DataFrame | None = None,
+                              n_boot: int = 200) -> dict[str, Any]:
     """Discoveries on the training split (stratified rank test, BH at ``q``), their permutation
     null (discoveries when labels are permuted within strata) and their replication on validation:
     a discovery replicates when its validation p-value, BH-adjusted among the discoveries, is
-    ``<= q`` with the same sign.
+    ``<= q`` with the same sign (strict, and underpowered when validation is much smaller than
+    training), and the discoveries' **sign concordance** (:func:`sign_concordance`) is the share
+    whose validation statistic has the training sign, with a bootstrap over validation problems
+    (``concordance_other``: the same share for the non-discoveries, a description).
 
     Returns ``neurons`` (one row per column: ``z, p, p_bh, discovery, p_perm, diff, z_val, p_val,
     p_val_bh, replicated``; with ``names``' columns first) and ``summary`` (a dict)."""
@@ -181,6 +184,8 @@ def stratified_error_analysis(train_blocks: Sequence[np.ndarray], correct_train:
     disc = np.flatnonzero(df.discovery.values)
     df["z_val"], df["p_val"], df["p_val_bh"] = np.nan, np.nan, np.nan
     df["replicated"] = False
+    conc = {"concordance": float("nan"), "concordance_lo": float("nan"), "concordance_hi": float("nan"),
+            "concordance_other": float("nan"), "n_boot": 0}
     if len(disc):
         cols = _columns(val_blocks, disc)
         va = stratified_scan([cols], correct_val, strata_val, 0, seed)
@@ -188,13 +193,47 @@ def stratified_error_analysis(train_blocks: Sequence[np.ndarray], correct_train:
         df.loc[disc, "p_val_bh"] = benjamini_hochberg(va["p"])
         df.loc[disc, "replicated"] = ((df.loc[disc, "p_val_bh"] <= q)
                                       & (np.sign(df.loc[disc, "z_val"]) == np.sign(df.loc[disc, "z"]))).values
+        conc = sign_concordance(cols, correct_val, strata_val, df.z.values[disc], n_boot, seed)
+        rest = np.flatnonzero(~df.discovery.values & np.isfinite(df.z.values))
+        if len(rest):
+            zr = stratified_scan([_columns(val_blocks, rest)], correct_val, strata_val, 0, seed)["z"]
+            ok = np.isfinite(zr)
+            conc["concordance_other"] = float((np.sign(zr[ok]) == np.sign(df.z.values[rest][ok])).mean()) \
+                if ok.any() else float("nan")
     k = int(df.replicated.sum())
     summary = {"tests": int(np.isfinite(tr["z"]).sum()), "informative_strata": int(tr["informative"]),
                "discoveries": int(len(disc)), "null_mean": float(nulls.mean()) if len(nulls) else float("nan"),
                "null_q95": float(np.quantile(nulls, 0.95)) if len(nulls) else float("nan"),
                "n_perm": int(len(nulls)), "replicated": k,
-               "replicated_share": k / len(disc) if len(disc) else float("nan")}
+               "replicated_share": k / len(disc) if len(disc) else float("nan"),
+               "validation_informative_strata": int(va["informative"]) if len(disc) else 0, **conc}
     return {"neurons": df, "summary": summary}
+
+
+def sign_concordance(cols: np.ndarray, correct: np.ndarray, strata: Sequence[Any], z_train: np.ndarray,
+                     n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Share of discoveries (columns of ``cols [N_val, D]``) whose stratified validation statistic
+    has the sign of their training ``z_train [D]`` (0.5 when there is no association at all: the
+    validation sign is then a coin flip whatever the training one), with a percentile 95% interval
+    from ``n_boot`` bootstrap resamples of the validation problems (the statistic recomputed on
+    each; the discoveries are fixed: they are what is tested). Discoveries whose validation
+    statistic is undefined (no informative stratum) are left out of that replicate."""
+    y, st = np.asarray(correct, bool), list(strata)
+    sign = np.sign(np.asarray(z_train, float))
+
+    def share(z: np.ndarray) -> float:
+        ok = np.isfinite(z) & (z != 0)
+        return float((np.sign(z[ok]) == sign[ok]).mean()) if ok.any() else float("nan")
+    point = share(stratified_scan([cols], y, st, 0, seed)["z"])
+    rng = np.random.default_rng(seed + 1)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        boots.append(share(stratified_scan([cols[i]], y[i], [st[j] for j in i], 0, seed)["z"]))
+    b = np.asarray(boots)
+    b = b[np.isfinite(b)]
+    lo, hi = (np.quantile(b, [0.025, 0.975]) if len(b) >= 2 else (np.nan, np.nan))
+    return {"concordance": point, "concordance_lo": float(lo), "concordance_hi": float(hi), "n_boot": int(len(b))}
 
 
 def _columns(blocks: Sequence[np.ndarray], cols: np.ndarray) -> np.ndarray:
@@ -270,16 +309,24 @@ def error_analysis_rows(summary: dict[str, Any], q: float, scope: str = "task x 
     else:
         rows = [row(m0, n, (n, n), summary["null_q95"], 1, how0, split="training",
                     resampled="labels permuted within strata")]
-    m = "error analysis (correlates of failure): discoveries replicated on validation"
-    how_r = ("share of training discoveries whose validation p-value (same test, BH among the discoveries) is "
-             f"<= {q:g} with the same sign; Wilson CI over the discoveries' validation tests; control: q/2 (p "
-             "uniform, sign at chance)")
+    m = "error analysis (correlates of failure): discoveries' sign replicated on validation"
+    how_r = ("share of training discoveries whose validation statistic (the same stratified test on the validation "
+             "problems, the same readout) has the training sign; 95% interval from a bootstrap over validation "
+             "problems (the statistic recomputed per resample); control 0.5: with no association the validation "
+             "sign is a coin flip; refuted within 0.05 of it")
     if n == 0:
         rows.append(not_measurable(m, how_r, "no training discovery to replicate", 0.5))
+    elif "concordance" in summary and summary["concordance"] == summary["concordance"]:
+        other = summary.get("concordance_other", float("nan"))
+        det = (f" ({n} discoveries; strict replication, validation p BH-adjusted among the discoveries <= {q:g} "
+               f"with the same sign: {summary['replicated']} of {n}"
+               + (f"; the non-discoveries' sign concordance {other:.3f}" if other == other else "")
+               + f"; {int(summary.get('n_boot', 0))} resamples)")
+        rows.append(row(m, summary["concordance"], (summary["concordance_lo"], summary["concordance_hi"]), 0.5, 0.5,
+                        how_r + det, resampled="problems (validation)", margin=0.05))
     else:
-        lo, hi = wilson_interval(summary["replicated"], n)
-        rows.append(row(m, summary["replicated_share"], (lo, hi), q / 2, 0.5, how_r,
-                        resampled="problems (validation tests of each discovery)"))
+        rows.append(not_measurable(m, how_r, "the discoveries' validation statistic is undefined (no validation "
+                                   "stratum has both correct and incorrect problems)", 0.5))
     m = "error analysis: causal follow-up, accuracy change ablating discoveries minus random neurons"
     how_c = ("the discovered neurons (up to 10, largest |z|) zero-ablated in a forward pass on validation problems; "
              "per-problem accuracy change minus the mean change of random neuron sets of the same size in the "

@@ -121,7 +121,8 @@ def _error_analysis(setup: Setup, q: float, n_perm: int, seed: int) -> dict[str,
         sv = [error_stratum(p) for p in (pva[i] for i in iv)]
         if last < 1 or not len(it):
             summ = {"tests": 0, "informative_strata": 0, "discoveries": 0, "null_mean": np.nan, "null_q95": np.nan,
-                    "n_perm": 0, "replicated": 0, "replicated_share": np.nan}
+                    "n_perm": 0, "replicated": 0, "replicated_share": np.nan, "concordance": np.nan,
+                    "concordance_lo": np.nan, "concordance_hi": np.nan, "concordance_other": np.nan, "n_boot": 0}
         else:
             res = stratified_error_analysis([np.asarray(so_tr[it, l]) for l in range(last)], ok_tr[it], st,
                                             [np.asarray(so_va[iv, l]) for l in range(last)], ok_va[iv], sv, q,
@@ -445,7 +446,8 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
         return cache["ea"]
     ea_deps = base + ["correctness_direction", "val_second_cd"]
     ea_params = {"q": q, "n_perm": n_perm, "seed": seed, "readout": "second_cd, cross-fitted",
-                 "strata": "task x digits x smaller digits x carry", "power": "planted 0.5 SD, 50 sims"}
+                 "strata": "task x digits x smaller digits x carry", "power": "planted 0.5 SD, 50 sims",
+                 "replication": "sign concordance, 200 validation resamples"}
     ea_sum = run.step("error_analysis", lambda: ea()["summary"], "05", params=ea_params, deps=ea_deps)
     ea_neurons = run.step("error_analysis_neurons", lambda: ea()["neurons"], "05", params=ea_params, deps=ea_deps)
     causal = run.step("error_analysis_causal", lambda: _causal_followup(setup, ea_neurons, seed=seed), "05",
