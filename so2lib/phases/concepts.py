@@ -412,6 +412,22 @@ def pc1_validation(vec_train: np.ndarray, vec_val: np.ndarray, pc: np.ndarray,
     return out[0], out[1]
 
 
+def _vocabulary_control_row(m: str, how: str, per: dict[str, Any], shown: Sequence[str],
+                            detail: Any) -> dict[str, Any]:
+    """A sparse-replacement row from per-problem outcomes ``per`` (``{name}_correct [N_val]`` for
+    ``clean``, ``mean``, ``sparse``, ``vocabulary`` and any of ``shown``): ``(acc(sparse) -
+    acc(vocabulary)) / (acc(clean) - acc(mean))`` with paired bootstrap replicates over problems,
+    margin 0.05; ``detail(shares)`` (the recovered share of each of ``shown``) is appended to ``how``.
+    Not testable when the mean-ablation drop's interval includes 0."""
+    from so2lib.phases.protocol import recovered_difference, recovered_share
+    c, mn = np.asarray(per["clean_correct"], float), np.asarray(per["mean_correct"], float)
+    r = recovered_difference(c, mn, per["sparse_correct"], per["vocabulary_correct"])
+    text = how + detail({k: recovered_share(c, mn, per[f"{k}_correct"])["share"] for k in shown})
+    if len(r["boots"]) > 1:
+        return interval_row(m, r["point"], r["boots"], 0.0, 0.0, text, margin=0.05)
+    return not_measurable(m, text, r["note"] + ": nothing to recover", 0.0)
+
+
 def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataFrame, recovered: dict[str, Any],
                        attribution: pd.DataFrame, *, omp: dict[str, Any] | None = None,
                        pc1_boot: dict[str, Any] | None = None, pred_boot: dict[str, Any] | None = None,
@@ -451,16 +467,9 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
            "(acc(concepts) - acc(vocabulary)) / (acc(clean) - acc(mean)); paired bootstrap over validation problems; "
            "all neurons of the layers: the --evaluate row below")
     if "clean_correct" in recovered:
-        from so2lib.phases.protocol import recovered_difference, recovered_share
-        c, mn = np.asarray(recovered["clean_correct"], float), np.asarray(recovered["mean_correct"], float)
-        r = recovered_difference(c, mn, recovered["sparse_correct"], recovered["vocabulary_correct"])
-        shares = {k: recovered_share(c, mn, recovered[f"{k}_correct"])["share"] for k in ("sparse", "vocabulary")}
-        detail = (f" (recovered share: concepts {shares['sparse']:.3f}, vocabulary {shares['vocabulary']:.3f}; "
-                  f"{recovered['n_neurons']} neurons, {recovered['n_subsets']} subsets)")
-        if len(r["boots"]) > 1:
-            rows.append(interval_row(m, r["point"], r["boots"], 0.0, 0.0, how + detail, margin=0.05))
-        else:
-            rows.append(not_measurable(m, how + detail, r["note"] + ": nothing to recover", 0.0))
+        rows.append(_vocabulary_control_row(m, how, recovered, ("sparse", "vocabulary"), lambda sh: (
+            f" (recovered share: concepts {sh['sparse']:.3f}, vocabulary {sh['vocabulary']:.3f}; "
+            f"{recovered['n_neurons']} neurons, {recovered['n_subsets']} subsets)")))
     else:
         rows.append(not_measurable(m, how, recovered.get("note", "nothing to recover").removeprefix("not testable: "),
                                    0.0))
@@ -474,18 +483,11 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
            "validation problems")
     ev = evaluated or {}
     if "clean_correct" in ev:
-        from so2lib.phases.protocol import recovered_difference, recovered_share
-        c, mn = np.asarray(ev["clean_correct"], float), np.asarray(ev["mean_correct"], float)
-        r = recovered_difference(c, mn, ev["sparse_correct"], ev["vocabulary_correct"])
-        shares = {k: recovered_share(c, mn, ev[f"{k}_correct"])["share"] for k in ("pc1", "sparse", "vocabulary")}
-        detail = (f" (layers {ev['layers']}, {ev['n_neurons']} neurons; recovered share: PC1 rank-1 "
-                  f"{shares['pc1']:.3f}, concepts {shares['sparse']:.3f}, vocabulary {shares['vocabulary']:.3f}; mean "
-                  f"cosine of the reconstruction with the PC1: concepts {ev['cosine_sparse']:.3f}, vocabulary "
-                  f"{ev['cosine_vocabulary']:.3f})")
-        if len(r["boots"]) > 1:
-            rows.append(interval_row(m, r["point"], r["boots"], 0.0, 0.0, how + detail, margin=0.05))
-        else:
-            rows.append(not_measurable(m, how + detail, r["note"] + ": nothing to recover", 0.0))
+        rows.append(_vocabulary_control_row(m, how, ev, ("pc1", "sparse", "vocabulary"), lambda sh: (
+            f" (layers {ev['layers']}, {ev['n_neurons']} neurons; recovered share: PC1 rank-1 "
+            f"{sh['pc1']:.3f}, concepts {sh['sparse']:.3f}, vocabulary {sh['vocabulary']:.3f}; mean "
+            f"cosine of the reconstruction with the PC1: concepts {ev['cosine_sparse']:.3f}, vocabulary "
+            f"{ev['cosine_vocabulary']:.3f})")))
     else:
         rows.append(not_measurable(m, how, ev.get("reason", "not computed"), 0.0))
     m = "predictive check: top data concept predicts significance, minus random concepts"

@@ -341,7 +341,8 @@ def structure_rows(arrays: Sequence[dict[str, Any]], label: str, n_boot: int = 1
     N = E.shape[0]
     w = np.stack([np.bincount(i, minlength=N) for i in _boot_idx(N, n_boot, seed)]).astype(float)
     one = np.ones((1, N))
-    pc1_pt, pc1_b = float(_shares(one, P1, E)[0]), _shares(w, P1, E)
+    pc1_pt, pc1_fixed = float(_shares(one, P1, E)[0]), _shares(w, P1, E)
+    pc1_b = pc1_fixed
     refit = all("boot" in a for a in ok) and len({a["boot"]["pc1"].shape[0] for a in ok}) == 1
     if refit:  # replicates with the training fits refitted (structure_refits): the same resamples in every layer
         bcat = lambda key: np.concatenate([a["boot"][key][:, a["keep"]] for a in ok], 1).mean(1)  # noqa: E731
@@ -364,7 +365,8 @@ def structure_rows(arrays: Sequence[dict[str, Any]], label: str, n_boot: int = 1
                                  margin, how + f"; target: beyond the control by more than {margin:g}",
                                  resampled=res_unit, primary=primary and key == "mean_direction", margin=margin))
     # ceiling: the validation set's own PC1 (fitted once on all validation problems, in-sample, so an
-    # optimistic ceiling), held fixed like the training fits; the ratio of the two shares per replicate
+    # optimistic ceiling), a description with both directions held fixed (the training fits too, even
+    # when the difference rows refit them); the ratio of the two shares per replicate
     own = []
     for a in ok:
         y = a["y"][:, :, a["keep"]]  # [N, K, s]
@@ -373,7 +375,7 @@ def structure_rows(arrays: Sequence[dict[str, Any]], label: str, n_boot: int = 1
         own.append(np.einsum("ikn,nk->in", y, e1) ** 2)
     Pown = np.concatenate(own, 1)
     r_pt = pc1_pt / float(_shares(one, Pown, E)[0])
-    r_b = _shares(w, P1, E) / _shares(w, Pown, E)
+    r_b = pc1_fixed / _shares(w, Pown, E)
     rows.append(interval_row(
         f"{label}: training PC1 share / validation's own PC1 share", r_pt, r_b, float("nan"), 0.8,
         f"{base_how}, over the share along the PC1 of the validation effects themselves (fitted on all "

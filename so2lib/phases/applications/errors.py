@@ -159,6 +159,11 @@ def null_discoveries(z_perm: np.ndarray, q: float = 0.05) -> np.ndarray:
     return np.array([int((benjamini_hochberg(r) <= q).sum()) for r in p])
 
 
+#: the sign-concordance entries of an error-analysis summary when there is nothing to replicate
+NO_CONCORDANCE = {"concordance": float("nan"), "concordance_lo": float("nan"), "concordance_hi": float("nan"),
+                  "concordance_other": float("nan"), "n_boot": 0}
+
+
 def stratified_error_analysis(train_blocks: Sequence[np.ndarray], correct_train: np.ndarray,
                               strata_train: Sequence[Any], val_blocks: Sequence[np.ndarray],
                               correct_val: np.ndarray, strata_val: Sequence[Any], q: float = 0.05,
@@ -184,8 +189,7 @@ def stratified_error_analysis(train_blocks: Sequence[np.ndarray], correct_train:
     disc = np.flatnonzero(df.discovery.values)
     df["z_val"], df["p_val"], df["p_val_bh"] = np.nan, np.nan, np.nan
     df["replicated"] = False
-    conc = {"concordance": float("nan"), "concordance_lo": float("nan"), "concordance_hi": float("nan"),
-            "concordance_other": float("nan"), "n_boot": 0}
+    conc = dict(NO_CONCORDANCE)
     if len(disc):
         cols = _columns(val_blocks, disc)
         va = stratified_scan([cols], correct_val, strata_val, 0, seed)
@@ -205,8 +209,7 @@ def stratified_error_analysis(train_blocks: Sequence[np.ndarray], correct_train:
                "discoveries": int(len(disc)), "null_mean": float(nulls.mean()) if len(nulls) else float("nan"),
                "null_q95": float(np.quantile(nulls, 0.95)) if len(nulls) else float("nan"),
                "n_perm": int(len(nulls)), "replicated": k,
-               "replicated_share": k / len(disc) if len(disc) else float("nan"),
-               "validation_informative_strata": int(va["informative"]) if len(disc) else 0, **conc}
+               "replicated_share": k / len(disc) if len(disc) else float("nan"), **conc}
     return {"neurons": df, "summary": summary}
 
 

@@ -19,7 +19,7 @@ from so2lib.phases.applications.adversarial import (ARITHMETIC, adversarial_rows
                                                     solved)
 from so2lib.phases.applications.editing import (chosen_minus_random, edit_labels_many, editing_rows, error_class,
                                                 random_sets_like)
-from so2lib.phases.applications.errors import (NotMeasurable, direction_rows, direction_vs_baselines,
+from so2lib.phases.applications.errors import (NO_CONCORDANCE, NotMeasurable, direction_rows, direction_vs_baselines,
                                                discovery_power, error_analysis_rows, error_stratum,
                                                failure_report, final_normalized, project_on_direction,
                                                stratified_error_analysis)
@@ -121,8 +121,7 @@ def _error_analysis(setup: Setup, q: float, n_perm: int, seed: int) -> dict[str,
         sv = [error_stratum(p) for p in (pva[i] for i in iv)]
         if last < 1 or not len(it):
             summ = {"tests": 0, "informative_strata": 0, "discoveries": 0, "null_mean": np.nan, "null_q95": np.nan,
-                    "n_perm": 0, "replicated": 0, "replicated_share": np.nan, "concordance": np.nan,
-                    "concordance_lo": np.nan, "concordance_hi": np.nan, "concordance_other": np.nan, "n_boot": 0}
+                    "n_perm": 0, "replicated": 0, "replicated_share": np.nan, **NO_CONCORDANCE}
         else:
             res = stratified_error_analysis([np.asarray(so_tr[it, l]) for l in range(last)], ok_tr[it], st,
                                             [np.asarray(so_va[iv, l]) for l in range(last)], ok_va[iv], sv, q,
