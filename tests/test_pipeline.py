@@ -170,3 +170,41 @@ def test_explorer_static_and_interactive(phase2, monkeypatch):
     assert explorer.explorer(setup, None, default=(l, n)) is None  # static output, no widgets
     box = explorer.explorer(setup, None, default=(l, n), interactive=True)
     assert box is not None and len(box.children) == 2
+
+
+def test_editing_random_sets_rest_sample_matches_one_set_at_a_time(phase2, monkeypatch):
+    """The random sets run on the error class all, and on the rest sample only the first
+    RANDOM_REST_SETS: their class change and rest change equal each set edited on its own."""
+    from so2lib.phases.applications import phase as ap
+    from so2lib.phases.applications.editing import edit_labels, random_sets_like
+
+    setup, _, _ = phase2
+    monkeypatch.setattr(ap, "RANDOM_REST_SETS", 1)
+    monkeypatch.setattr(ap, "RANDOM_REST", 6)
+    # the small run has no class large enough for error_class's power floors: take the largest one
+    from collections import Counter
+
+    def largest(cls_tr, ok_tr, cls_va):
+        return Counter(cls_va).most_common(1)[0][0], ""
+    monkeypatch.setattr(ap, "error_class", largest)
+    ed = ap._editing(setup, k_edit=2, factors=(0.0, 1.0), n_random_sets=3, seed=0)
+    assert not ed["reason"], ed["reason"]
+    assert ed["n_random_sets_on_rest"] == 1 and ed["n_rest_sample"] == 6
+    b = ed["at_best"]
+    chosen = {int(k): v for k, v in ed["neurons"].items()}
+    sets = random_sets_like(chosen, setup.model.cfg.d_mlp, 3, 0)
+    cls_tr = [(p.task, study.difficulty(p)) for p in setup.problems.train]
+    cls_va = [(p.task, study.difficulty(p)) for p in setup.problems.val]
+    target, _ = largest(cls_tr, None, cls_va)
+    in_va = np.array([c == target for c in cls_va])
+    enc = setup.enc["val"]
+    rest = np.flatnonzero(~in_va)
+    rest = np.sort(np.random.default_rng(0).choice(rest, 6, replace=False))
+    f = ed["factor_chosen_on_train"]
+    cls = np.flatnonzero(in_va)
+    clean_c = edit_labels(setup.model, enc.subset(cls), chosen, 1.0).correct.values.astype(float)
+    ch = [edit_labels(setup.model, enc.subset(cls), s, f).correct.values.astype(float) - clean_c for s in sets]
+    assert b["random_class_change_mean"] == pytest.approx(float(np.mean(ch)), abs=1e-9)
+    clean_r = edit_labels(setup.model, enc.subset(rest), chosen, 1.0).correct.values.astype(float)
+    one = edit_labels(setup.model, enc.subset(rest), sets[0], f).correct.values.astype(float) - clean_r
+    assert b["random_rest_change_mean"] == pytest.approx(float(one.mean()), abs=1e-9)

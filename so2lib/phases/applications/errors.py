@@ -217,10 +217,19 @@ def sign_concordance(cols: np.ndarray, correct: np.ndarray, strata: Sequence[Any
                      n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
     """Share of discoveries (columns of ``cols [N_val, D]``) whose stratified validation statistic
     has the sign of their training ``z_train [D]`` (0.5 when there is no association at all: the
-    validation sign is then a coin flip whatever the training one), with a percentile 95% interval
-    from ``n_boot`` bootstrap resamples of the validation problems (the statistic recomputed on
-    each; the discoveries are fixed: they are what is tested). Discoveries whose validation
-    statistic is undefined (no informative stratum) are left out of that replicate."""
+    validation sign is then a coin flip whatever the training one), with a 95% interval from
+    ``n_boot`` bootstrap resamples of the validation problems (the statistic recomputed on each;
+    the discoveries are fixed: they are what is tested). Discoveries whose validation statistic is
+    undefined (no informative stratum) are left out of that replicate.
+
+    The estimand is the share a validation set of this size gives in expectation (0.5 under no
+    association at any size). The interval is the resamples' 2.5-97.5% spread **recentred on the
+    point** (``point + q - median``, clipped to [0, 1]), not their plain percentiles: resampling
+    adds a second layer of noise to each validation statistic, which pulls every replicate's share
+    toward 0.5, so the plain percentile interval sits below the estimate (SmolLM2, 1,000 + 500:
+    point 0.969, percentiles [0.878, 0.964]). Coverage of that estimand, 60 planted validation sets
+    of 400 problems and 40 discoveries each (``tests/test_applications_stats.py``): recentred 0.90,
+    0.95, 0.93 against percentile 0.92, 0.82, 0.98 for weak, medium and mostly strong effects."""
     y, st = np.asarray(correct, bool), list(strata)
     sign = np.sign(np.asarray(z_train, float))
 
@@ -235,7 +244,10 @@ def sign_concordance(cols: np.ndarray, correct: np.ndarray, strata: Sequence[Any
         boots.append(share(stratified_scan([cols[i]], y[i], [st[j] for j in i], 0, seed)["z"]))
     b = np.asarray(boots)
     b = b[np.isfinite(b)]
-    lo, hi = (np.quantile(b, [0.025, 0.975]) if len(b) >= 2 else (np.nan, np.nan))
+    lo = hi = np.nan
+    if len(b) >= 2 and np.isfinite(point):
+        q_lo, med, q_hi = np.quantile(b, [0.025, 0.5, 0.975])
+        lo, hi = max(0.0, point + q_lo - med), min(1.0, point + q_hi - med)
     return {"concordance": point, "concordance_lo": float(lo), "concordance_hi": float(hi), "n_boot": int(len(b))}
 
 
@@ -315,7 +327,8 @@ def error_analysis_rows(summary: dict[str, Any], q: float, scope: str = "task x 
     m = "error analysis (correlates of failure): discoveries' sign replicated on validation"
     how_r = ("share of training discoveries whose validation statistic (the same stratified test on the validation "
              "problems, the same readout) has the training sign; 95% interval from a bootstrap over validation "
-             "problems (the statistic recomputed per resample); control 0.5: with no association the validation "
+             "problems (the statistic recomputed per resample; the resamples' spread recentred on the point, "
+             "since resampling pulls each replicate toward 0.5); control 0.5: with no association the validation "
              "sign is a coin flip; refuted within 0.05 of it")
     if n == 0:
         rows.append(not_measurable(m, how_r, "no training discovery to replicate", 0.5))
