@@ -80,6 +80,32 @@ def test_drop_ratio_matches_direct_computation():
     assert r["point"] == pytest.approx(((c.astype(float) - a).mean(0).sum()) / ((c.astype(float) - m).mean(0).sum()))
 
 
+def test_drop_ratio_refits_carry_the_fit_variability():
+    """Refits equal to the fit leave the replicates unchanged; refits whose edits vary (a fit that
+    moves with the training sample) widen the interval, and the point stays the fit's."""
+    rng = np.random.default_rng(2)
+    N = 400
+    c = rng.random((N, 1)) < 0.9
+    m = c & (rng.random((N, 1)) < 0.6)
+    a = np.where(rng.random((N, 1)) < 0.5, c, m)
+    fixed = R.drop_ratio(c, a, c, m, 400, seed=3)
+    same = R.drop_ratio(c, a, c, m, 400, seed=3, refits=[(c, a, m)] * 5)
+    np.testing.assert_array_equal(fixed["boots"], same["boots"])
+    moved = []
+    for r in range(20):  # the edit's readout under refit r: another random half of the drop recovered
+        g = np.random.default_rng(100 + r)
+        moved.append((c, np.where(g.random((N, 1)) < g.uniform(0.2, 0.8), c, m), m))
+    wide = R.drop_ratio(c, a, c, m, 400, seed=3, refits=moved)
+    assert wide["point"] == fixed["point"]
+    width = lambda b: np.subtract(*np.nanquantile(b, [0.975, 0.025]))
+    assert width(wide["boots"]) > 1.5 * width(fixed["boots"])
+    # the rows say which intervals refit
+    per = sparsity_outcomes(rng.laplace(size=(500, 20)), rng.laplace(size=(N, 20)))
+    rows = R.clip_sparsity_rows([per], "L", 100, refits=[[per] * 3])
+    assert all("refits the training fit" in r["how"] for r in rows)
+    assert all("held fixed" in r["how"] for r in R.clip_sparsity_rows([per], "L", 100))
+
+
 # ----------------------------------------------------------------------------- rank-1 beyond its controls
 
 

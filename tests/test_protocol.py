@@ -97,18 +97,36 @@ def test_grouped_protocol_equals_one_layer_at_a_time(tiny_models):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_rank1_control_edits_match_full_vectors(arch, tiny_models):
-    """The rank-1 edits onto the control directions (coefficient space, metric G) equal projecting
-    each neuron's full effect vector on the control's unit effect-space direction and summing."""
+def test_protocol_edits_match_full_vectors(arch, tiny_models):
+    """Every CLIP edit of :func:`protocol._edits` (two full edits, the rest by linearity) equals
+    the brute force on each neuron's explicit effect vectors: centred on the training mean's
+    vector, the significant ones above the threshold ablated or kept, each rank-1 edit projecting
+    on its unit direction (PC1, a random direction in the span, the mean-effect direction)."""
     full, w, c = layer_case(tiny_models[arch])
     G = w.gram()
-    ctrl = P.control_directions(G, c.mean(0) + 0.1, seed=3)
+    mean = c.mean(0) + 0.1
     M = torch.einsum("nm,kmh,khd->nkd", w.W_out, w.W_V, w.W_O)
-    for key in ("random", "mean_direction"):
-        u = torch.einsum("nkd,kn->nd", M, ctrl[key])  # unit effect-space directions
+    F = full - torch.einsum("nkd,kn->nd", M, mean)[None]  # centred effect vectors [b, n, d]
+    srt = F.norm(dim=-1).sort(0, descending=True).values
+    thr = 0.5 * (srt[0] + srt[1])  # the largest effect of each neuron significant, clear of ties
+    v, _ = P.fit_pc1(c - mean, G)
+    fit = {"G": G, "mean": mean, "threshold": thr, "v": v, "seed": 3}
+    keep = torch.zeros(c.shape[-1], dtype=torch.bool)
+    keep[::2] = True  # a scope of some neurons: the others untouched
+    edits, sig = P._edits(w, fit, c, keep)
+    Fk = F * keep[None, :, None]
+    want_sig = (F.norm(dim=-1) > thr) & keep
+    assert torch.equal(sig & keep, want_sig) and 0 < int(want_sig.sum()) < int(keep.sum()) * len(c)
+    ref = {"mean": -Fk.sum(1), "ablate_significant": -(Fk * want_sig[..., None]).sum(1),
+           "ablate_insignificant": -(Fk * ~want_sig[..., None]).sum(1)}
+    ctrl = P.control_directions(G, mean, seed=3)
+    for name, d in (("rank1", v), ("rank1_random", ctrl["random"]), ("rank1_mean_direction", ctrl["mean_direction"])):
+        u = torch.einsum("nkd,kn->nd", M, d)  # unit effect-space directions
         torch.testing.assert_close(u.norm(dim=1), torch.ones(len(u)), rtol=1e-3, atol=1e-3)
-        ref = (torch.einsum("bnd,nd->bn", full, u)[..., None] * u[None] - full).sum(1)
-        torch.testing.assert_close(P._rank1(w, c, G, ctrl[key]), ref, rtol=1e-3, atol=1e-4)
+        ref[name] = (torch.einsum("bnd,nd->bn", Fk, u)[..., None] * u[None] - Fk).sum(1)
+    assert set(edits) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(edits[name], ref[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -151,3 +169,26 @@ def test_evaluate_replacements_with_pc1_equals_the_protocol_rank1(tiny_models):
     assert not np.allclose(ev["other_logit_diff"], ref["rank1_logit_diff"], atol=1e-3)
     r = P.recovered_difference(ev["clean_correct"], ev["mean_correct"], ev["pc1_correct"], ev["other_correct"], 200)
     assert set(r) == {"point", "boots", "note"}
+
+
+def test_protocol_refits_equal_the_fit_on_the_unresampled_sample(tiny_models, monkeypatch):
+    """Refits of the training fit (for intervals that refit what is fitted): on bootstrap resamples
+    they move the edits' readouts; on the training sample itself they reproduce the fit's
+    readouts exactly (a second path through the same protocol)."""
+    from so2lib.data.labels import Encoded
+    model = tiny_models["llama"]
+    g = torch.Generator().manual_seed(4)
+    prompts = [[0] + torch.randint(2, 400, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (40,), generator=g)]
+    enc = Encoded(prompts, [[int(t)] for t in torch.randint(2, 400, (40,), generator=g)], pad_id=0)
+    tr, va = enc.subset(range(24)), enc.subset(range(24, 40))
+    scopes = {1: {"all": None}, 2: {"all": None}}
+    per, st = P.run_protocol(model, tr, va, va.gold, [1, 2], scopes, 0.1, 7, progress=False, refit={1: 3})
+    assert len(st[1]["refits"]) == 3 and "refits" not in st[2]
+    r0 = st[1]["refits"][0]
+    assert "clean_correct" not in r0 and set(r0) == set(per[(1, "all")]) - {"clean_correct", "clean_logit_diff"}
+    assert any(not np.allclose(r["mean_logit_diff"], per[(1, "all")]["mean_logit_diff"]) for r in st[1]["refits"])
+    monkeypatch.setattr(P, "refit_indices", lambda n, R, seed=0: [np.arange(n)] * R)
+    per2, st2 = P.run_protocol(model, tr, va, va.gold, [1, 2], scopes, 0.1, 7, progress=False, refit={1: 2})
+    for r in st2[1]["refits"]:
+        for k, v in r.items():
+            np.testing.assert_allclose(v, per2[(1, "all")][k], rtol=1e-6, atol=1e-6, err_msg=k)

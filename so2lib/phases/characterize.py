@@ -237,8 +237,15 @@ STRUCTURE_VERSION = 2
 #: ablated passes stacked and started after the neuron's own layer; 4: the prediction is one
 #: projection of ``p - mean`` on the selected neurons, with the run's own norm scales)
 EFFECT_BUDGET_VERSION = 4
-#: 2: the random rank-1 control drawn through a Cholesky factor (same distribution, other draws)
-PROTOCOL_VERSION = 2
+#: 2: the random rank-1 control drawn through a Cholesky factor (same distribution, other draws);
+#: 3: two full edits per batch, the other four by linearity, all read in one product (same
+#: numbers to float rounding), and the critical layers' refits (``clip_refits``)
+PROTOCOL_VERSION = 3
+
+#: refits of the critical layers' training fit (mean, threshold, PC1, controls) on bootstrap
+#: resamples of the training problems, for the CLIP sparsity and rank-1 rows' intervals
+#: (replicate ``b`` reads refit ``b mod PROTOCOL_REFITS``; as STRUCTURE_REFITS for PC1 structure)
+PROTOCOL_REFITS = 20
 #: training refits behind the PC1-structure rows' intervals (phase3_rows.structure_refits): each
 #: bootstrap replicate resamples the validation problems and uses one of these refits of the
 #: training fits (mean, top-k, PC1 and controls), so the interval carries both sources of variability
@@ -385,7 +392,12 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
             scopes = {l: {"all": None, **({"selected": torch.tensor(selected[l])} if l in selected else {})}
                       for l in layers}
             per, st = P.run_protocol(model, setup.enc["train"], setup.enc["val"], gold_val, layers, scopes,
-                                     share, bs, seed=seed, progress=progress, keep=keep)
+                                     share, bs, seed=seed, progress=progress, keep=keep,
+                                     refit={l: PROTOCOL_REFITS for l in keep})
+            done["refits"] = pd.concat([pd.DataFrame({"layer": l, "refit": r, "problem": np.arange(len(pp["mean_correct"])),
+                                                      **{k: v for k, v in pp.items() if k.endswith("_correct")}})
+                                        for l in keep for r, pp in enumerate(st[l].pop("refits"))], ignore_index=True) \
+                if keep else pd.DataFrame(columns=["layer", "refit", "problem"])
             done["per_problem"] = pd.concat([pd.DataFrame({"layer": l, "neurons": scope, "problem": np.arange(
                 len(pp["clean_correct"])), **{k: v for k, v in pp.items()}}) for (l, scope), pp in per.items()],
                 ignore_index=True)
@@ -416,6 +428,9 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
     pc1 = run.step("pc1_by_neuron", lambda: protocol()["pc1"], "03", params={"share": share}, deps=["labels_train"])
     per_problem = run.step("clip_per_problem", lambda: protocol()["per_problem"], "03",
                            params={"share": share, "version": PROTOCOL_VERSION}, deps=["labels_train", "labels_val", "selection"])
+    refits = run.step("clip_refits", lambda: protocol()["refits"], "03",
+                      params={"share": share, "version": PROTOCOL_VERSION, "n_refit": PROTOCOL_REFITS},
+                      deps=["labels_train", "labels_val", "selection"])
     structure = run.step("pc1_structure", lambda: protocol()["structure"], "03",
                          params={"share": share, "max_structure_neurons": max_structure_neurons, "rows": 3,
                                  "n_refit": STRUCTURE_REFITS},
@@ -425,12 +440,14 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
     gold_train = torch.tensor(setup.labels["train"].gold_token.values)
     outcomes = {"train": second_order_outcomes(model, sums["train"], sums["train"], gold_train),
                 "val": second_order_outcomes(model, sums["train"], sums["val"], gold_val)}
-    sparsity = run.step("clip_sparsity", lambda: clip_sparsity_table(per_problem, crit, L, n_boot, seed), "03",
-                        params={"n_boot": n_boot}, deps=["clip_per_problem", "selection"])
+    sparsity = run.step("clip_sparsity", lambda: clip_sparsity_table(per_problem, crit, L, n_boot, seed, refits), "03",
+                        params={"n_boot": n_boot, "n_refit": PROTOCOL_REFITS}, deps=["clip_per_problem", "clip_refits",
+                                                                                   "selection"])
     table = run.step("validation_table", lambda: validation_table(
-        per_problem, structure, outcomes, vt, vv, crit, L, H, share, n_boot, seed), "03",
-        params={"share": share, "n_boot": n_boot},
-        deps=["clip_per_problem", "pc1_structure", "layer_sums_train", "layer_sums_val", "selection"] + vec_deps)
+        per_problem, structure, outcomes, vt, vv, crit, L, H, share, n_boot, seed, refits), "03",
+        params={"share": share, "n_boot": n_boot, "n_refit": PROTOCOL_REFITS},
+        deps=["clip_per_problem", "clip_refits", "pc1_structure", "layer_sums_train", "layer_sums_val",
+              "selection"] + vec_deps)
     return {"ablation": abl, "concentration": conc, "stats": stats, "replacement": repl, "budget": budget,
             "clip_protocol": clip, "pc1": pc1, "clip_sparsity": sparsity, "pc1_structure": structure,
             "validation": table, "critical_layers": crit}
@@ -441,6 +458,16 @@ def _per(per_problem: pd.DataFrame, layer: int, scope: str = "all") -> dict[str,
     return {c: f[c].to_numpy() for c in f.columns if c not in ("layer", "neurons", "problem")}
 
 
+def _refits(refits: pd.DataFrame | None, layer: int) -> list[dict[str, np.ndarray]]:
+    """The per-problem readouts of each refit of ``layer``'s training fit (``clip_refits``), in
+    refit order; empty where the layer has none."""
+    if refits is None or not len(refits):
+        return []
+    f = refits[refits.layer == layer]
+    return [{c: g.sort_values("problem")[c].to_numpy() for c in g.columns if c not in ("layer", "refit", "problem")}
+            for _, g in f.groupby("refit", sort=True)]
+
+
 #: the pre-registered primary rows of phase 3 (docs/measurements.md), Holm-corrected together
 PRIMARY = ("critical layers: drop(ablate significant) / drop(mean)",
            "critical layers: drop(ablate insignificant) / drop(mean)",
@@ -448,37 +475,41 @@ PRIMARY = ("critical layers: drop(ablate significant) / drop(mean)",
 
 
 def clip_sparsity_table(per_problem: pd.DataFrame, crit: Sequence[int], L: int, n_boot: int = 2000,
-                        seed: int = 0) -> pd.DataFrame:
+                        seed: int = 0, refits: pd.DataFrame | None = None) -> pd.DataFrame:
     """CLIP's sparsity rows (:func:`phase3_rows.clip_sparsity_rows`) for every layer with later heads,
-    all neurons, and pooled over the critical layers (column ``layer``)."""
+    all neurons, and pooled over the critical layers (column ``layer``). Layers with ``refits``
+    (the critical ones, ``clip_refits``) have intervals that refit the training fit; the others
+    hold it fixed (descriptive rows, not in the verdict table)."""
     rows = []
     for l in range(L - 1):
         if ((per_problem.layer == l) & (per_problem.neurons == "all")).any():
-            rows += [dict(r, layer=str(l)) for r in R.clip_sparsity_rows([_per(per_problem, l)], f"layer {l}",
-                                                                         n_boot, seed)]
+            rows += [dict(r, layer=str(l)) for r in R.clip_sparsity_rows(
+                [_per(per_problem, l)], f"layer {l}", n_boot, seed, refits=[_refits(refits, l)])]
     cl = [l for l in crit if l < L - 1]
     if cl:
         rows += [dict(r, layer="critical") for r in R.clip_sparsity_rows(
-            [_per(per_problem, l) for l in cl], "critical layers", n_boot, seed, primary=True)]
+            [_per(per_problem, l) for l in cl], "critical layers", n_boot, seed, primary=True,
+            refits=[_refits(refits, l) for l in cl])]
     return pd.DataFrame(rows)
 
 
 def validation_table(per_problem: pd.DataFrame, structure: pd.DataFrame, outcomes: dict[str, dict[str, np.ndarray]],
                      vt: dict, vv: dict, crit: Sequence[int], L: int, H: int, share: float = 0.02,
-                     n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+                     n_boot: int = 2000, seed: int = 0, refits: pd.DataFrame | None = None) -> pd.DataFrame:
     """Phase 3's verdict table (:func:`stats.verdict_table`, columns ``stats.TABLE_COLUMNS``):
     CLIP's sparsity rows and rank-1 beyond its controls for the critical layers (each, and pooled:
     the primary rows :data:`PRIMARY`), the PC1-structure rows pooled over the critical layers, the
     energy share as a description, and layer concentration of the second-order ablation drop.
     Every interval resamples validation problems."""
     cl = [l for l in crit if l < L - 1]
-    sp = clip_sparsity_table(per_problem, crit, L, n_boot, seed)
+    sp = clip_sparsity_table(per_problem, crit, L, n_boot, seed, refits)
     rows = [r for r in sp.to_dict("records") if r["layer"] in [str(l) for l in cl] + ["critical"]]
     for l in cl:
-        rows += R.rank1_rows([_per(per_problem, l)], f"layer {l}", n_boot, seed, margin=0.05)
+        rows += R.rank1_rows([_per(per_problem, l)], f"layer {l}", n_boot, seed, margin=0.05,
+                             refits=[_refits(refits, l)])
     if cl:
         rows += R.rank1_rows([_per(per_problem, l) for l in cl], "critical layers", n_boot, seed,
-                             primary=("random",), margin=0.05)
+                             primary=("random",), margin=0.05, refits=[_refits(refits, l) for l in cl])
     if len(structure):
         pooled = "critical" if (structure.layer == "critical").any() else None
         st = structure[structure.layer == (pooled or structure.layer.iloc[0])]

@@ -46,10 +46,14 @@ def _stack(per: Sequence[dict[str, np.ndarray]], key: str) -> np.ndarray:
 
 
 def drop_ratio(a: np.ndarray, b: np.ndarray, clean: np.ndarray, mean: np.ndarray, n_boot: int = 2000,
-               seed: int = 0) -> dict[str, Any]:
+               seed: int = 0, refits: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+               ) -> dict[str, Any]:
     """``sum_j mean_i (a_ij - b_ij) / sum_j mean_i (clean_ij - mean_ij)`` over problems ``i`` (and
     pooled layers ``j``: arrays ``[N]`` or ``[N, m]``, the same problems in every column), with its
     problem-bootstrap replicates (numerator and denominator recomputed on the same resample).
+    ``refits``: the same ``(a, b, mean)`` from ``R`` refits of the training fit on bootstrap
+    resamples of the training problems; replicate ``r`` then reads refit ``r mod R`` on its
+    validation resample, so the interval also carries the training fit's variability.
 
     Returns ``point``, ``boots``, the mean-ablation ``drop`` (summed over ``j``) with its
     bootstrap interval ``drop_ci``, and ``testable`` (the drop's interval excludes 0: there is a
@@ -57,7 +61,15 @@ def drop_ratio(a: np.ndarray, b: np.ndarray, clean: np.ndarray, mean: np.ndarray
     a, b, c, m = (np.asarray(x, float).reshape(len(x), -1) for x in (a, b, clean, mean))
     num, den = (a - b).sum(1), (c - m).sum(1)
     idx = _boot_idx(len(num), n_boot, seed)
-    nb, db = num[idx].mean(1), den[idx].mean(1)
+    if refits:
+        nums = np.stack([(np.asarray(ar, float).reshape(len(c), -1) - np.asarray(br, float).reshape(len(c), -1)).sum(1)
+                         for ar, br, _ in refits])  # [R, N]
+        dens = np.stack([(c - np.asarray(mr, float).reshape(len(c), -1)).sum(1) for _, _, mr in refits])
+        which = np.arange(n_boot) % len(refits)
+        nb = np.take_along_axis(nums[which], idx, 1).mean(1)
+        db = np.take_along_axis(dens[which], idx, 1).mean(1)
+    else:
+        nb, db = num[idx].mean(1), den[idx].mean(1)
     boots = nb / np.where(db > 0, db, np.nan)
     lo, hi = np.quantile(db, [0.025, 0.975])
     d = float(den.mean())
@@ -70,9 +82,37 @@ def _drop_text(r: dict[str, Any]) -> str:
             f"{100 * r['drop_ci'][1]:.2f}]")
 
 
+def _refit_triples(refits: Sequence[Sequence[dict[str, np.ndarray]]] | None, a: str | None, b: str
+                   ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+    """Per refit ``r``: ``(a, b, mean)`` correctness stacked over the pooled layers ``[N, m]`` from
+    ``refits`` (per layer, its ``R`` refits' per-problem dicts). ``a=None`` leaves ``a`` empty for
+    the clean readout, which no refit changes (:func:`_with_clean`). None unless every layer has refits."""
+    if not refits or any(not r for r in refits):
+        return None
+    R = min(len(r) for r in refits)
+    out = []
+    for i in range(R):
+        per = [r[i] for r in refits]
+        out.append((None if a is None else _stack(per, f"{a}_correct"), _stack(per, f"{b}_correct"),
+                    _stack(per, "mean_correct")))
+    return out
+
+
+def _with_clean(triples: list | None, clean: np.ndarray) -> list | None:
+    """Put the (unrefitted) clean readout in place of the empty ``a`` of each triple."""
+    return None if triples is None else [(clean, b, m) for _, b, m in triples]
+
+
+def _refit_text(refits: Sequence | None) -> str:
+    n = min(len(r) for r in refits) if refits and all(refits) else 0
+    return (f"; the interval refits the training fit (mean, threshold, PC1, controls) on {n} bootstrap "
+            f"resamples of the training problems" if n else "; training fit held fixed in the interval")
+
+
 def clip_sparsity_rows(per: Sequence[dict[str, np.ndarray]], label: str, n_boot: int = 2000, seed: int = 0,
                        primary: bool = False, target_sig: float = 0.5, target_insig: float = 0.25,
-                       split: str = "validation") -> list[dict[str, Any]]:
+                       split: str = "validation", refits: Sequence[Sequence[dict[str, np.ndarray]]] | None = None
+                       ) -> list[dict[str, Any]]:
     """CLIP's sparsity test for the layers of ``per`` (per-problem outcomes of
     :func:`protocol.layer_protocol`, all neurons; several layers are pooled: their drops summed):
 
@@ -81,7 +121,8 @@ def clip_sparsity_rows(per: Sequence[dict[str, np.ndarray]], label: str, n_boot:
 
     Control: what a dense effect would give, the share of (problem, neuron) effects each edit
     ablates (``s`` significant, ``1 - s`` insignificant): the interval must exclude it. Not
-    testable when the mean-ablation drop's interval includes 0."""
+    testable when the mean-ablation drop's interval includes 0. ``refits``: per layer of ``per``,
+    the per-problem readouts of refits of the training fit (:func:`drop_ratio`)."""
     c, m = _stack(per, "clean_correct"), _stack(per, "mean_correct")
     s = float(np.mean([np.mean(p["significant_share"]) for p in per]))
     rows = []
@@ -89,12 +130,13 @@ def clip_sparsity_rows(per: Sequence[dict[str, np.ndarray]], label: str, n_boot:
             ("ablate_significant", target_sig, True, s, "most"),
             ("ablate_insignificant", target_insig, False, 1 - s, "little")):
         measure = f"{label}: drop({edit.replace('_', ' ')}) / drop(mean)"
-        r = drop_ratio(c, _stack(per, f"{edit}_correct"), c, m, n_boot, seed)
+        r = drop_ratio(c, _stack(per, f"{edit}_correct"), c, m, n_boot, seed,
+                       _with_clean(_refit_triples(refits, None, edit), c))
         how = (f"CLIP's sparsity test (CLIP: {claim} of the drop): validation accuracy drop when only the "
                f"{edit.split('_')[1]} effects of all neurons are replaced by their training means, over the "
                f"drop of the full mean-ablation (both paired over problems, ratio recomputed per replicate); "
                f"control: the share of (problem, neuron) effects ablated ({control:.3f}), what a dense effect "
-               f"would cost; {_drop_text(r)}")
+               f"would cost; {_drop_text(r)}{_refit_text(refits)}")
         if not r["testable"]:
             rows.append(not_measurable(measure, how, f"{_drop_text(r)}: the interval includes 0", target, higher,
                                        resampled=PROBLEMS, split=split, primary=primary))
@@ -106,25 +148,27 @@ def clip_sparsity_rows(per: Sequence[dict[str, np.ndarray]], label: str, n_boot:
 
 def rank1_rows(per: Sequence[dict[str, np.ndarray]], label: str, n_boot: int = 2000, seed: int = 0,
                primary: Sequence[str] = (), margin: float = float("nan"),  # "random", "mean_direction"
-               split: str = "validation") -> list[dict[str, Any]]:
+               split: str = "validation", refits: Sequence[Sequence[dict[str, np.ndarray]]] | None = None
+               ) -> list[dict[str, Any]]:
     """Rank-1 onto PC1 beyond its controls: ``(acc(rank-1 PC1) - acc(rank-1 control)) /
     drop(mean)``, paired over problems (the recovered shares share their denominator), for the
     controls ``random`` (a random unit direction in each neuron's span) and ``mean direction``
     (the neuron's mean-effect direction). Control 0; target ``margin`` (0 when NaN: established
-    above it, refuted wholly below it); ``primary`` names the controls whose row is primary."""
+    above it, refuted wholly below it); ``primary`` names the controls whose row is primary.
+    ``refits``: as for :func:`clip_sparsity_rows`."""
     c, m, r1 = _stack(per, "clean_correct"), _stack(per, "mean_correct"), _stack(per, "rank1_correct")
-    base = drop_ratio(r1, m, c, m, n_boot, seed)
+    base = drop_ratio(r1, m, c, m, n_boot, seed, _refit_triples(refits, "rank1", "mean"))
     rows = []
     for key, name in (("rank1_random", "random direction in span"), ("rank1_mean_direction", "mean-effect direction")):
         if f"{key}_correct" not in per[0]:
             continue
         ctrl = _stack(per, f"{key}_correct")
-        r = drop_ratio(r1, ctrl, c, m, n_boot, seed)
-        rc = drop_ratio(ctrl, m, c, m, n_boot, seed)
+        r = drop_ratio(r1, ctrl, c, m, n_boot, seed, _refit_triples(refits, "rank1", key))
+        rc = drop_ratio(ctrl, m, c, m, n_boot, seed, _refit_triples(refits, key, "mean"))
         measure = f"{label}: rank-1 recovered share, PC1 minus {name}"
         how = (f"(acc(rank-1 onto PC1) - acc(rank-1 onto the {name})) / (acc(clean) - acc(mean)) on validation, "
                f"all neurons, paired bootstrap over problems; PC1 recovers {base['point']:.3f}, the {name} "
-               f"{rc['point']:.3f}; {_drop_text(r)}")
+               f"{rc['point']:.3f}; {_drop_text(r)}{_refit_text(refits)}")
         kw = dict(resampled=PROBLEMS, split=split, primary=key[len("rank1_"):] in primary, margin=margin)
         t = 0.0 if margin != margin else float(margin)
         if not r["testable"]:

@@ -114,13 +114,15 @@ def fit_pc1(top: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def fit_from_coefficients(c: torch.Tensor, G: torch.Tensor, share: float = 0.02, seed: int = 0) -> dict[str, torch.Tensor]:
+def fit_from_coefficients(c: torch.Tensor, G: torch.Tensor, share: float = 0.02, seed: int = 0,
+                          null: bool = True) -> dict[str, torch.Tensor]:
     """Training-split statistics of every neuron of a layer from its coefficients ``c [N, K, n]``
     and Gram matrices ``G [n, K, K]``: mean coefficients ``mean [K, n]``, significance thresholds
     ``threshold [n]`` (k-th largest centred-effect norm, ``k = max(1, round(share N))``), PC1
     ``v [K, n]`` of the top-``max(2, k)`` centred effects and its share ``pc1_share [n]``, the same
     share with each head's coefficients shuffled across problems (``pc1_share_shuffled``), and
-    the centred energies ``energy [N, n]`` (squared norms)."""
+    the centred energies ``energy [N, n]`` (squared norms). ``null=False`` skips the shuffled
+    share (NaN): what a refit for an interval needs is the edits' fit, not the null."""
     mean = c.mean(0)
     dc = c - mean
     energy = quad(dc, G)  # [N, n]
@@ -132,6 +134,9 @@ def fit_from_coefficients(c: torch.Tensor, G: torch.Tensor, share: float = 0.02,
     ktop = min(N, max(2, k))
     top = torch.stack([dc[order[:ktop, j], :, j] for j in range(dc.shape[2])], -1)  # [ktop, K, n]
     v, pshare = fit_pc1(top, G)
+    if not null:
+        return {"mean": mean, "threshold": threshold, "v": v, "pc1_share": pshare,
+                "pc1_share_shuffled": torch.full_like(pshare, float("nan")), "energy": energy, "G": G, "seed": seed}
     # null: each head's coefficients shuffled across problems independently (breaks head co-variation)
     gen = torch.Generator().manual_seed(seed)
     sh = torch.stack([dc[torch.randperm(N, generator=gen), k] for k in range(dc.shape[1])], 1)
@@ -193,37 +198,49 @@ def control_directions(G: torch.Tensor, mean: torch.Tensor, seed: int = 0) -> di
     return {"mean_direction": mdir.float(), "random": r.T.float().contiguous()}
 
 
-def _rank1(w: LayerWeights, dc: torch.Tensor, G: torch.Tensor, v: torch.Tensor,
-           Gv: torch.Tensor | None = None) -> torch.Tensor:
-    """Residual edit replacing each centred effect ``dc [b, K, n]`` by its projection on ``v [K, n]``
-    (``Gv = G_n v_n [K, n]``, computed here unless given)."""
-    if Gv is None:
-        Gv = torch.einsum("nkj,jn->kn", G, v)
-    a = torch.einsum("bkn,kn->bn", dc, Gv)
-    return w.edit(a[:, None] * v[None] - dc)
+def _unit_directions(w: LayerWeights, fit: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per rank-1 edit of :func:`_edits` (``rank1``, ``rank1_random``, ``rank1_mean_direction``):
+    ``(G_n v_n [K, n], u_n = M_n^T v_n [n, dm])`` of its coefficient direction ``v``, built once
+    per fit and kept in it (``fit["units"]``; the control directions in ``fit["controls"]``)."""
+    if "units" not in fit:
+        G, v = fit["G"], fit["v"]
+        ctrl = fit.get("controls")
+        if ctrl is None:
+            ctrl = fit["controls"] = control_directions(G, fit["mean"], int(fit.get("seed", 0)))
+        fit["units"] = {name: (torch.einsum("nkj,jn->kn", G, d), w.directions(d))
+                        for name, d in (("rank1", v), ("rank1_random", ctrl["random"]),
+                                        ("rank1_mean_direction", ctrl["mean_direction"]))}
+    return fit["units"]
+
+
+def _edits(w: LayerWeights, fit: dict[str, Any], c: torch.Tensor, keep: torch.Tensor
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """CLIP's edits of one batch, residual changes at T ``[b, dm]`` by name, and the significance
+    mask ``[b, n]``. With ``dc = (c - mean) * keep`` the centred effects of the kept neurons,
+    ``E = sum_n M_n^T dc_n`` and ``S`` the same over the significant effects only (norm above the
+    training threshold): ``mean = -E``, ``ablate_significant = -S``, ``ablate_insignificant = S - E``
+    and each rank-1 edit ``a @ U - E`` (``a [b, n]`` the effects' projections on the unit
+    directions ``U [n, dm]``; :func:`_unit_directions`). Two full edits per batch; the other four
+    follow by linearity."""
+    G, mean, thr = fit["G"], fit["mean"], fit["threshold"]
+    dc = (c - mean) * keep  # [b, K, n]
+    sig = quad(dc, G).sqrt() > thr  # [b, n]
+    E = w.edit(dc)
+    S = w.edit(dc * sig[:, None])
+    edits = {"mean": -E, "ablate_significant": -S, "ablate_insignificant": S - E}
+    for name, (Gv, U) in _unit_directions(w, fit).items():
+        edits[name] = torch.einsum("bkn,kn->bn", dc, Gv) @ U.to(dc) - E
+    return edits, sig
 
 
 def _edit_batch(model: Any, w: LayerWeights, fit: dict[str, torch.Tensor], c: torch.Tensor,
-                final_resid: torch.Tensor, gold: torch.Tensor, keep: torch.Tensor, out: dict[str, list]) -> None:
-    """Append one batch's clean and edited readouts (see :func:`layer_protocol`) to ``out``."""
-    G, mean, thr, v = fit["G"], fit["mean"], fit["threshold"], fit["v"]
-    Gv = fit.get("Gv")
-    if Gv is None:
-        Gv = fit["Gv"] = torch.einsum("nkj,jn->kn", G, v)  # [K, n]
-    dc = (c - mean) * keep  # [b, K, n]
-    sig = quad(dc, G).sqrt() > thr  # [b, n]
-    a = torch.einsum("bkn,kn->bn", dc, Gv)  # projection coefficient on u_n
-    edits = {"clean": torch.zeros(len(gold), w.W_out.shape[1]),
-             "mean": -w.edit(dc),
-             "ablate_significant": -w.edit(dc * sig[:, None]),
-             "ablate_insignificant": -w.edit(dc * ~sig[:, None]),
-             "rank1": w.edit(a[:, None] * v[None] - dc)}
-    ctrl = fit.get("controls")
-    if ctrl is None:
-        ctrl = fit["controls"] = control_directions(G, mean, int(fit.get("seed", 0)))
-        ctrl["Gv"] = {k: torch.einsum("nkj,jn->kn", G, ctrl[k]) for k in ("random", "mean_direction")}
-    for k in ("random", "mean_direction"):
-        edits[f"rank1_{k}"] = _rank1(w, dc, G, ctrl[k], ctrl["Gv"][k])
+                final_resid: torch.Tensor, gold: torch.Tensor, keep: torch.Tensor, out: dict[str, list],
+                clean: bool = True) -> None:
+    """Append one batch's clean (unless ``clean`` is False) and edited readouts (see
+    :func:`layer_protocol`, :func:`_edits`) to ``out``."""
+    edits, sig = _edits(w, fit, c, keep)
+    if clean:
+        edits = {"clean": torch.zeros(len(gold), w.W_out.shape[1]), **edits}
     _read(model, final_resid, edits, gold, out)
     out.setdefault("significant_share", []).append(sig[:, keep].float().mean(1).numpy())
 
@@ -232,11 +249,14 @@ def _read(model: Any, final_resid: torch.Tensor, edits: dict[str, torch.Tensor],
           out: dict[str, list]) -> None:
     """Append each edit's per-problem correctness and logit difference (``{name}_correct``,
     ``{name}_logit_diff``) to ``out``: the residual at T plus the edit, through the final norm and
-    the unembedding only."""
-    for name, e in edits.items():
-        ok, ld = answer_metrics(final_logits(model, final_resid + e), gold)
-        out.setdefault(f"{name}_correct", []).append(ok.numpy())
-        out.setdefault(f"{name}_logit_diff", []).append(ld.numpy())
+    the unembedding only (all edits of the batch in one product)."""
+    names = list(edits)
+    b = len(gold)
+    x = (final_resid[None] + torch.stack([edits[k] for k in names])).reshape(len(names) * b, -1)
+    ok, ld = answer_metrics(final_logits(model, x), gold.repeat(len(names)))
+    for j, name in enumerate(names):
+        out.setdefault(f"{name}_correct", []).append(ok[j * b:(j + 1) * b].numpy())
+        out.setdefault(f"{name}_logit_diff", []).append(ld[j * b:(j + 1) * b].numpy())
 
 
 def _keep(n: int, neurons: torch.Tensor | None) -> torch.Tensor:
@@ -291,11 +311,19 @@ def auto_budget(share: float = 0.25, low: int = 2 << 30, high: int = 8 << 30) ->
     return int(min(high, max(low, share * avail)))
 
 
+def refit_indices(n: int, n_refit: int, seed: int = 0) -> list[np.ndarray]:
+    """The training rows of each of ``n_refit`` refits: bootstrap resamples of ``n`` problems
+    (seeded; the same for every layer, so pooled layers refit on one joint resample)."""
+    g = np.random.default_rng(seed + 20_011)
+    return [g.integers(0, n, n) for _ in range(n_refit)]
+
+
 @torch.no_grad()
 def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: torch.Tensor, layers: Sequence[int],
                  scopes: dict[int, dict[str, torch.Tensor | None]], share: float = 0.02, batch_size: int = 64,
                  budget: int | str = "auto", max_fit_problems: int = 4000, seed: int = 0,
                  progress: bool = True, keep: dict[int, torch.Tensor] | None = None,
+                 refit: dict[int, int] | None = None,
                  ) -> tuple[dict[tuple[int, str], dict[str, np.ndarray]], dict[int, dict]]:
     """The CLIP protocol for several source layers with few forward passes.
 
@@ -311,7 +339,11 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
     training and validation coefficients are also returned, in ``stats[layer]["structure"]``
     (``neurons``, ``coef_train [N_fit, K, s]``, ``coef_val [N_val, K, s]``, ``G``, ``mean``, ``v``,
     ``M [s, K, d_model]``: what the PC1-structure rows need) and every neuron's fit,
-    ``stats[layer]["fit"]`` (``v`` and ``mean``, ``[K, d_mlp]``; for :func:`evaluate_replacements`)."""
+    ``stats[layer]["fit"]`` (``v`` and ``mean``, ``[K, d_mlp]``; for :func:`evaluate_replacements`).
+    ``refit``: ``{layer: R}`` whose training fit is also refitted ``R`` times on bootstrap resamples
+    of the training problems (:func:`refit_indices`; no shuffled null), each refit's edits of all
+    neurons read on every validation problem: ``stats[layer]["refits"]``, a list of ``R``
+    per-problem dicts as above without ``clean`` (for intervals that refit what is fitted)."""
     from so2lib.engine.second_order import _bytes
     from so2lib.runs.progress import tqdm
     eng = engine_for(model)
@@ -335,9 +367,16 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
             for l in group:
                 cs[l].append(coefficients(eng, rows, l))
         fits = {}
+        refits: dict[int, list[dict[str, torch.Tensor]]] = {}
         for l in group:
             c_l = torch.cat(cs.pop(l))
             fits[l] = fit_from_coefficients(c_l, ws[l].gram(), share, seed)
+            if refit and refit.get(l):
+                refits[l] = []
+                for ix in refit_indices(len(c_l), int(refit[l]), seed):
+                    f_r = fit_from_coefficients(c_l[torch.as_tensor(ix)], fits[l]["G"], share, seed, null=False)
+                    del f_r["energy"]
+                    refits[l].append(f_r)
             stats[l] = {"pc1_share": fits[l]["pc1_share"].numpy(), "pc1_share_shuffled":
                         fits[l]["pc1_share_shuffled"].numpy(), "K": K[l], "n_fit": len(idx)}
             del fits[l]["energy"]
@@ -351,6 +390,8 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
                                          "v": fits[l]["v"][:, kn], "M": Mn}
             del c_l
         outs: dict[tuple[int, str], dict[str, list]] = {(l, sc): {} for l in group for sc in scopes.get(l, {})}
+        routs: dict[int, list[dict[str, list]]] = {l: [{} for _ in fs] for l, fs in refits.items()}
+        every = torch.ones(n, dtype=torch.bool)
         keeps = {(l, sc): _keep(n, ns) for l in group for sc, ns in scopes.get(l, {}).items()}
         for rows_idx, x, T in enc_val.batches(batch_size):
             rows = capture_batch(model, x, T, group)
@@ -362,12 +403,16 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
                     stats[l]["structure"]["coef_val"].append(c[..., stats[l]["structure"]["neurons"]].clone())
                 for sc in scopes.get(l, {}):
                     _edit_batch(model, ws[l], fits[l], c, fr, gold, keeps[(l, sc)], outs[(l, sc)])
+                for f_r, o in zip(refits.get(l, []), routs.get(l, [])):
+                    _edit_batch(model, ws[l], f_r, c, fr, gold, every, o, clean=False)
         for key, o in outs.items():
             per[key] = {k: np.concatenate(v) for k, v in o.items()}
+        for l, os_ in routs.items():
+            stats[l]["refits"] = [{k: np.concatenate(v) for k, v in o.items()} for o in os_]
         for l in group:
             if "structure" in stats[l]:
                 stats[l]["structure"]["coef_val"] = torch.cat(stats[l]["structure"]["coef_val"])
-        del fits, ws
+        del fits, ws, refits
         bar.update(len(group))
     bar.close()
     return per, stats
