@@ -192,3 +192,31 @@ def test_protocol_refits_equal_the_fit_on_the_unresampled_sample(tiny_models, mo
     for r in st2[1]["refits"]:
         for k, v in r.items():
             np.testing.assert_allclose(v, per2[(1, "all")][k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_refit_path_equals_the_fit_on_the_unresampled_sample(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    N, K, n = 300, 6, 9
+    A = torch.randn(n, K, K, generator=g)
+    G = A @ A.transpose(1, 2) + 0.1 * torch.eye(K)
+    c = torch.randn(N, K, n, generator=g) * torch.rand(1, K, n, generator=g) + 0.3
+    fit = P.fit_from_coefficients(c, G, 0.05)
+    monkeypatch.setattr(P, "refit_indices", lambda n_, R, seed=0: [np.arange(n_)] * R)
+    (r,) = P.refit_from_coefficients(c, G, 0.05, n_refit=1)
+    for k in ("mean", "threshold", "v", "pc1_share"):
+        torch.testing.assert_close(r[k], fit[k], rtol=1e-4, atol=1e-5, msg=k)
+    monkeypatch.undo()
+    boots = P.refit_from_coefficients(c, G, 0.05, n_refit=2)
+    assert not torch.allclose(boots[0]["mean"], fit["mean"]) and not torch.allclose(boots[0]["mean"], boots[1]["mean"])
+
+
+def test_pc1_from_the_span_side_equals_fit_pc1():
+    g = torch.Generator().manual_seed(6)
+    n, k, K = 7, 31, 5  # k odd: no tie in the majority sign rule
+    A = torch.randn(n, K, K, generator=g)
+    G = A @ A.transpose(1, 2) + 0.1 * torch.eye(K)
+    top = torch.randn(n, k, K, generator=g) * torch.rand(n, 1, K, generator=g)
+    v, share = P.fit_pc1(top.permute(1, 2, 0), G)
+    v2, share2 = P._pc1_in_span(top, G, torch.linalg.cholesky(G))
+    torch.testing.assert_close(share2, share, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(v2, v, rtol=1e-3, atol=1e-4)

@@ -114,15 +114,13 @@ def fit_pc1(top: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def fit_from_coefficients(c: torch.Tensor, G: torch.Tensor, share: float = 0.02, seed: int = 0,
-                          null: bool = True) -> dict[str, torch.Tensor]:
+def fit_from_coefficients(c: torch.Tensor, G: torch.Tensor, share: float = 0.02, seed: int = 0) -> dict[str, torch.Tensor]:
     """Training-split statistics of every neuron of a layer from its coefficients ``c [N, K, n]``
     and Gram matrices ``G [n, K, K]``: mean coefficients ``mean [K, n]``, significance thresholds
     ``threshold [n]`` (k-th largest centred-effect norm, ``k = max(1, round(share N))``), PC1
     ``v [K, n]`` of the top-``max(2, k)`` centred effects and its share ``pc1_share [n]``, the same
     share with each head's coefficients shuffled across problems (``pc1_share_shuffled``), and
-    the centred energies ``energy [N, n]`` (squared norms). ``null=False`` skips the shuffled
-    share (NaN): what a refit for an interval needs is the edits' fit, not the null."""
+    the centred energies ``energy [N, n]`` (squared norms)."""
     mean = c.mean(0)
     dc = c - mean
     energy = quad(dc, G)  # [N, n]
@@ -134,9 +132,6 @@ def fit_from_coefficients(c: torch.Tensor, G: torch.Tensor, share: float = 0.02,
     ktop = min(N, max(2, k))
     top = torch.stack([dc[order[:ktop, j], :, j] for j in range(dc.shape[2])], -1)  # [ktop, K, n]
     v, pshare = fit_pc1(top, G)
-    if not null:
-        return {"mean": mean, "threshold": threshold, "v": v, "pc1_share": pshare,
-                "pc1_share_shuffled": torch.full_like(pshare, float("nan")), "energy": energy, "G": G, "seed": seed}
     # null: each head's coefficients shuffled across problems independently (breaks head co-variation)
     gen = torch.Generator().manual_seed(seed)
     sh = torch.stack([dc[torch.randperm(N, generator=gen), k] for k in range(dc.shape[1])], 1)
@@ -145,6 +140,55 @@ def fit_from_coefficients(c: torch.Tensor, G: torch.Tensor, share: float = 0.02,
     _, pshare_sh = fit_pc1(top_sh, G)
     return {"mean": mean, "threshold": threshold, "v": v, "pc1_share": pshare, "pc1_share_shuffled": pshare_sh,
             "energy": energy, "G": G, "seed": seed}  # seed: also of the random rank-1 control (_edit_batch)
+
+
+def _pc1_in_span(top: torch.Tensor, G: torch.Tensor, Lc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fit_pc1` from the ``K x K`` side, for ``top [n, k, K]`` with ``K < k``: with
+    ``G_n = L L^T`` the top eigenvector ``w`` of ``L^T X^T X L`` gives ``v = L^-T w`` (unit in the
+    ``G`` metric: ``u = M^T v`` maximises the top-k effects' squared projections), the same
+    spectrum as the ``k x k`` Gram; the same majority sign rule. Returns ``v [K, n]``, share ``[n]``."""
+    C = top.transpose(1, 2) @ top  # [n, K, K]
+    evals, evecs = torch.linalg.eigh(Lc.transpose(1, 2) @ C @ Lc)
+    w = evecs[:, :, -1:]  # [n, K, 1]
+    v = torch.linalg.solve_triangular(Lc.transpose(1, 2), w, upper=True)[..., 0]  # [n, K]
+    proj = (top @ (Lc @ w))[..., 0]  # [n, k]: x_i^T G v = x_i^T L w
+    sign = torch.where((proj > 0).sum(1) >= (proj < 0).sum(1), 1.0, -1.0)
+    share = evals[:, -1].clamp_min(1e-30) / evals.clamp_min(0).sum(1).clamp_min(1e-30)
+    return (v * sign[:, None]).T.contiguous(), share
+
+
+@torch.no_grad()
+def refit_from_coefficients(c: torch.Tensor, G: torch.Tensor, share: float = 0.02, seed: int = 0,
+                            n_refit: int = 20) -> list[dict[str, torch.Tensor]]:
+    """:func:`fit_from_coefficients`' edit statistics (``mean``, ``threshold``, ``v``,
+    ``pc1_share``; no shuffled null, no energies) refitted on each of ``n_refit`` bootstrap
+    resamples of the training problems (:func:`refit_indices`), for intervals that refit what is
+    fitted. A second code path, two passes over the coefficients per refit: with ``c [N, K, n]``
+    laid out per neuron once (``[n, N, K]``) and ``q_i = c_i^T G c_i`` computed once, a
+    resample's mean is a weighted sum of the rows (weights: how often each row is drawn) and its
+    centred energies are ``q_i - 2 c_i^T G m + m^T G m``; only the top-k rows are gathered. On the
+    unresampled sample it gives the fit's numbers (tested)."""
+    cn = c.permute(2, 0, 1).contiguous()  # [n, N, K]
+    n, N, K = cn.shape
+    k = max(1, int(round(share * N)))
+    ktop = min(N, max(2, k))
+    q = (torch.bmm(cn, G) * cn).sum(-1)  # [n, N]
+    Lc, info = torch.linalg.cholesky_ex(G)
+    small = K < ktop and bool((info == 0).all())  # the PC1 from the K x K problem (Cholesky of G)
+    out = []
+    for ix in refit_indices(N, n_refit, seed):
+        ixt = torch.as_tensor(ix, dtype=torch.long)
+        wts = torch.bincount(ixt, minlength=N).to(cn.dtype) / N  # [N]
+        mean = torch.matmul(wts, cn)  # [n, K]
+        Gm = torch.bmm(G, mean[:, :, None])[..., 0]  # [n, K]
+        e = q - 2 * torch.bmm(cn, Gm[:, :, None])[..., 0] + (mean * Gm).sum(-1)[:, None]  # [n, N]
+        vals, order = e[:, ixt].clamp_min(0).sqrt().topk(max(k, ktop), dim=1)
+        rows = ixt[order[:, :ktop]]  # [n, ktop] the top rows of the resample
+        top = torch.gather(cn, 1, rows[..., None].expand(-1, -1, K)) - mean[:, None]  # [n, ktop, K]
+        v, pshare = _pc1_in_span(top, G, Lc) if small else fit_pc1(top.permute(1, 2, 0), G)
+        out.append({"mean": mean.T.contiguous(), "threshold": vals[:, k - 1].contiguous(), "v": v,
+                    "pc1_share": pshare, "G": G, "seed": seed})
+    return out
 
 
 @torch.no_grad()
@@ -213,18 +257,23 @@ def _unit_directions(w: LayerWeights, fit: dict[str, Any]) -> dict[str, tuple[to
     return fit["units"]
 
 
-def _edits(w: LayerWeights, fit: dict[str, Any], c: torch.Tensor, keep: torch.Tensor
-           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _edits(w: LayerWeights, fit: dict[str, Any], c: torch.Tensor, keep: torch.Tensor,
+           cp: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """CLIP's edits of one batch, residual changes at T ``[b, dm]`` by name, and the significance
     mask ``[b, n]``. With ``dc = (c - mean) * keep`` the centred effects of the kept neurons,
     ``E = sum_n M_n^T dc_n`` and ``S`` the same over the significant effects only (norm above the
     training threshold): ``mean = -E``, ``ablate_significant = -S``, ``ablate_insignificant = S - E``
     and each rank-1 edit ``a @ U - E`` (``a [b, n]`` the effects' projections on the unit
     directions ``U [n, dm]``; :func:`_unit_directions`). Two full edits per batch; the other four
-    follow by linearity."""
+    follow by linearity. ``cp``: ``c`` laid out per neuron (``[n, b, K]``, contiguous), shared by
+    the several fits and scopes of one batch."""
     G, mean, thr = fit["G"], fit["mean"], fit["threshold"]
     dc = (c - mean) * keep  # [b, K, n]
-    sig = quad(dc, G).sqrt() > thr  # [b, n]
+    if cp is None:
+        sig = quad(dc, G).sqrt() > thr  # [b, n]
+    else:  # the same arithmetic as quad(dc, G), without laying dc out again
+        dcp = (cp - mean.T[:, None]) * keep[:, None, None]
+        sig = (torch.bmm(dcp, G) * dcp).sum(-1).T.clamp_min(0).sqrt() > thr
     E = w.edit(dc)
     S = w.edit(dc * sig[:, None])
     edits = {"mean": -E, "ablate_significant": -S, "ablate_insignificant": S - E}
@@ -235,10 +284,10 @@ def _edits(w: LayerWeights, fit: dict[str, Any], c: torch.Tensor, keep: torch.Te
 
 def _edit_batch(model: Any, w: LayerWeights, fit: dict[str, torch.Tensor], c: torch.Tensor,
                 final_resid: torch.Tensor, gold: torch.Tensor, keep: torch.Tensor, out: dict[str, list],
-                clean: bool = True) -> None:
+                clean: bool = True, cp: torch.Tensor | None = None) -> None:
     """Append one batch's clean (unless ``clean`` is False) and edited readouts (see
     :func:`layer_protocol`, :func:`_edits`) to ``out``."""
-    edits, sig = _edits(w, fit, c, keep)
+    edits, sig = _edits(w, fit, c, keep, cp)
     if clean:
         edits = {"clean": torch.zeros(len(gold), w.W_out.shape[1]), **edits}
     _read(model, final_resid, edits, gold, out)
@@ -372,11 +421,7 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
             c_l = torch.cat(cs.pop(l))
             fits[l] = fit_from_coefficients(c_l, ws[l].gram(), share, seed)
             if refit and refit.get(l):
-                refits[l] = []
-                for ix in refit_indices(len(c_l), int(refit[l]), seed):
-                    f_r = fit_from_coefficients(c_l[torch.as_tensor(ix)], fits[l]["G"], share, seed, null=False)
-                    del f_r["energy"]
-                    refits[l].append(f_r)
+                refits[l] = refit_from_coefficients(c_l, fits[l]["G"], share, seed, int(refit[l]))
             stats[l] = {"pc1_share": fits[l]["pc1_share"].numpy(), "pc1_share_shuffled":
                         fits[l]["pc1_share_shuffled"].numpy(), "K": K[l], "n_fit": len(idx)}
             del fits[l]["energy"]
@@ -401,10 +446,11 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
                 c = coefficients(eng, rows, l)
                 if "structure" in stats[l]:
                     stats[l]["structure"]["coef_val"].append(c[..., stats[l]["structure"]["neurons"]].clone())
+                cp = c.permute(2, 0, 1).contiguous()  # [n, b, K], once for every fit and scope
                 for sc in scopes.get(l, {}):
-                    _edit_batch(model, ws[l], fits[l], c, fr, gold, keeps[(l, sc)], outs[(l, sc)])
+                    _edit_batch(model, ws[l], fits[l], c, fr, gold, keeps[(l, sc)], outs[(l, sc)], cp=cp)
                 for f_r, o in zip(refits.get(l, []), routs.get(l, [])):
-                    _edit_batch(model, ws[l], f_r, c, fr, gold, every, o, clean=False)
+                    _edit_batch(model, ws[l], f_r, c, fr, gold, every, o, clean=False, cp=cp)
         for key, o in outs.items():
             per[key] = {k: np.concatenate(v) for k, v in o.items()}
         for l, os_ in routs.items():
