@@ -139,6 +139,10 @@ def test_direction_maps_match_full_vectors(arch, tiny_models):
     v = torch.randn(w.K, M.shape[0], generator=g)
     U = torch.randn(M.shape[0], M.shape[2], generator=g)
     torch.testing.assert_close(w.directions(v), torch.einsum("nkd,kn->nd", M, v), rtol=1e-4, atol=1e-5)
+    G = w.gram()
+    torch.testing.assert_close(w.keep_basis(), M)  # the kept basis: directions and gram through it
+    torch.testing.assert_close(w.directions(v), torch.einsum("nkd,kn->nd", M, v), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.gram(), G, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.coefficients_of(U), torch.einsum("nkd,nd->kn", M, U), rtol=1e-4, atol=1e-5)
     # an effect's projection on u_n, from its coefficients: c_n . g_n = (M_n^T c_n) . u_n
     a = torch.einsum("bkn,kn->bn", c, w.coefficients_of(U))

@@ -59,7 +59,8 @@ class LayerWeights:
         less arithmetic than going through ``d_model``."""
         P = self.products
         z = torch.bmm(x.permute(1, 0, 2).to(P.device), P)  # [K, b, dh]
-        return torch.einsum("kbh,khd->bd", z, self.W_O.to(z.device))
+        K, b, dh = z.shape
+        return z.permute(1, 0, 2).reshape(b, K * dh) @ self.W_O.to(z.device).reshape(K * dh, -1)
 
     @property
     def products(self) -> torch.Tensor:
@@ -69,9 +70,20 @@ class LayerWeights:
         return self._P
 
     def directions(self, v: torch.Tensor) -> torch.Tensor:
-        """``[n, dm]`` effect-space directions ``u_n = M_n^T v_n`` of coefficient vectors ``v [K, n]``."""
+        """``[n, dm]`` effect-space directions ``u_n = M_n^T v_n`` of coefficient vectors ``v [K, n]``
+        (through the explicit ``M`` when :meth:`keep_basis` built it: ``d_head`` times less arithmetic)."""
+        if hasattr(self, "_M"):
+            return torch.bmm(v.T.to(self._M)[:, None, :], self._M)[:, 0]
         P = self.products
         return torch.einsum("knh,khd->nd", v.to(P)[:, :, None] * P, self.W_O.to(P))
+
+    def keep_basis(self, chunk: int = 256) -> torch.Tensor:
+        """Build and keep ``M [n, K, dm]`` (each neuron's effect basis, ``n K d_model`` floats), for
+        layers that need many :meth:`directions` (the protocol's refits)."""
+        if not hasattr(self, "_M"):
+            self._M = torch.cat([torch.einsum("nm,kmh,khd->nkd", self.W_out[s:s + chunk], self.W_V, self.W_O)
+                                 for s in range(0, self.W_out.shape[0], chunk)])
+        return self._M
 
     def coefficients_of(self, U: torch.Tensor) -> torch.Tensor:
         """``[K, n]`` ``g_n = M_n u_n`` for directions ``U [n, dm]``: an effect with coefficients ``c_n``
@@ -83,7 +95,8 @@ class LayerWeights:
         """``G [n, K, K]``, ``G_n = M_n M_n^T``, built ``chunk`` neurons at a time."""
         out = []
         for s in range(0, self.W_out.shape[0], chunk):
-            Mn = torch.einsum("nm,kmh,khd->nkd", self.W_out[s:s + chunk], self.W_V, self.W_O)
+            Mn = self._M[s:s + chunk] if hasattr(self, "_M") else \
+                torch.einsum("nm,kmh,khd->nkd", self.W_out[s:s + chunk], self.W_V, self.W_O)
             out.append(Mn @ Mn.transpose(1, 2))
         return torch.cat(out)
 
@@ -204,6 +217,19 @@ def fit_layer(model: Any, enc_train: Encoded, layer: int, share: float = 0.02, b
     return fit_from_coefficients(torch.cat(cs), w.gram(), share, seed)
 
 
+def g_times(G: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[K, n]`` ``G_n v_n`` for ``G [n, K, K]`` and ``v [K, n]`` (a batched product; the
+    equivalent einsum copies ``G``)."""
+    return torch.bmm(G, v.T.to(G)[:, :, None])[..., 0].T
+
+
+def mean_direction(G: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``[K, n]`` the mean coefficients ``mean [K, n]`` scaled to unit effect-space norm
+    (``v^T G_n v = 1``; zero where the mean effect is zero)."""
+    norm = (mean * g_times(G, mean)).sum(0).clamp_min(0).sqrt()
+    return torch.where(norm > 0, mean / norm.clamp_min(1e-30), torch.zeros_like(mean))
+
+
 def control_directions(G: torch.Tensor, mean: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
     """The two rank-1 controls of each neuron, as coefficient vectors ``[K, n]`` of unit effect-space
     norm (``v^T G_n v = 1``; a zero vector where a neuron has no effect at all):
@@ -217,8 +243,7 @@ def control_directions(G: torch.Tensor, mean: torch.Tensor, seed: int = 0) -> di
       ill-conditioned (a pivot below ``1e-6`` of its largest diagonal entry, e.g. ``K > d_model``)
       the span is read from its eigendecomposition instead: ``v = Q L^-1/2 z / ||z||`` with
       ``G_n = Q L Q^T``, eigenvalues below ``1e-6`` of the largest dropped."""
-    norm = torch.einsum("kn,nkj,jn->n", mean, G, mean).clamp_min(0).sqrt()
-    mdir = torch.where(norm > 0, mean / norm.clamp_min(1e-30), torch.zeros_like(mean))
+    mdir = mean_direction(G, mean)
     Gd = G.double()
     n, K = G.shape[0], G.shape[1]
     z = torch.randn(n, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -246,19 +271,43 @@ def _unit_directions(w: LayerWeights, fit: dict[str, Any]) -> dict[str, tuple[to
     """Per rank-1 edit of :func:`_edits` (``rank1``, ``rank1_random``, ``rank1_mean_direction``):
     ``(G_n v_n [K, n], u_n = M_n^T v_n [n, dm])`` of its coefficient direction ``v``, built once
     per fit and kept in it (``fit["units"]``; the control directions in ``fit["controls"]``)."""
-    if "units" not in fit:
-        G, v = fit["G"], fit["v"]
+    names = ("rank1", "rank1_random", "rank1_mean_direction")
+    units = fit.setdefault("units", {})
+    if any(k not in units for k in names):
+        G = fit["G"]
         ctrl = fit.get("controls")
         if ctrl is None:
             ctrl = fit["controls"] = control_directions(G, fit["mean"], int(fit.get("seed", 0)))
-        fit["units"] = {name: (torch.einsum("nkj,jn->kn", G, d), w.directions(d))
-                        for name, d in (("rank1", v), ("rank1_random", ctrl["random"]),
-                                        ("rank1_mean_direction", ctrl["mean_direction"]))}
-    return fit["units"]
+        for name, d in zip(names, (fit["v"], ctrl["random"], ctrl["mean_direction"])):
+            if name not in units:
+                units[name] = (g_times(G, d), w.directions(d))
+    return {k: units[k] for k in names}
+
+
+def _prepare_refit(w: LayerWeights, fit: dict[str, Any], random: torch.Tensor,
+                   random_units: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Fill a refit's ``controls``, ``units`` (:func:`_unit_directions`) and ``Gm`` in two batched
+    products (``G`` and ``M`` read once each; they are the layer's largest arrays). The random
+    control depends on the weights and the seed only: the fit's own, shared."""
+    G, v, mean = fit["G"], fit["v"], fit["mean"]
+    GX = torch.bmm(G, torch.stack([v.T, mean.T], 2))  # [n, K, 2]
+    Gv, Gm = GX[..., 0].T, GX[..., 1].T
+    norm = (mean * Gm).sum(0).clamp_min(0).sqrt()
+    scale = torch.where(norm > 0, 1.0 / norm.clamp_min(1e-30), torch.zeros_like(norm))
+    mdir = mean * scale  # as mean_direction(G, mean)
+    if hasattr(w, "_M"):
+        U = torch.bmm(torch.stack([v.T, mdir.T], 1), w._M)  # [n, 2, dm]
+        Uv, Um = U[:, 0], U[:, 1]
+    else:
+        Uv, Um = w.directions(v), w.directions(mdir)
+    fit["Gm"] = Gm
+    fit["controls"] = {"random": random, "mean_direction": mdir}
+    fit["units"] = {"rank1": (Gv, Uv), "rank1_random": random_units, "rank1_mean_direction": (Gm * scale, Um)}
 
 
 def _edits(w: LayerWeights, fit: dict[str, Any], c: torch.Tensor, keep: torch.Tensor,
-           cp: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+           cp: torch.Tensor | None = None, q0: torch.Tensor | None = None
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """CLIP's edits of one batch, residual changes at T ``[b, dm]`` by name, and the significance
     mask ``[b, n]``. With ``dc = (c - mean) * keep`` the centred effects of the kept neurons,
     ``E = sum_n M_n^T dc_n`` and ``S`` the same over the significant effects only (norm above the
@@ -266,8 +315,25 @@ def _edits(w: LayerWeights, fit: dict[str, Any], c: torch.Tensor, keep: torch.Te
     and each rank-1 edit ``a @ U - E`` (``a [b, n]`` the effects' projections on the unit
     directions ``U [n, dm]``; :func:`_unit_directions`). Two full edits per batch; the other four
     follow by linearity. ``cp``: ``c`` laid out per neuron (``[n, b, K]``, contiguous), shared by
-    the several fits and scopes of one batch."""
+    the several fits and scopes of one batch. ``q0 [b, n]``: ``c_n^T G_n c_n`` of the batch, for
+    the refits (all neurons kept): the centred energies then follow as ``q0 - 2 c.Gm + m.Gm``
+    (equal up to float rounding), without a ``K x K`` product per fit."""
     G, mean, thr = fit["G"], fit["mean"], fit["threshold"]
+    units = _unit_directions(w, fit)
+    if q0 is not None and cp is not None:  # a refit, all neurons: one pass over cp for every projection
+        if "Gm" not in fit:
+            fit["Gm"] = g_times(G, mean)  # [K, n]
+        GX = torch.stack([fit["Gm"]] + [g for g, _ in units.values()], 2).permute(1, 0, 2).contiguous()  # [n, K, 4]
+        pr = torch.bmm(cp, GX) - (mean.T[:, None, :] @ GX)  # [n, b, 4]: (c - mean) . (G m, G v_1, ...)
+        e = q0 - 2 * (pr[..., 0] + (mean.T * fit["Gm"].T).sum(-1)[:, None]).T + (mean * fit["Gm"]).sum(0)
+        sig = e.clamp_min(0).sqrt() > thr
+        dc = c - mean
+        E = w.edit(dc)
+        S = w.edit(dc * sig[:, None])
+        edits = {"mean": -E, "ablate_significant": -S, "ablate_insignificant": S - E}
+        for j, (name, (_, U)) in enumerate(units.items()):
+            edits[name] = pr[..., j + 1].T @ U.to(dc) - E
+        return edits, sig
     dc = (c - mean) * keep  # [b, K, n]
     if cp is None:
         sig = quad(dc, G).sqrt() > thr  # [b, n]
@@ -277,17 +343,17 @@ def _edits(w: LayerWeights, fit: dict[str, Any], c: torch.Tensor, keep: torch.Te
     E = w.edit(dc)
     S = w.edit(dc * sig[:, None])
     edits = {"mean": -E, "ablate_significant": -S, "ablate_insignificant": S - E}
-    for name, (Gv, U) in _unit_directions(w, fit).items():
-        edits[name] = torch.einsum("bkn,kn->bn", dc, Gv) @ U.to(dc) - E
+    for name, (Gv, U) in units.items():
+        edits[name] = (dc * Gv).sum(1) @ U.to(dc) - E  # projections [b, n] on the unit directions
     return edits, sig
 
 
 def _edit_batch(model: Any, w: LayerWeights, fit: dict[str, torch.Tensor], c: torch.Tensor,
                 final_resid: torch.Tensor, gold: torch.Tensor, keep: torch.Tensor, out: dict[str, list],
-                clean: bool = True, cp: torch.Tensor | None = None) -> None:
+                clean: bool = True, cp: torch.Tensor | None = None, q0: torch.Tensor | None = None) -> None:
     """Append one batch's clean (unless ``clean`` is False) and edited readouts (see
     :func:`layer_protocol`, :func:`_edits`) to ``out``."""
-    edits, sig = _edits(w, fit, c, keep, cp)
+    edits, sig = _edits(w, fit, c, keep, cp, q0)
     if clean:
         edits = {"clean": torch.zeros(len(gold), w.W_out.shape[1]), **edits}
     _read(model, final_resid, edits, gold, out)
@@ -419,9 +485,14 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
         refits: dict[int, list[dict[str, torch.Tensor]]] = {}
         for l in group:
             c_l = torch.cat(cs.pop(l))
+            if refit and refit.get(l):
+                ws[l].keep_basis()  # many directions() to come
             fits[l] = fit_from_coefficients(c_l, ws[l].gram(), share, seed)
             if refit and refit.get(l):
                 refits[l] = refit_from_coefficients(c_l, fits[l]["G"], share, seed, int(refit[l]))
+                main = _unit_directions(ws[l], fits[l])
+                for f_r in refits[l]:
+                    _prepare_refit(ws[l], f_r, fits[l]["controls"]["random"], main["rank1_random"])
             stats[l] = {"pc1_share": fits[l]["pc1_share"].numpy(), "pc1_share_shuffled":
                         fits[l]["pc1_share_shuffled"].numpy(), "K": K[l], "n_fit": len(idx)}
             del fits[l]["energy"]
@@ -449,8 +520,10 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
                 cp = c.permute(2, 0, 1).contiguous()  # [n, b, K], once for every fit and scope
                 for sc in scopes.get(l, {}):
                     _edit_batch(model, ws[l], fits[l], c, fr, gold, keeps[(l, sc)], outs[(l, sc)], cp=cp)
-                for f_r, o in zip(refits.get(l, []), routs.get(l, [])):
-                    _edit_batch(model, ws[l], f_r, c, fr, gold, every, o, clean=False, cp=cp)
+                if l in refits:
+                    q0 = (torch.bmm(cp, fits[l]["G"]) * cp).sum(-1).T  # [b, n], once for every refit
+                    for f_r, o in zip(refits[l], routs[l]):
+                        _edit_batch(model, ws[l], f_r, c, fr, gold, every, o, clean=False, cp=cp, q0=q0)
         for key, o in outs.items():
             per[key] = {k: np.concatenate(v) for k, v in o.items()}
         for l, os_ in routs.items():
