@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -549,6 +549,30 @@ def pipeline(run_dir: str, model: str | None, params: dict[str, Any], run: bool 
     return out
 
 
+def bench_protocol(run_dir: str, model: str | None, n_train: int, n_val: int, layers: Sequence[int],
+                   n_refit: int = 20, batch_size: int = 50) -> dict[str, Any]:
+    """The CLIP protocol (:func:`so2lib.phases.protocol.run_protocol`, all neurons of ``layers``) on
+    the first ``n_train`` / ``n_val`` problems of an existing run directory, without and with
+    ``n_refit`` refits of the fit per layer, in one process: the seconds of each and their ratio."""
+    from so2lib.phases import protocol as P
+    from so2lib.phases.study import open_run
+
+    cfg = json.loads((Path(run_dir) / "manifest.json").read_text())["config"]
+    setup = open_run(run_dir, model, n_train=cfg["n_train"], n_val=cfg["n_val"], seed=cfg["seed"],
+                     device=cfg.get("device"), dtype=cfg.get("dtype"), progress=False, batch_size=batch_size)
+    tr, va = setup.enc["train"].subset(range(n_train)), setup.enc["val"].subset(range(n_val))
+    gold = torch.tensor(setup.labels["val"].gold_token.values[:n_val])
+    scopes = {l: {"all": None} for l in layers}
+    out: dict[str, Any] = {"layers": list(layers), "n_train": n_train, "n_val": n_val, "n_refit": n_refit}
+    for name, kw in (("plain_s", {}), ("refit_s", {"refit": {l: n_refit for l in layers}})):
+        t0 = time.perf_counter()
+        P.run_protocol(setup.model, tr, va, gold, list(layers), scopes, 0.02, batch_size, progress=False, **kw)
+        out[name] = round(time.perf_counter() - t0, 2)
+    out["refit_over_plain"] = round(out["refit_s"] / out["plain_s"], 2)
+    out["machine"], out["load"] = _machine_line(), _load()
+    return out
+
+
 def _machine_line() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -616,6 +640,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="--pipeline: notebook parameter, as for so2lib.runs.runner")
     ap.add_argument("--no-run", action="store_true", help="--pipeline: only measure an existing run directory")
+    ap.add_argument("--protocol", default=None, metavar="LAYERS",
+                    help="only the CLIP protocol with and without refits on --run-dir's first --problems "
+                         "training (and half as many validation) problems, source layers e.g. 0,11")
     ap.add_argument("--peer", action="store_true",
                     help="only so2lib against the attribution-patching peer (--models, --problems, --batch-size)")
     a = ap.parse_args(argv)
@@ -626,6 +653,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_dir = a.run_dir or tempfile.mkdtemp(prefix="so2lib-pipeline-")
         r = pipeline(run_dir, a.model, params, run=not a.no_run)
         print_pipeline(r)
+        _save(r, a.out)
+        return r
+    if a.protocol:
+        n = a.problems or 200
+        r = bench_protocol(a.run_dir, a.model, n, max(1, n // 2), [int(x) for x in a.protocol.split(",")])
+        print(json.dumps(r, indent=1), flush=True)
         _save(r, a.out)
         return r
     if a.peer:

@@ -208,3 +208,14 @@ def test_editing_random_sets_rest_sample_matches_one_set_at_a_time(phase2, monke
     clean_r = edit_labels(setup.model, enc.subset(rest), chosen, 1.0).correct.values.astype(float)
     one = edit_labels(setup.model, enc.subset(rest), sets[0], f).correct.values.astype(float) - clean_r
     assert b["random_rest_change_mean"] == pytest.approx(float(one.mean()), abs=1e-9)
+
+
+def test_bench_protocol_times_the_protocol_with_and_without_refits(phase2, tmp_path):
+    import shutil
+    from so2lib import bench
+
+    setup, _, _ = phase2
+    d = tmp_path / "copy"
+    shutil.copytree(setup.run.path, d, ignore=shutil.ignore_patterns(".lock", ".manifest.lock"))
+    r = bench.bench_protocol(str(d), None, 20, 10, [0], n_refit=2, batch_size=8)
+    assert r["plain_s"] > 0 and r["refit_s"] > 0 and r["refit_over_plain"] > 0 and r["layers"] == [0]
