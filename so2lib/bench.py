@@ -564,10 +564,11 @@ def bench_protocol(run_dir: str, model: str | None, n_train: int, n_val: int, la
     gold = torch.tensor(setup.labels["val"].gold_token.values[:n_val])
     scopes = {l: {"all": None} for l in layers}
     out: dict[str, Any] = {"layers": list(layers), "n_train": n_train, "n_val": n_val, "n_refit": n_refit}
-    for name, kw in (("plain_s", {}), ("refit_s", {"refit": {l: n_refit for l in layers}})):
+    # plain, with refits, plain again (the first run is cold): the faster plain run counts
+    for name, kw in (("plain_s", {}), ("refit_s", {"refit": {l: n_refit for l in layers}}), ("plain_s", {})):
         t0 = time.perf_counter()
         P.run_protocol(setup.model, tr, va, gold, list(layers), scopes, 0.02, batch_size, progress=False, **kw)
-        out[name] = round(time.perf_counter() - t0, 2)
+        out[name] = round(min(out.get(name, float("inf")), time.perf_counter() - t0), 2)
     out["refit_over_plain"] = round(out["refit_s"] / out["plain_s"], 2)
     out["machine"], out["load"] = _machine_line(), _load()
     return out

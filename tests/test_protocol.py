@@ -198,16 +198,20 @@ def test_protocol_refits_equal_the_fit_on_the_unresampled_sample(tiny_models, mo
             np.testing.assert_allclose(v, per2[(1, "all")][k], rtol=1e-6, atol=1e-6, err_msg=k)
 
 
-def test_refit_path_equals_the_fit_on_the_unresampled_sample(monkeypatch):
+@pytest.mark.parametrize("offset", [0.3, 1000.0])
+def test_refit_path_equals_the_fit_on_the_unresampled_sample(offset, monkeypatch):
+    """Also where the mean is 1,000 times the spread (a steady attention offset): the refit path
+    centres once, so its float32 energies do not cancel."""
     g = torch.Generator().manual_seed(5)
     N, K, n = 300, 6, 9
     A = torch.randn(n, K, K, generator=g)
     G = A @ A.transpose(1, 2) + 0.1 * torch.eye(K)
-    c = torch.randn(N, K, n, generator=g) * torch.rand(1, K, n, generator=g) + 0.3
+    c = torch.randn(N, K, n, generator=g) * torch.rand(1, K, n, generator=g) + offset
     fit = P.fit_from_coefficients(c, G, 0.05)
     monkeypatch.setattr(P, "refit_indices", lambda n_, R, seed=0: [np.arange(n_)] * R)
     (r,) = P.refit_from_coefficients(c, G, 0.05, n_refit=1)
-    for k in ("mean", "threshold", "v", "pc1_share"):
+    torch.testing.assert_close(r["mean"], fit["mean"], rtol=1e-5, atol=1e-4 * max(1.0, offset) * 1e-2)
+    for k in ("threshold", "v"):
         torch.testing.assert_close(r[k], fit[k], rtol=1e-4, atol=1e-5, msg=k)
     monkeypatch.undo()
     boots = P.refit_from_coefficients(c, G, 0.05, n_refit=2)
@@ -224,3 +228,28 @@ def test_pc1_from_the_span_side_equals_fit_pc1():
     v2, share2 = P._pc1_in_span(top, G, torch.linalg.cholesky(G))
     torch.testing.assert_close(share2, share, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(v2, v, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("offset", [0.0, 500.0])
+def test_refit_branch_of_edits_equals_the_direct_one(offset, tiny_models, monkeypatch):
+    """_edits' refit branch (energies from the reference-centred batch, every projection in one
+    pass) against its direct branch on the same refit, with and without a large common offset."""
+    full, w, c = layer_case(tiny_models["llama"])
+    c = c + offset
+    G = w.gram()
+    g = torch.Generator().manual_seed(0)
+    train = torch.cat([c + 0.1 * torch.randn(c.shape, generator=g) for _ in range(2)])  # 6 rows, none of them c's
+    monkeypatch.setattr(P, "refit_indices", lambda n_, R, seed=0: [np.array([0, 1, 1, 3, 4, 5])] * R)
+    (f,) = P.refit_from_coefficients(train, G, 0.3, n_refit=1)
+    main = {"G": G, "mean": train.mean(0), "v": f["v"], "threshold": f["threshold"], "seed": 0}
+    P._prepare_refit(w, f, P.control_directions(G, main["mean"], 0)["random"], P._unit_directions(w, main)["rank1_random"])
+    every = torch.ones(c.shape[-1], dtype=torch.bool)
+    direct, sig = P._edits(w, dict(f), c, every)
+    cp0 = c.permute(2, 0, 1).contiguous() - f["m0"].T[:, None]
+    q0 = (torch.bmm(cp0, G) * cp0).sum(-1).T
+    fast, sig2 = P._edits(w, dict(f), c, every, cp=cp0, q0=q0)
+    assert torch.equal(sig, sig2)
+    for k in direct:
+        torch.testing.assert_close(fast[k], direct[k], rtol=1e-3, atol=1e-3 * max(1.0, offset) * 1e-2, msg=k)
+    with pytest.raises(ValueError, match="every neuron"):
+        P._edits(w, dict(f), c, ~every, cp=cp0, q0=q0)

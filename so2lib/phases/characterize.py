@@ -239,8 +239,9 @@ STRUCTURE_VERSION = 2
 EFFECT_BUDGET_VERSION = 4
 #: 2: the random rank-1 control drawn through a Cholesky factor (same distribution, other draws);
 #: 3: two full edits per batch, the other four by linearity, all read in one product (same
-#: numbers to float rounding), and the critical layers' refits (``clip_refits``)
-PROTOCOL_VERSION = 3
+#: numbers to float rounding), and the critical layers' refits (``clip_refits``); 4: the refits'
+#: energies centred on a reference mean (no float32 cancellation where the mean is large)
+PROTOCOL_VERSION = 4
 
 #: refits of the critical layers' training fit (mean, threshold, PC1, controls) on bootstrap
 #: resamples of the training problems, for the CLIP sparsity and rank-1 rows' intervals
@@ -500,7 +501,8 @@ def validation_table(per_problem: pd.DataFrame, structure: pd.DataFrame, outcome
     CLIP's sparsity rows and rank-1 beyond its controls for the critical layers (each, and pooled:
     the primary rows :data:`PRIMARY`), the PC1-structure rows pooled over the critical layers, the
     energy share as a description, and layer concentration of the second-order ablation drop.
-    Every interval resamples validation problems."""
+    Every interval resamples validation problems; the CLIP sparsity, rank-1 and PC1-structure
+    rows' intervals also refit the training fits (``refits``: the ``clip_refits`` artifact)."""
     cl = [l for l in crit if l < L - 1]
     sp = clip_sparsity_table(per_problem, crit, L, n_boot, seed, refits)
     rows = [r for r in sp.to_dict("records") if r["layer"] in [str(l) for l in cl] + ["critical"]]

@@ -4,10 +4,11 @@ the strongest alternative explanation, with intervals that resample validation P
 - **CLIP sparsity** (:func:`clip_sparsity_rows`): ``drop(ablate significant) / drop(mean)`` (CLIP:
   most of the drop) and ``drop(ablate insignificant) / drop(mean)`` (CLIP: little of it), from the
   per-problem outcomes of the CLIP protocol (:func:`protocol.run_protocol`), ratio recomputed per
-  bootstrap replicate.
+  bootstrap replicate; for the critical layers each replicate also reads one of the protocol's
+  refits of the training fit (:func:`drop_ratio` with ``refits``).
 - **Rank-1 beyond its controls** (:func:`rank1_rows`): the share of the mean-ablation drop that
   rank-1 onto PC1 recovers, minus the share recovered by rank-1 onto a random unit direction in
-  each neuron's span, and onto the neuron's mean-effect direction.
+  each neuron's span, and onto the neuron's mean-effect direction (intervals refitted the same way).
 - **PC1 structure** (:func:`structure_arrays`, :func:`structure_rows`): the validation share of
   each neuron's centred effect energy along its training PC1, minus the same along its
   mean-effect direction, along another neuron's PC1, and along the PC1 of an activation-only
@@ -32,6 +33,8 @@ from so2lib.phases.linalg import map_replicates
 from so2lib.stats import interval_row, not_measurable, top_share
 
 PROBLEMS = "problems (validation)"
+#: the resampling unit of rows whose intervals also refit the training fits
+PROBLEMS_REFIT = "problems (validation; training fits refitted)"
 
 
 def _boot_idx(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -106,7 +109,12 @@ def _with_clean(triples: list | None, clean: np.ndarray) -> list | None:
 def _refit_text(refits: Sequence | None) -> str:
     n = min(len(r) for r in refits) if refits and all(refits) else 0
     return (f"; the interval refits the training fit (mean, threshold, PC1, controls) on {n} bootstrap "
-            f"resamples of the training problems" if n else "; training fit held fixed in the interval")
+            f"resamples of the training problems (replicate b reads refit b mod {n})" if n
+            else "; training fit held fixed in the interval")
+
+
+def _unit(refits: Sequence | None) -> str:
+    return PROBLEMS_REFIT if refits and all(refits) else PROBLEMS
 
 
 def clip_sparsity_rows(per: Sequence[dict[str, np.ndarray]], label: str, n_boot: int = 2000, seed: int = 0,
@@ -139,10 +147,10 @@ def clip_sparsity_rows(per: Sequence[dict[str, np.ndarray]], label: str, n_boot:
                f"would cost; {_drop_text(r)}{_refit_text(refits)}")
         if not r["testable"]:
             rows.append(not_measurable(measure, how, f"{_drop_text(r)}: the interval includes 0", target, higher,
-                                       resampled=PROBLEMS, split=split, primary=primary))
+                                       resampled=_unit(refits), split=split, primary=primary))
             continue
         rows.append(interval_row(measure, r["point"], r["boots"], control, target, how, higher,
-                                 resampled=PROBLEMS, split=split, primary=primary))
+                                 resampled=_unit(refits), split=split, primary=primary))
     return rows
 
 
@@ -169,7 +177,7 @@ def rank1_rows(per: Sequence[dict[str, np.ndarray]], label: str, n_boot: int = 2
         how = (f"(acc(rank-1 onto PC1) - acc(rank-1 onto the {name})) / (acc(clean) - acc(mean)) on validation, "
                f"all neurons, paired bootstrap over problems; PC1 recovers {base['point']:.3f}, the {name} "
                f"{rc['point']:.3f}; {_drop_text(r)}{_refit_text(refits)}")
-        kw = dict(resampled=PROBLEMS, split=split, primary=key[len("rank1_"):] in primary, margin=margin)
+        kw = dict(resampled=_unit(refits), split=split, primary=key[len("rank1_"):] in primary, margin=margin)
         t = 0.0 if margin != margin else float(margin)
         if not r["testable"]:
             rows.append(not_measurable(measure, how, f"{_drop_text(r)}: the interval includes 0", t, **kw))
@@ -393,7 +401,7 @@ def structure_rows(arrays: Sequence[dict[str, Any]], label: str, n_boot: int = 1
         pc1_b = bcat("pc1")
         resample = (f"bootstrap over validation problems with the training fits refitted on {ok[0]['boot']['n_refit']} "
                     f"bootstrap resamples of the training problems (mean, top-k, PC1 and every control refitted)")
-        res_unit = "problems (validation; training fits refitted)"
+        res_unit = PROBLEMS_REFIT
     else:
         resample = "paired bootstrap over validation problems, training fits held fixed"
         res_unit = PROBLEMS

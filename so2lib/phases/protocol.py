@@ -173,34 +173,38 @@ def _pc1_in_span(top: torch.Tensor, G: torch.Tensor, Lc: torch.Tensor) -> tuple[
 @torch.no_grad()
 def refit_from_coefficients(c: torch.Tensor, G: torch.Tensor, share: float = 0.02, seed: int = 0,
                             n_refit: int = 20) -> list[dict[str, torch.Tensor]]:
-    """:func:`fit_from_coefficients`' edit statistics (``mean``, ``threshold``, ``v``,
-    ``pc1_share``; no shuffled null, no energies) refitted on each of ``n_refit`` bootstrap
-    resamples of the training problems (:func:`refit_indices`), for intervals that refit what is
-    fitted. A second code path, two passes over the coefficients per refit: with ``c [N, K, n]``
-    laid out per neuron once (``[n, N, K]``) and ``q_i = c_i^T G c_i`` computed once, a
-    resample's mean is a weighted sum of the rows (weights: how often each row is drawn) and its
-    centred energies are ``q_i - 2 c_i^T G m + m^T G m``; only the top-k rows are gathered. On the
-    unresampled sample it gives the fit's numbers (tested)."""
-    cn = c.permute(2, 0, 1).contiguous()  # [n, N, K]
-    n, N, K = cn.shape
+    """:func:`fit_from_coefficients`' edit statistics (``mean``, ``threshold``, ``v``; no shuffled
+    null, no energies) refitted on each of ``n_refit`` bootstrap resamples of the training problems
+    (:func:`refit_indices`), for intervals that refit what is fitted. A second code path, two
+    passes over the coefficients per refit: ``c [N, K, n]`` is centred once on its full-sample mean
+    ``m0`` and laid out per neuron (``d = c - m0``, ``[n, N, K]``) with ``q_i = d_i^T G d_i``; a
+    resample's mean is ``m0 + delta`` with ``delta`` the weighted sum of the rows ``d`` (weights:
+    how often each row is drawn), and its centred energies are ``q_i - 2 d_i^T G delta +
+    delta^T G delta`` (``delta`` is small, so no float32 cancellation even where the mean is large
+    against the spread); only the top-k rows are gathered. Each refit also records ``m0`` and
+    ``delta`` (for :func:`_edits`). On the unresampled sample it gives the fit's numbers (tested,
+    with means up to 1,000 times the spread)."""
+    m0 = c.mean(0)  # [K, n]
+    dn = (c - m0).permute(2, 0, 1).contiguous()  # [n, N, K]
+    n, N, K = dn.shape
     k = max(1, int(round(share * N)))
     ktop = min(N, max(2, k))
-    q = (torch.bmm(cn, G) * cn).sum(-1)  # [n, N]
+    q = (torch.bmm(dn, G) * dn).sum(-1)  # [n, N]
     Lc, info = torch.linalg.cholesky_ex(G)
     small = K < ktop and bool((info == 0).all())  # the PC1 from the K x K problem (Cholesky of G)
     out = []
     for ix in refit_indices(N, n_refit, seed):
         ixt = torch.as_tensor(ix, dtype=torch.long)
-        wts = torch.bincount(ixt, minlength=N).to(cn.dtype) / N  # [N]
-        mean = torch.matmul(wts, cn)  # [n, K]
-        Gm = torch.bmm(G, mean[:, :, None])[..., 0]  # [n, K]
-        e = q - 2 * torch.bmm(cn, Gm[:, :, None])[..., 0] + (mean * Gm).sum(-1)[:, None]  # [n, N]
-        vals, order = e[:, ixt].clamp_min(0).sqrt().topk(max(k, ktop), dim=1)
-        rows = ixt[order[:, :ktop]]  # [n, ktop] the top rows of the resample
-        top = torch.gather(cn, 1, rows[..., None].expand(-1, -1, K)) - mean[:, None]  # [n, ktop, K]
-        v, pshare = _pc1_in_span(top, G, Lc) if small else fit_pc1(top.permute(1, 2, 0), G)
-        out.append({"mean": mean.T.contiguous(), "threshold": vals[:, k - 1].contiguous(), "v": v,
-                    "pc1_share": pshare, "G": G, "seed": seed})
+        wts = torch.bincount(ixt, minlength=N).to(dn.dtype) / N  # [N]
+        delta = torch.matmul(wts, dn)  # [n, K]
+        Gd = torch.bmm(G, delta[:, :, None])[..., 0]  # [n, K]
+        e = q - 2 * torch.bmm(dn, Gd[:, :, None])[..., 0] + (delta * Gd).sum(-1)[:, None]  # [n, N]
+        vals, order = e[:, ixt].clamp_min(0).sqrt().topk(ktop, dim=1)
+        rows = ixt[order]  # [n, ktop] the top rows of the resample
+        top = torch.gather(dn, 1, rows[..., None].expand(-1, -1, K)) - delta[:, None]  # [n, ktop, K]
+        v, _ = _pc1_in_span(top, G, Lc) if small else fit_pc1(top.permute(1, 2, 0), G)
+        out.append({"mean": m0 + delta.T, "threshold": vals[:, k - 1].contiguous(), "v": v,
+                    "m0": m0, "delta": delta.T.contiguous(), "G": G, "seed": seed})
     return out
 
 
@@ -286,12 +290,12 @@ def _unit_directions(w: LayerWeights, fit: dict[str, Any]) -> dict[str, tuple[to
 
 def _prepare_refit(w: LayerWeights, fit: dict[str, Any], random: torch.Tensor,
                    random_units: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Fill a refit's ``controls``, ``units`` (:func:`_unit_directions`) and ``Gm`` in two batched
+    """Fill a refit's ``controls``, ``units`` (:func:`_unit_directions`) and ``Gd = G delta`` in two batched
     products (``G`` and ``M`` read once each; they are the layer's largest arrays). The random
     control depends on the weights and the seed only: the fit's own, shared."""
     G, v, mean = fit["G"], fit["v"], fit["mean"]
-    GX = torch.bmm(G, torch.stack([v.T, mean.T], 2))  # [n, K, 2]
-    Gv, Gm = GX[..., 0].T, GX[..., 1].T
+    GX = torch.bmm(G, torch.stack([v.T, mean.T, fit["delta"].T], 2))  # [n, K, 3]
+    Gv, Gm, Gd = GX[..., 0].T, GX[..., 1].T, GX[..., 2].T
     norm = (mean * Gm).sum(0).clamp_min(0).sqrt()
     scale = torch.where(norm > 0, 1.0 / norm.clamp_min(1e-30), torch.zeros_like(norm))
     mdir = mean * scale  # as mean_direction(G, mean)
@@ -300,7 +304,7 @@ def _prepare_refit(w: LayerWeights, fit: dict[str, Any], random: torch.Tensor,
         Uv, Um = U[:, 0], U[:, 1]
     else:
         Uv, Um = w.directions(v), w.directions(mdir)
-    fit["Gm"] = Gm
+    fit["Gd"] = Gd
     fit["controls"] = {"random": random, "mean_direction": mdir}
     fit["units"] = {"rank1": (Gv, Uv), "rank1_random": random_units, "rank1_mean_direction": (Gm * scale, Um)}
 
@@ -315,17 +319,21 @@ def _edits(w: LayerWeights, fit: dict[str, Any], c: torch.Tensor, keep: torch.Te
     and each rank-1 edit ``a @ U - E`` (``a [b, n]`` the effects' projections on the unit
     directions ``U [n, dm]``; :func:`_unit_directions`). Two full edits per batch; the other four
     follow by linearity. ``cp``: ``c`` laid out per neuron (``[n, b, K]``, contiguous), shared by
-    the several fits and scopes of one batch. ``q0 [b, n]``: ``c_n^T G_n c_n`` of the batch, for
-    the refits (all neurons kept): the centred energies then follow as ``q0 - 2 c.Gm + m.Gm``
-    (equal up to float rounding), without a ``K x K`` product per fit."""
+    the several fits and scopes of one batch. ``q0`` (a refit of :func:`refit_from_coefficients`,
+    all neurons kept): with ``cp`` centred on the refit's reference mean ``m0``
+    (``cp = c - m0`` per neuron) and ``q0 [b, n] = d^T G d`` of it, the centred energies follow as
+    ``q0 - 2 d.G delta + delta.G delta`` (equal up to float rounding, no cancellation), and every
+    projection from one pass over ``cp``."""
     G, mean, thr = fit["G"], fit["mean"], fit["threshold"]
     units = _unit_directions(w, fit)
-    if q0 is not None and cp is not None:  # a refit, all neurons: one pass over cp for every projection
-        if "Gm" not in fit:
-            fit["Gm"] = g_times(G, mean)  # [K, n]
-        GX = torch.stack([fit["Gm"]] + [g for g, _ in units.values()], 2).permute(1, 0, 2).contiguous()  # [n, K, 4]
-        pr = torch.bmm(cp, GX) - (mean.T[:, None, :] @ GX)  # [n, b, 4]: (c - mean) . (G m, G v_1, ...)
-        e = q0 - 2 * (pr[..., 0] + (mean.T * fit["Gm"].T).sum(-1)[:, None]).T + (mean * fit["Gm"]).sum(0)
+    if q0 is not None and cp is not None:
+        if not bool(keep.all()):
+            raise ValueError("the refit path of _edits needs every neuron kept")
+        delta = fit["delta"]  # [K, n]
+        GX = torch.stack([fit["Gd"]] + [g for g, _ in units.values()], 2).permute(1, 0, 2).contiguous()  # [n, K, 4]
+        pr = torch.bmm(cp, GX) - (delta.T[:, None, :] @ GX)  # [n, b, 4]: (c - mean) . (G delta, G v_1, ...)
+        dGd = (delta * fit["Gd"]).sum(0)  # [n]
+        e = q0 - 2 * pr[..., 0].T - dGd  # = q0 - 2 d.G delta + delta.G delta, as (c - mean) = d - delta
         sig = e.clamp_min(0).sqrt() > thr
         dc = c - mean
         E = w.edit(dc)
@@ -399,14 +407,15 @@ def layer_protocol(model: Any, enc_val: Encoded, gold_val: torch.Tensor, layer: 
 
 
 def layer_groups(layers: Sequence[int], n_problems: int, K: dict[int, int], d_mlp: int,
-                 budget_bytes: int) -> list[list[int]]:
+                 budget_bytes: int, extra: dict[int, int] | None = None) -> list[list[int]]:
     """Consecutive groups of ``layers`` whose coefficients (``n_problems K_l d_mlp`` floats), Gram
-    matrices (``d_mlp K_l^2``) and head products (``d_mlp K_l d_head``, counted as ``64``) fit in
-    ``budget_bytes`` together (at least one layer each)."""
+    matrices (``d_mlp K_l^2``), head products (``d_mlp K_l d_head``, counted as ``64``) and any
+    ``extra`` bytes per layer (the refits' copies, :func:`run_protocol`) fit in ``budget_bytes``
+    together (at least one layer each)."""
     groups: list[list[int]] = [[]]
     used = 0
     for l in layers:
-        size = 4 * d_mlp * K[l] * (n_problems + K[l] + 64)
+        size = 4 * d_mlp * K[l] * (n_problems + K[l] + 64) + (extra or {}).get(l, 0)
         if groups[-1] and used + size > budget_bytes:
             groups.append([])
             used = 0
@@ -470,7 +479,10 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
         g = torch.Generator().manual_seed(seed)
         idx = sorted(torch.randperm(N, generator=g)[:max_fit_problems].tolist())
     train = enc_train.subset(idx) if len(idx) < N else enc_train
-    groups = layer_groups(list(layers), len(idx), K, n, auto_budget() if budget == "auto" else _bytes(budget))
+    # a refit layer also holds its effect basis M (n K d_model) and the per-neuron copy of its
+    # coefficients with one temporary of the same size (refit_from_coefficients)
+    extra = {l: 4 * n * K[l] * (eng.info.d_model + 2 * len(idx)) for l in (refit or {}) if l in K}
+    groups = layer_groups(list(layers), len(idx), K, n, auto_budget() if budget == "auto" else _bytes(budget), extra)
     per: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     stats: dict[int, dict] = {}
     bar = tqdm(total=len(list(layers)), desc="CLIP protocol, source layers", disable=not progress)
@@ -500,7 +512,7 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
                 stats[l]["fit"] = {"v": fits[l]["v"].clone(), "mean": fits[l]["mean"].clone()}
                 kn = torch.as_tensor(keep[l], dtype=torch.long)
                 W = ws[l]
-                Mn = torch.einsum("nm,kmh,khd->nkd", W.W_out[kn], W.W_V, W.W_O)
+                Mn = W._M[kn] if hasattr(W, "_M") else torch.einsum("nm,kmh,khd->nkd", W.W_out[kn], W.W_V, W.W_O)
                 stats[l]["structure"] = {"neurons": kn, "coef_train": c_l[..., kn].clone(),
                                          "coef_val": [], "G": fits[l]["G"][kn], "mean": fits[l]["mean"][:, kn],
                                          "v": fits[l]["v"][:, kn], "M": Mn}
@@ -520,10 +532,11 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
                 cp = c.permute(2, 0, 1).contiguous()  # [n, b, K], once for every fit and scope
                 for sc in scopes.get(l, {}):
                     _edit_batch(model, ws[l], fits[l], c, fr, gold, keeps[(l, sc)], outs[(l, sc)], cp=cp)
-                if l in refits:
-                    q0 = (torch.bmm(cp, fits[l]["G"]) * cp).sum(-1).T  # [b, n], once for every refit
+                if l in refits:  # centred once on the refits' reference mean, for every refit
+                    cp0 = cp - refits[l][0]["m0"].T[:, None]
+                    q0 = (torch.bmm(cp0, fits[l]["G"]) * cp0).sum(-1).T  # [b, n]
                     for f_r, o in zip(refits[l], routs[l]):
-                        _edit_batch(model, ws[l], f_r, c, fr, gold, every, o, clean=False, cp=cp, q0=q0)
+                        _edit_batch(model, ws[l], f_r, c, fr, gold, every, o, clean=False, cp=cp0, q0=q0)
         for key, o in outs.items():
             per[key] = {k: np.concatenate(v) for k, v in o.items()}
         for l, os_ in routs.items():

@@ -46,8 +46,8 @@ RANDOM_SETS_VERSION = 4
 RANDOM_REST = 100
 
 #: how many of the random sets also run on the RANDOM_REST sample: the rest change is
-#: descriptive, and running all sets there cost about 2/3 of the editing passes (SmolLM2,
-#: 1,000 + 500: 100 sets x (84 class + 100 rest) problems)
+#: descriptive, and running all sets there cost about 45% of the editing passes (SmolLM2,
+#: 1,000 + 500: 100 sets x (78 class + 100 rest) problems of about 22,200 edited problem passes)
 RANDOM_REST_SETS = 10
 
 
