@@ -81,9 +81,14 @@ class LayerWeights:
         """Build and keep ``M [n, K, dm]`` (each neuron's effect basis, ``n K d_model`` floats), for
         layers that need many :meth:`directions` (the protocol's refits)."""
         if not hasattr(self, "_M"):
-            self._M = torch.cat([torch.einsum("nm,kmh,khd->nkd", self.W_out[s:s + chunk], self.W_V, self.W_O)
-                                 for s in range(0, self.W_out.shape[0], chunk)])
+            self._M = torch.cat([self.basis(slice(s, s + chunk)) for s in range(0, self.W_out.shape[0], chunk)])
         return self._M
+
+    def basis(self, neurons: slice | torch.Tensor) -> torch.Tensor:
+        """``M [s, K, dm]`` of the given neurons (from the kept basis when there is one)."""
+        if hasattr(self, "_M"):
+            return self._M[neurons]
+        return torch.einsum("nm,kmh,khd->nkd", self.W_out[neurons], self.W_V, self.W_O)
 
     def coefficients_of(self, U: torch.Tensor) -> torch.Tensor:
         """``[K, n]`` ``g_n = M_n u_n`` for directions ``U [n, dm]``: an effect with coefficients ``c_n``
@@ -95,8 +100,7 @@ class LayerWeights:
         """``G [n, K, K]``, ``G_n = M_n M_n^T``, built ``chunk`` neurons at a time."""
         out = []
         for s in range(0, self.W_out.shape[0], chunk):
-            Mn = self._M[s:s + chunk] if hasattr(self, "_M") else \
-                torch.einsum("nm,kmh,khd->nkd", self.W_out[s:s + chunk], self.W_V, self.W_O)
+            Mn = self.basis(slice(s, s + chunk))
             out.append(Mn @ Mn.transpose(1, 2))
         return torch.cat(out)
 
@@ -512,7 +516,7 @@ def run_protocol(model: Any, enc_train: Encoded, enc_val: Encoded, gold_val: tor
                 stats[l]["fit"] = {"v": fits[l]["v"].clone(), "mean": fits[l]["mean"].clone()}
                 kn = torch.as_tensor(keep[l], dtype=torch.long)
                 W = ws[l]
-                Mn = W._M[kn] if hasattr(W, "_M") else torch.einsum("nm,kmh,khd->nkd", W.W_out[kn], W.W_V, W.W_O)
+                Mn = W.basis(kn)
                 stats[l]["structure"] = {"neurons": kn, "coef_train": c_l[..., kn].clone(),
                                          "coef_val": [], "G": fits[l]["G"][kn], "mean": fits[l]["mean"][:, kn],
                                          "v": fits[l]["v"][:, kn], "M": Mn}
