@@ -118,3 +118,33 @@ def test_notebook_06_builds_the_table_headless(tmp_path):
     text = json.dumps([c.get("outputs", []) for c in json.loads(out.read_text())["cells"]])
     assert "MISMATCHED INPUTS" in text and "replicates" in text and "contradicts" in text
     assert (tmp_path / "c.html").exists()
+
+
+def test_a_run_summary_compares_like_its_directory(tmp_path, capsys):
+    dec = verdict_table([validation_row("pc1 share", 0.3, (0.2, float("nan")), 0.0, 0.0, "how")])
+    a = _run(tmp_path / "a", "model-a", ROWS_A, extra={"decomposition_table": dec})
+    b = _run(tmp_path / "b", "model-b", ROWS_B, seed=1)
+    C.main(["--export", str(a), str(tmp_path / "a.json")])
+    assert "wrote" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert doc["format"] == C.EXPORT_FORMAT and set(doc["tables"]) == {"validation_table", "decomposition_table"}
+    direct = C.compare_runs([a, b])
+    via = C.compare_runs([tmp_path / "a.json", b])
+    import pandas as pd
+    pd.testing.assert_frame_equal(direct["table"], via["table"], check_dtype=False)
+    assert direct["header"]["differs"] == via["header"]["differs"] and via["labels"] == ["model-a", "model-b"]
+    # files that are not summaries are refused with what to do
+    (tmp_path / "x.json").write_text("{\"format\": \"other\"}")
+    with pytest.raises(C.CompareError, match="not a run summary.*--export"):
+        C.compare_runs([tmp_path / "x.json", b])
+    (tmp_path / "y.json").write_text("not json")
+    with pytest.raises(C.CompareError, match="not a run summary"):
+        C.compare_runs([tmp_path / "y.json", b])
+    bad = dict(doc, version=99)
+    (tmp_path / "z.json").write_text(json.dumps(bad))
+    with pytest.raises(C.CompareError, match="version 99"):
+        C.compare_runs([tmp_path / "z.json", b])
+    (tmp_path / "empty").mkdir()
+    Run(tmp_path / "empty", model="m")
+    with pytest.raises(SystemExit, match="none of the verdict tables"):
+        C.main(["--export", str(tmp_path / "empty"), str(tmp_path / "e.json")])

@@ -2,6 +2,11 @@
 
     python -m so2lib.phases.compare outputs/runs/smollm2 outputs/runs/gemma3          # prints the table
     python -m so2lib.phases.compare A B --html compare.html                            # and writes a page
+    python -m so2lib.phases.compare --export outputs/runs/gemma3 gemma3.json           # a run's summary file
+
+Each argument is a run directory or a summary file written by ``--export`` (the run's manifest and
+its current verdict tables, a few hundred kB): a summary can be committed and compared later against
+a run made on another machine or day, without the run directory.
 
 Each run's verdict tables (:data:`so2lib.views.report.VERDICT_TABLES`) are read read-only; rows are
 matched by ``measure`` and classified by the criterion of ``docs/compare.md`` (written before any
@@ -32,12 +37,88 @@ class CompareError(ValueError):
     """Inputs that cannot be compared (not a run directory, no verdict tables, fewer than two)."""
 
 
-def open_read_only(path: str | Path) -> Run:
+EXPORT_FORMAT = "so2lib run summary"
+EXPORT_VERSION = 1
+
+
+class RunSummary:
+    """A run read back from an ``--export`` file: its manifest and verdict tables, with the
+    ``path`` / ``manifest`` / ``has`` / ``load`` that :func:`verdict_rows` and :func:`header` read."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], tables: dict[str, pd.DataFrame]):
+        self.path, self.manifest, self._tables = path, manifest, tables
+
+    def has(self, name: str) -> bool:
+        return name in self._tables
+
+    def load(self, name: str) -> pd.DataFrame:
+        return self._tables[name].copy()
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, "item") and not isinstance(v, (list, tuple, dict, str)):
+        return _jsonable(v.item())
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return v
+
+
+def export_summary(run_dir: str | Path, out: str | Path) -> Path:
+    """Write ``out``: the run's manifest and every verdict table it holds, each loaded through the
+    run's checks (present, intact, current: a stale table raises, as in the report). Returns ``out``."""
+    import json
+
+    from so2lib.views.report import VERDICT_TABLES
+
+    run = open_read_only(run_dir)
+    tables = {}
+    for name, _title in VERDICT_TABLES:
+        if run.has(name):
+            df = run.load(name)
+            tables[name] = {"columns": [str(c) for c in df.columns],
+                            "rows": [[_jsonable(v) for v in r] for r in df.itertuples(index=False)]}
+    if not tables:
+        raise CompareError(f"{run_dir} holds none of the verdict tables {[n for n, _ in VERDICT_TABLES]}: "
+                           f"run notebooks 03-05 into it first")
+    doc = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "source": str(Path(run_dir).resolve()),
+           "manifest": _jsonable(run.manifest), "tables": tables}
+    out = Path(out)
+    out.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    return out
+
+
+def _open_summary(p: Path) -> RunSummary:
+    import json
+
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CompareError(f"{p} is not a run summary ({e}): write one with "
+                           f"python -m so2lib.phases.compare --export RUN_DIR {p.name}") from None
+    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
+        raise CompareError(f"{p} is not a run summary (no format {EXPORT_FORMAT!r}): write one with "
+                           f"python -m so2lib.phases.compare --export RUN_DIR {p.name}")
+    if doc.get("version") != EXPORT_VERSION:
+        raise CompareError(f"{p} is a run summary of version {doc.get('version')}; this so2lib reads "
+                           f"version {EXPORT_VERSION}: export the run again")
+    tables = {n: pd.DataFrame(t["rows"], columns=t["columns"]) for n, t in doc["tables"].items()}
+    return RunSummary(p, doc["manifest"], tables)
+
+
+def open_read_only(path: str | Path) -> Run | RunSummary:
     """A :class:`Run` on an existing run directory that writes nothing (no manifest update, no
-    lock, no progress log); raises :class:`CompareError` for anything that is not a run directory."""
+    lock, no progress log), or a :class:`RunSummary` for a ``.json`` file written by
+    :func:`export_summary`; raises :class:`CompareError` for anything else."""
     p = Path(path)
+    if p.is_file() and p.suffix == ".json":
+        return _open_summary(p)
     if not p.is_dir():
-        raise CompareError(f"{path} is not a directory: pass run directories (made by so2lib.runs.runner)")
+        raise CompareError(f"{path} is not a directory: pass run directories (made by so2lib.runs.runner) "
+                           f"or run summaries (.json, from --export)")
     if not (p / "manifest.json").is_file():
         raise CompareError(f"{path} is not a run directory: it has no manifest.json")
     run = Run.__new__(Run)
@@ -47,16 +128,16 @@ def open_read_only(path: str | Path) -> Run:
     return run
 
 
-def _label(run: Run, used: set[str]) -> str:
-    base = str(run.manifest.get("config", {}).get("model") or run.path.name)
+def _label(run: Run | RunSummary, used: set[str]) -> str:
+    base = str(run.manifest.get("config", {}).get("model") or run.path.stem)
     name, i = base, 2
     while name in used:
-        name, i = f"{base} ({run.path.name})" if i == 2 else f"{base} #{i}", i + 1
+        name, i = f"{base} ({run.path.stem})" if i == 2 else f"{base} #{i}", i + 1
     used.add(name)
     return name
 
 
-def verdict_rows(run: Run) -> pd.DataFrame:
+def verdict_rows(run: Run | RunSummary) -> pd.DataFrame:
     """Every verdict row of a run (all of its verdict tables), keyed by ``measure``; the
     ``table`` column names the table; primary rows carry the study-wide Holm adjustment
     (:func:`so2lib.stats.study_holm`). Refuses a run with none of them."""
@@ -102,7 +183,7 @@ def classify(rows: Sequence[dict[str, Any] | None]) -> str:
     return "undetermined"
 
 
-def _settings(run: Run) -> dict[str, Any]:
+def _settings(run: Run | RunSummary) -> dict[str, Any]:
     """The recorded inputs of a run, flattened (what the header compares)."""
     m = run.manifest
     cfg = dict(m.get("config", {}))
@@ -264,10 +345,18 @@ def write_html(result: dict[str, Any], path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="two or more run directories")
+    ap.add_argument("runs", nargs="*", help="two or more run directories or run summaries (.json)")
+    ap.add_argument("--export", nargs=2, metavar=("RUN_DIR", "OUT_JSON"),
+                    help="write RUN_DIR's manifest and verdict tables to OUT_JSON and stop")
     ap.add_argument("--html", help="also write the table and figures to this HTML file")
     ap.add_argument("--csv", help="also write the full table to this CSV file")
     a = ap.parse_args(argv)
+    if a.export:
+        try:
+            print(f"wrote {export_summary(*a.export)}")
+        except (CompareError, FileNotFoundError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
+        return
     try:
         res = compare_runs(a.runs)
     except (CompareError, FileNotFoundError, RuntimeError) as e:
