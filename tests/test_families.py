@@ -341,3 +341,14 @@ def test_default_budget_is_half_the_free_gpu_memory(monkeypatch):
     assert default_max_memory(cuda) == 50 * 2**30 and default_max_memory(torch.device("cpu")) == 2 * 2**30
     monkeypatch.setattr(M, "free_device_memory", lambda d: 2**30)  # a nearly full GPU: the 2 GiB floor
     assert default_max_memory(cuda) == 2 * 2**30
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_family_logits_at_tokens(fam, fam_models):
+    """The few-token readout (effect budget) equals the whole unembedding's columns, softcap included."""
+    from so2lib.engine import partial as P
+    m = fam_models[fam]
+    x, _ = padded_batch()
+    r = P.final_resid(m, x)
+    tok = torch.randint(0, m.cfg.d_vocab, (*r.shape[:-1], 3), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(P.logits_at_tokens(m, r, tok), P.logits_at(m, r).gather(-1, tok), atol=1e-5, rtol=1e-6)

@@ -106,3 +106,17 @@ def test_fpe_table_shares_and_budget():
     assert df.attrs["total_fpe"] == 50.0 and df.attrs["budget_fpe"] == 34 and not df.attrs["within_budget"]
     ok = fpe_table({"a": 10.0}, forward_s=2.0, n_layers=4)
     assert ok.attrs["within_budget"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_at_tokens_are_those_columns_of_logits_at(arch, tiny_models):
+    m = tiny_models[arch]
+    r = P.final_resid(m, _tokens(m, b=4))[:, -3:]  # [4, 3, d]
+    g = torch.Generator().manual_seed(1)
+    tok = torch.randint(0, m.cfg.d_vocab, (4, 3, 2), generator=g)
+    full = P.logits_at(m, r)
+    got = P.logits_at_tokens(m, r, tok)
+    assert got.shape == (4, 3, 2)
+    assert torch.allclose(got, full.gather(-1, tok), atol=1e-5, rtol=1e-6)
+    # planted failure: other tokens' columns differ
+    assert not torch.allclose(P.logits_at_tokens(m, r, (tok + 1) % m.cfg.d_vocab), full.gather(-1, tok), atol=1e-3)

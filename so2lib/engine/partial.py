@@ -138,6 +138,24 @@ def logits_at(model: Any, resid: torch.Tensor) -> torch.Tensor:
     return logits.reshape(*shape, -1)
 
 
+@torch.no_grad()
+def logits_at_tokens(model: Any, resid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The logits of :func:`logits_at` at ``tokens`` only: ``[..., k]`` (float32) for residual rows
+    ``[..., d_model]`` and token ids ``[..., k]``; the same final norm and softcap, and ``k``
+    columns of the unembedding instead of all ``V`` (for readouts of a few fixed tokens, such as
+    the gold and alternative tokens' logit difference)."""
+    shape = resid.shape[:-1]
+    x = model.ln_final(resid.reshape(1, -1, resid.shape[-1]))[0]  # [m, d_model]
+    tok = tokens.reshape(x.shape[0], -1).to(x.device)
+    W = model.W_U.detach()
+    b = M.unembed_bias(model).detach().to(x.device)
+    logits = (torch.einsum("md,mkd->mk", x, W.T[tok].to(x.dtype)) + b[tok].to(x.dtype)).float()
+    cap = getattr(model.cfg, "output_logits_soft_cap", None) or 0.0
+    if cap and cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits.reshape(*shape, tok.shape[-1])
+
+
 #: One intervention on MLP neurons: ``{layer: (neurons [n] long, mul [n], add [n])}``; at every
 #: position the post-activations (``blocks.{layer}.mlp.hook_post``) of the neurons become
 #: ``t * mul + add`` (``mul = factor, add = 0``: scaling; ``mul = 0, add = value``: replacement).

@@ -235,8 +235,9 @@ STRUCTURE_VERSION = 2
 
 #: version of :func:`effect_budget`'s algorithm, part of its step key (3: batches by length, the
 #: ablated passes stacked and started after the neuron's own layer; 4: the prediction is one
-#: projection of ``p - mean`` on the selected neurons, with the run's own norm scales)
-EFFECT_BUDGET_VERSION = 4
+#: projection of ``p - mean`` on the selected neurons, with the run's own norm scales; 5: logits of
+#: the gold and alternative tokens only, not the whole vocabulary: the same values to float rounding)
+EFFECT_BUDGET_VERSION = 5
 #: 2: the random rank-1 control drawn through a Cholesky factor (same distribution, other draws);
 #: 3: two full edits per batch, the other four by linearity, all read in one product (same
 #: numbers to float rounding), and the critical layers' refits (``clip_refits``); 4: the refits'
@@ -294,8 +295,9 @@ def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine
         ar = torch.arange(len(T), device=dev)
         x = x[:, :int(T.max()) + 1]  # stop at the last answer position (causal: nothing after it matters)
         rows = capture_batch(model, x, T, range(L))
-        lc = PA.logits_at(model, rows.final_resid)  # [b, V] at T only
-        clean = lc[ar, g] - lc[ar, a]
+        ga = torch.stack([g, a], -1)  # only the gold and alternative tokens' logits are read
+        lc = PA.logits_at_tokens(model, rows.final_resid, ga)  # [b, 2] at T only
+        clean = lc[:, 0] - lc[:, 1]
         for l, ns in neurons.items():
             idx = torch.tensor(ns, device=dev)
             # both effects are linear in the activation (patterns and norm scales frozen), so
@@ -312,8 +314,8 @@ def effect_budget(model: Any, enc_val: Encoded, labels_val: pd.DataFrame, engine
         del rows
         res = PA.run_edits(model, x, (ar, T), edits, budget)
         for (l, n), r in zip(pairs, res):
-            lg = PA.logits_at(model, r)  # logits at T only
-            total[(l, n)].append((clean - (lg[ar, g] - lg[ar, a])).cpu())
+            lg = PA.logits_at_tokens(model, r, ga)  # at T, gold and alternative only
+            total[(l, n)].append((clean - (lg[:, 0] - lg[:, 1])).cpu())
     inv = np.argsort(order, kind="stable")
     out = []
     for l, n in pairs:
