@@ -131,11 +131,14 @@ def logits_at(model: Any, resid: torch.Tensor) -> torch.Tensor:
     the model's own final norm and unembedding, then its final softcap if it has one."""
     shape = resid.shape[:-1]
     x = resid.reshape(1, -1, resid.shape[-1])
-    logits = model.unembed(model.ln_final(x)).float()
-    cap = getattr(model.cfg, "output_logits_soft_cap", None) or 0.0
-    if cap and cap > 0:
-        logits = cap * torch.tanh(logits / cap)
+    logits = _softcap(model, model.unembed(model.ln_final(x)).float())
     return logits.reshape(*shape, -1)
+
+
+def _softcap(model: Any, logits: torch.Tensor) -> torch.Tensor:
+    """The model's final logit softcap (``cap * tanh(logits / cap)``), where it has one."""
+    cap = getattr(model.cfg, "output_logits_soft_cap", None) or 0.0
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
 
 @torch.no_grad()
@@ -149,10 +152,7 @@ def logits_at_tokens(model: Any, resid: torch.Tensor, tokens: torch.Tensor) -> t
     tok = tokens.reshape(x.shape[0], -1).to(x.device)
     W = model.W_U.detach()
     b = M.unembed_bias(model).detach().to(x.device)
-    logits = (torch.einsum("md,mkd->mk", x, W.T[tok].to(x.dtype)) + b[tok].to(x.dtype)).float()
-    cap = getattr(model.cfg, "output_logits_soft_cap", None) or 0.0
-    if cap and cap > 0:
-        logits = cap * torch.tanh(logits / cap)
+    logits = _softcap(model, (torch.einsum("md,mkd->mk", x, W.T[tok].to(x.dtype)) + b[tok].to(x.dtype)).float())
     return logits.reshape(*shape, tok.shape[-1])
 
 

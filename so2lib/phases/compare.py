@@ -17,6 +17,7 @@ result): ``replicates``, ``same verdict, sizes differ``, ``contradicts``, ``unde
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -70,20 +71,10 @@ def _jsonable(v: Any) -> Any:
 def export_summary(run_dir: str | Path, out: str | Path) -> Path:
     """Write ``out``: the run's manifest and every verdict table it holds, each loaded through the
     run's checks (present, intact, current: a stale table raises, as in the report). Returns ``out``."""
-    import json
-
-    from so2lib.views.report import VERDICT_TABLES
-
     run = open_read_only(run_dir)
-    tables = {}
-    for name, _title in VERDICT_TABLES:
-        if run.has(name):
-            df = run.load(name)
-            tables[name] = {"columns": [str(c) for c in df.columns],
-                            "rows": [[_jsonable(v) for v in r] for r in df.itertuples(index=False)]}
-    if not tables:
-        raise CompareError(f"{run_dir} holds none of the verdict tables {[n for n, _ in VERDICT_TABLES]}: "
-                           f"run notebooks 03-05 into it first")
+    tables = {name: {"columns": [str(c) for c in df.columns],
+                     "rows": [[_jsonable(v) for v in r] for r in df.itertuples(index=False)]}
+              for name, df in _verdict_tables(run).items()}
     doc = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "source": str(Path(run_dir).resolve()),
            "manifest": _jsonable(run.manifest), "tables": tables}
     out = Path(out)
@@ -92,8 +83,6 @@ def export_summary(run_dir: str | Path, out: str | Path) -> Path:
 
 
 def _open_summary(p: Path) -> RunSummary:
-    import json
-
     try:
         doc = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -137,22 +126,30 @@ def _label(run: Run | RunSummary, used: set[str]) -> str:
     return name
 
 
+def _verdict_tables(run: Run | RunSummary) -> dict[str, pd.DataFrame]:
+    """The verdict tables a run holds, ``{name: table}`` in report order, each loaded through the
+    run's checks (a damaged or stale table raises); refuses a run with none of them."""
+    from so2lib.views.report import VERDICT_TABLES
+
+    tables = {name: run.load(name) for name, _title in VERDICT_TABLES if run.has(name)}
+    if not tables:
+        raise CompareError(f"{run.path} holds none of the verdict tables "
+                           f"{[n for n, _ in VERDICT_TABLES]}: run notebooks 03-05 into it first")
+    return tables
+
+
 def verdict_rows(run: Run | RunSummary) -> pd.DataFrame:
     """Every verdict row of a run (all of its verdict tables), keyed by ``measure``; the
     ``table`` column names the table; primary rows carry the study-wide Holm adjustment
     (:func:`so2lib.stats.study_holm`). Refuses a run with none of them."""
-    from so2lib.views.report import VERDICT_TABLES, _verdicts
+    from so2lib.views.report import _verdicts
 
     frames = []
-    for name, _title in VERDICT_TABLES:
-        if run.has(name):
-            df = _verdicts(run.load(name))
-            if "measure" not in df.columns:
-                raise CompareError(f"{run.path}: table {name!r} has no 'measure' column")
-            frames.append(df.assign(table=name))
-    if not frames:
-        raise CompareError(f"{run.path} holds none of the verdict tables "
-                           f"{[n for n, _ in VERDICT_TABLES]}: run notebooks 03-05 into it first")
+    for name, raw in _verdict_tables(run).items():
+        df = _verdicts(raw)
+        if "measure" not in df.columns:
+            raise CompareError(f"{run.path}: table {name!r} has no 'measure' column")
+        frames.append(df.assign(table=name))
     frames = study_holm(frames)  # primary rows: Holm across the run's tables, as its report reads them
     df = pd.concat(frames, ignore_index=True)
     return df.drop_duplicates("measure", keep="first").set_index("measure")
