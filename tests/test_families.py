@@ -24,7 +24,7 @@ def family_config(fam: str, vocab: int, n_layers: int = 4):
              num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=64, max_position_embeddings=64)
     if fam == "gemma2":
-        return transformers.Gemma2Config(head_dim=8, **c)
+        return transformers.Gemma2Config(head_dim=8, final_logit_softcapping=2.0, **c)  # a cap that bites
     if fam == "gemma3":
         return transformers.Gemma3TextConfig(head_dim=8, **c)
     if fam == "olmo2":
@@ -352,3 +352,23 @@ def test_family_logits_at_tokens(fam, fam_models):
     r = P.final_resid(m, x)
     tok = torch.randint(0, m.cfg.d_vocab, (*r.shape[:-1], 3), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(P.logits_at_tokens(m, r, tok), P.logits_at(m, r).gather(-1, tok), atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_family_final_logits_equal_the_forward_pass(fam, fam_models):
+    """The residual-edit readout of phases 3 and 5 (``final_logits``) is the model's own logits,
+    final softcap included (the Gemma-2 config caps at 2, which bites; uncapped logits differ) and
+    the final norm's gain where the bridge leaves it unfolded (OLMo-2)."""
+    from so2lib.engine import partial as P
+    from so2lib.engine.readout import final_logits, readout_params, softcap_of
+    m = fam_models[fam]
+    x, _ = padded_batch()
+    r = P.final_resid(m, x)
+    ref = m(x).float()
+    got = final_logits(m, r.reshape(-1, r.shape[-1])).reshape(ref.shape)
+    assert torch.allclose(got, ref, atol=2e-4, rtol=1e-4), (got - ref).abs().max()
+    assert (softcap_of(m) > 0) == (fam == "gemma2") and bool(readout_params(m)) == (fam in ("gemma2", "olmo2"))
+    if fam == "gemma2":  # the check can fail: without the cap the logits are not the model's
+        cap = softcap_of(m)
+        uncapped = cap * torch.atanh((ref / cap).clamp(-1 + 1e-6, 1 - 1e-6))
+        assert not torch.allclose(uncapped, ref, atol=2e-4, rtol=1e-4)

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from so2lib.engine import models as M
+from so2lib.engine.readout import final_logits, softcap
 
 
 class _Stop(Exception):
@@ -125,20 +126,9 @@ def final_resid(model: Any, tokens: torch.Tensor, hooks: Sequence[tuple[str, Any
     return run_from(model, tokens, 0, hooks)
 
 
-@torch.no_grad()
-def logits_at(model: Any, resid: torch.Tensor) -> torch.Tensor:
-    """Logits ``[..., V]`` (float32) of residual rows ``[..., d_model]`` before the final norm:
-    the model's own final norm and unembedding, then its final softcap if it has one."""
-    shape = resid.shape[:-1]
-    x = resid.reshape(1, -1, resid.shape[-1])
-    logits = _softcap(model, model.unembed(model.ln_final(x)).float())
-    return logits.reshape(*shape, -1)
-
-
-def _softcap(model: Any, logits: torch.Tensor) -> torch.Tensor:
-    """The model's final logit softcap (``cap * tanh(logits / cap)``), where it has one."""
-    cap = getattr(model.cfg, "output_logits_soft_cap", None) or 0.0
-    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+#: Logits ``[..., V]`` (float32) of residual rows before the final norm: the model's own final norm,
+#: unembedding and softcap (:func:`so2lib.engine.readout.final_logits`, under its name here).
+logits_at = final_logits
 
 
 @torch.no_grad()
@@ -152,7 +142,7 @@ def logits_at_tokens(model: Any, resid: torch.Tensor, tokens: torch.Tensor) -> t
     tok = tokens.reshape(x.shape[0], -1).to(x.device)
     W = model.W_U.detach()
     b = M.unembed_bias(model).detach().to(x.device)
-    logits = _softcap(model, (torch.einsum("md,mkd->mk", x, W.T[tok].to(x.dtype)) + b[tok].to(x.dtype)).float())
+    logits = softcap(model, (torch.einsum("md,mkd->mk", x, W.T[tok].to(x.dtype)) + b[tok].to(x.dtype)).float())
     return logits.reshape(*shape, tok.shape[-1])
 
 

@@ -23,7 +23,7 @@ from sklearn.decomposition import PCA
 from so2lib.data.labels import Encoded
 from so2lib.engine import models as M, partial as PA
 from so2lib.engine.capture import capture_batch, position_means
-from so2lib.engine.readout import answer_metrics, final_logits
+from so2lib.engine.readout import answer_metrics, final_logits, readout_params
 from so2lib.engine.second_order import SecondOrderEngine
 from so2lib.phases import phase3_rows as R, protocol as P
 from so2lib.phases.effects import load_effects
@@ -346,11 +346,12 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
     cd = run.load("correctness_direction")
     engine = SecondOrderEngine(model, correctness_dir=cd["d"])
     L, H = model.cfg.n_layers, model.cfg.n_heads
+    rp = readout_params(model)  # names the final softcap where the model has one (keys unchanged otherwise)
     sums = {s: run.step(f"layer_sums_{s}", lambda s=s: collect(model, setup.enc[s], engine, bs, progress), "03",
                         deps=["correctness_direction", f"labels_{s}"]) for s in ("train", "val")}
     gold_val = torch.tensor(setup.labels["val"].gold_token.values)
     abl = run.step("output_space_ablation", lambda: output_space_ablation(
-        model, sums["train"], sums["val"], gold_val, run.load("layer_ablation")), "03",
+        model, sums["train"], sums["val"], gold_val, run.load("layer_ablation")), "03", params=rp,
         deps=["layer_sums_train", "layer_sums_val", "layer_ablation"])
     mags = np.abs(load_effects(run, "val", "second_ld")).sum((0, 2))
     conc = run.step("layer_concentration", lambda: layer_concentration(mags, abl, crit), "03",
@@ -373,7 +374,7 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
         params={"share": share, "version": STRUCTURE_VERSION}, deps=vec_deps)
     repl = run.step("replacement_accuracy", lambda: replacement_accuracy(
         model, sums["val"]["resid"], gold_val, struct()["edits"]), "03",
-        params={"share": share, "version": STRUCTURE_VERSION}, deps=vec_deps + ["layer_sums_val"])
+        params={"share": share, "version": STRUCTURE_VERSION, **rp}, deps=vec_deps + ["layer_sums_val"])
     mean_act = run.step("mean_activations", lambda: _mean_activations(setup, progress), "03", deps=["problems"])
     budget_sel = {l: ns[:budget_neurons] for l, ns in selected.items()} if budget_neurons else selected
     budget = run.step("effect_budget", lambda: effect_budget(
@@ -427,16 +428,16 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
                 ignore_index=True)
         return done
     clip = run.step("clip_protocol", lambda: protocol()["clip"], "03",
-                    params={"share": share, "n_boot": n_boot, "version": PROTOCOL_VERSION}, deps=["labels_train", "labels_val", "selection"])
+                    params={"share": share, "n_boot": n_boot, "version": PROTOCOL_VERSION, **rp}, deps=["labels_train", "labels_val", "selection"])
     pc1 = run.step("pc1_by_neuron", lambda: protocol()["pc1"], "03", params={"share": share}, deps=["labels_train"])
     per_problem = run.step("clip_per_problem", lambda: protocol()["per_problem"], "03",
-                           params={"share": share, "version": PROTOCOL_VERSION}, deps=["labels_train", "labels_val", "selection"])
+                           params={"share": share, "version": PROTOCOL_VERSION, **rp}, deps=["labels_train", "labels_val", "selection"])
     refits = run.step("clip_refits", lambda: protocol()["refits"], "03",
-                      params={"share": share, "version": PROTOCOL_VERSION, "n_refit": PROTOCOL_REFITS},
+                      params={"share": share, "version": PROTOCOL_VERSION, "n_refit": PROTOCOL_REFITS, **rp},
                       deps=["labels_train", "labels_val", "selection"])
     structure = run.step("pc1_structure", lambda: protocol()["structure"], "03",
                          params={"share": share, "max_structure_neurons": max_structure_neurons, "rows": 3,
-                                 "n_refit": STRUCTURE_REFITS},
+                                 "n_refit": STRUCTURE_REFITS, **rp},
                          deps=["labels_train", "labels_val", "selection"])
     run.step("clip_fits", lambda: protocol()["fits"], "03", params={"share": share, "version": PROTOCOL_VERSION},
              deps=["labels_train", "selection"])  # every neuron's PC1 and mean of the critical layers (for 04)
@@ -448,7 +449,7 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
                                                                                    "selection"])
     table = run.step("validation_table", lambda: validation_table(
         per_problem, structure, outcomes, vt, vv, crit, L, H, share, n_boot, seed, refits), "03",
-        params={"share": share, "n_boot": n_boot, "n_refit": PROTOCOL_REFITS},
+        params={"share": share, "n_boot": n_boot, "n_refit": PROTOCOL_REFITS, **rp},
         deps=["clip_per_problem", "clip_refits", "pc1_structure", "layer_sums_train", "layer_sums_val",
               "selection"] + vec_deps)
     return {"ablation": abl, "concentration": conc, "stats": stats, "replacement": repl, "budget": budget,

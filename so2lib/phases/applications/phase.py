@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from so2lib.engine.readout import readout_params
 from so2lib.engine.second_order import SecondOrderEngine
 from so2lib.phases.applications.adversarial import (ARITHMETIC, adversarial_rows, answers_value,
                                                     clip_adversarial_pairs, hardest_operand, input_triggers,
@@ -155,7 +156,7 @@ def read_features(setup: Setup, split: str) -> dict[str, Any]:
     single-token answers this is the deciding position itself."""
     from so2lib.data.labels import read_view
     from so2lib.engine.capture import answer_activations
-    from so2lib.phases.characterize import final_logits
+    from so2lib.engine.readout import final_logits
 
     enc = read_view((setup.prompt_enc or setup.enc)[split])
     acts = answer_activations(setup.model, enc, [], setup.batch_size, progress=False)
@@ -476,7 +477,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
         setup.labels["val"].correct.values, setup.problems.val, k=5), "05", deps=base + ["val_second_ld"])
     direction = run.step("correctness_direction_auroc", lambda: _direction(setup, seed=seed), "05",
                          params={"position": "first answer token", "baselines": "margin, max prob, task",
-                                 "seed": seed}, deps=base)
+                                 "seed": seed, **readout_params(setup.model)}, deps=base)
     cards = _cards(run)
     poly = run.step("polysemanticity", lambda: polysemanticity(cards, poly_threshold).assign(
         categories=lambda d: d.categories.map(", ".join)) if cards else pd.DataFrame(
