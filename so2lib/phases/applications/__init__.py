@@ -22,7 +22,7 @@ from so2lib.phases.applications.editing import (chosen_minus_random, edit_labels
                                                 error_class, random_sets_like, scaling_hooks)
 from so2lib.phases.applications.errors import (NotMeasurable, direction_rows, direction_vs_baselines,
                                                discovery_power, error_analysis_rows, error_stratum,
-                                               failure_report, final_normalized, null_discoveries,
+                                               failure_report, null_discoveries,
                                                project_on_direction, separating_neurons, sign_concordance,
                                                stratified_error_analysis, stratified_scan)
 from so2lib.phases.applications.phase import applications_phase, neuron_only_rows
@@ -36,7 +36,7 @@ __all__ = [
     "ARITHMETIC", "NotMeasurable", "RELATED", "TABLE_COLUMNS", "adversarial_variants", "answers_value",
     "applications_phase", "chosen_minus_random", "benjamini_hochberg", "category_group", "clip_adversarial_pairs", "direction_vs_baselines",
     "direction_rows", "edit_labels", "edit_labels_many", "editing_rows", "error_analysis_rows", "error_class",
-    "failure_report", "final_normalized", "input_trigger", "input_triggers", "neuron_push", "not_measurable",
+    "failure_report", "input_trigger", "input_triggers", "neuron_push", "not_measurable",
     "null_discoveries", "output_concept", "paired_rows", "polysemantic_flags", "polysemanticity",
     "polysemanticity_test", "polysemanticity_rows", "project_on_direction", "random_in_span", "random_sets_like",
     "random_variants", "rebuild", "row", "scaling_hooks", "separating_neurons", "sign_concordance", "solved", "span_basis",

@@ -23,7 +23,6 @@ import torch
 from scipy import stats
 
 from so2lib.data.tasks import Problem
-from so2lib.engine import models as M
 from so2lib.engine.second_order import SecondOrderEngine
 from so2lib.stats import auroc, auroc_columns, benjamini_hochberg, not_measurable, validation_row as row
 
@@ -357,14 +356,6 @@ def error_analysis_rows(summary: dict[str, Any], q: float, scope: str = "task x 
                         f"{causal['change']:.3f}, random mean {causal['random_mean']:.3f})", higher_is_better=False,
                         p=causal["rank_p"]))
     return rows
-
-
-def final_normalized(model: Any, resid: torch.Tensor) -> torch.Tensor:
-    """The model's final norm (folded weights) applied to residuals ``[N, d_model]`` at T."""
-    x = resid.float()
-    if M.ModelInfo.of(model).norm == "LN":
-        x = x - x.mean(-1, keepdim=True)
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + model.cfg.eps)
 
 
 @torch.no_grad()

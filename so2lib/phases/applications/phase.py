@@ -22,7 +22,7 @@ from so2lib.phases.applications.editing import (chosen_minus_random, edit_labels
                                                 random_sets_like)
 from so2lib.phases.applications.errors import (NO_CONCORDANCE, NotMeasurable, direction_rows, direction_vs_baselines,
                                                discovery_power, error_analysis_rows, error_stratum,
-                                               failure_report, final_normalized, project_on_direction,
+                                               failure_report, project_on_direction,
                                                stratified_error_analysis)
 from so2lib.phases.applications.polysemantic import (polysemanticity, polysemanticity_rows,
                                                      polysemanticity_test)
