@@ -1,6 +1,7 @@
 """The cross-model table (so2lib.phases.compare) on two synthetic run directories."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -76,6 +77,9 @@ def test_same_inputs_say_no_mismatch_and_the_cli_prints(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "No mismatched inputs beyond the model" in text and "replicates" in text
     assert (tmp_path / "c.html").exists() and (tmp_path / "c.csv").exists()
+    page = (tmp_path / "c.html").read_text()
+    # plotly.js embedded, no script loaded from the network: the figures render offline
+    assert "<script" in page and not re.search(r"<script[^>]*\bsrc=", page)
     assert (tmp_path / "a" / "manifest.json").read_text() == before  # read-only
     assert not (tmp_path / "a" / "progress.log").exists()
 

@@ -329,12 +329,14 @@ def summary_table(result: dict[str, Any]) -> pd.DataFrame:
 
 
 def write_html(result: dict[str, Any], path: str | Path) -> Path:
+    """The table and its figures as one self-contained page: plotly.js is embedded (about 4.6 MB),
+    as in ``report.html``, so the figures render offline."""
     import html
 
     path = Path(path)
     body = [f"<h1>so2lib cross-run comparison</h1><pre>{html.escape(header_text(result['header']))}</pre>",
             "<p>Criterion: docs/compare.md (fixed before any result).</p>",
-            summary_table(result).to_html(), figure(result).to_html(full_html=False, include_plotlyjs="cdn"),
+            summary_table(result).to_html(), figure(result).to_html(full_html=False, include_plotlyjs=True),
             outcome_figure(result).to_html(full_html=False, include_plotlyjs=False)]
     path.write_text("<html><head><meta charset='utf-8'></head><body>" + "\n".join(body) + "</body></html>")
     return path
