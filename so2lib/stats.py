@@ -124,7 +124,9 @@ def permutation_pvalue(observed: float, null: np.ndarray, greater: bool = True) 
     return (1 + k) / (1 + len(null))
 
 
-VERDICTS = ("established", "refuted", "inconclusive", "not testable")
+#: a row's verdict; ``description`` marks a row that describes (an estimate and its interval
+#: beside a null) and tests nothing: it counts for no claim (:func:`describe`)
+VERDICTS = ("established", "refuted", "inconclusive", "not testable", "description")
 
 #: columns of every verdict table (phases 3-5): the estimate (usually *estimate minus control*,
 #: paired over problems), its 95% interval, the control's own value, the target, the three-way
@@ -223,14 +225,15 @@ def bootstrap_ci(values: np.ndarray, stat: Any = np.mean, n_boot: int = 1000, se
 
 def validation_row(measure: str, measured: float, ci: tuple[float, float], null: float, target: float,
                    how: str, higher_is_better: bool = True, reason: str = "", *,
-                   resampled: str = "problems", split: str = "validation", primary: bool = False,
+                   resampled: str, split: str = "validation", primary: bool = False,
                    margin: float = float("nan"), p: float = float("nan"),
                    mde: float | None = None) -> dict[str, Any]:
     """One row of a verdict table (:data:`TABLE_COLUMNS`), verdict by :func:`verdict`.
 
     ``null`` is the control's value (``control`` column): the strongest alternative explanation's
     estimate; a row that already tests *estimate minus control* passes ``null=0``. ``resampled``
-    names the unit the interval resamples (``"problems"``, ``"problems (cluster: neuron)"``, ...);
+    (required: no default that would label an interval's unit for it) names the unit the interval
+    resamples (``"problems"``, ``"problems (cluster: neuron)"``, ...);
     ``split`` the split the estimate is measured on (``"training"`` rows are flagged in the
     report). ``mde`` defaults to :func:`min_detectable_effect` of the interval. NaNs (nothing to
     measure) give ``not testable`` with ``reason`` appended to ``how``."""
@@ -245,6 +248,16 @@ def validation_row(measure: str, measured: float, ci: tuple[float, float], null:
             "resampled": resampled, "split": split, "primary": bool(primary), "p": float(p),
             "p_holm": float("nan"),
             "how": how + (f" [{reason}]" if reason and v == "not testable" else "")}
+
+
+def describe(r: dict[str, Any]) -> dict[str, Any]:
+    """A row (of :func:`validation_row`) turned into a description: its estimate, interval and
+    control stay; the verdict reads ``description`` (unless nothing was measurable) and the row
+    is never primary."""
+    if r["verdict"] != "not testable":
+        r["verdict"] = "description"
+    r["primary"] = False
+    return r
 
 
 def problem_bootstrap(fn: Any, n: int, n_boot: int = 1000, seed: int = 0) -> tuple[float, np.ndarray]:
@@ -272,10 +285,15 @@ def interval_row(measure: str, point: float, boots: np.ndarray, control: float, 
     return validation_row(measure, point, (float(lo), float(hi)), control, target, how, higher_is_better, **kw)
 
 
+#: the ``resampled`` entry of a row that has no interval (:func:`not_measurable`)
+NOT_RESAMPLED = "nothing (not measured)"
+
+
 def not_measurable(measure: str, how: str, reason: str, target: float = float("nan"),
                    higher_is_better: bool = True, **kw: Any) -> dict[str, Any]:
     """A row for something the data cannot measure: verdict ``not testable``, the reason in ``how``."""
     nan = float("nan")
+    kw.setdefault("resampled", NOT_RESAMPLED)
     return validation_row(measure, nan, (nan, nan), nan, 0.0 if target != target else target, how,
                           higher_is_better, reason=f"not measurable: {reason}", **kw)
 

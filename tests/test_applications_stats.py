@@ -151,6 +151,24 @@ def test_direction_equal_to_the_logit_margin_fails_direction_minus_margin():
     assert rows[1]["verdict"] == "refuted"
 
 
+def test_direction_interval_refits_the_training_direction():
+    rng, tasks, acc, ok, margin, maxp = _margin_data(1)
+    base = {"logit margin": margin, "max probability": maxp}
+    informative = margin + 1.5 * ok + rng.normal(0, 0.5, len(ok))
+    fixed = A.direction_vs_baselines(informative, base, ok, tasks, acc, n_boot=300)
+    # refits that all equal the fit reproduce the fixed-fit replicates exactly
+    same = A.direction_vs_baselines(informative, base, ok, tasks, acc, n_boot=300,
+                                    score_refits=np.stack([informative] * 5))
+    np.testing.assert_array_equal(same["within_boot"], fixed["within_boot"])
+    assert same["n_refit"] == 5 and fixed["n_refit"] == 0
+    # refits that vary (a training fit that is noisy) widen the interval, around the same point
+    noisy = np.stack([informative + rng.normal(0, 2.0, len(ok)) for _ in range(20)])
+    wide = A.direction_vs_baselines(informative, base, ok, tasks, acc, n_boot=300, score_refits=noisy)
+    w = lambda r: np.subtract(*np.quantile(r["within_boot"], [0.975, 0.025]))  # noqa: E731
+    assert wide["within_diff"] == fixed["within_diff"] and w(wide) > 1.5 * w(fixed)
+    assert "refitted" in A.direction_rows(wide)[1]["resampled"]
+
+
 def test_direction_with_information_beyond_the_margin_passes():
     rng, tasks, acc, ok, margin, maxp = _margin_data(1)
     base = {"logit margin": margin, "max probability": maxp}
@@ -282,6 +300,40 @@ def test_editing_without_an_error_class_is_not_testable():
     assert all(sorted(s) == [0, 2] and len(s[0]) == 2 and len(s[2]) == 1 and not {1, 2} & set(s[0]) for s in sets)
 
 
+def test_phase4_pc1_beyond_the_mean_effect_direction_can_pass_and_fail():
+    rng = np.random.default_rng(1)
+    d, n = 16, 3
+    w = rng.normal(size=(n, d))
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    empty = pd.DataFrame(columns=["dictionary", "layer", "neuron", "cosine", "cosine_random"])
+    pc1v = pd.DataFrame({"val_share": [0.9] * n, "train_share": [0.9] * n, "K": [8] * n})
+
+    def pc1_row(tr, va):
+        X = tr - tr.mean(0)
+        pc = np.stack([np.linalg.svd(X[:, j], full_matrices=False)[2][0] for j in range(n)])  # training PC1
+        r = Co.pc1_beyond_mean(tr, va, pc, n_boot=300)
+        rows = Co.decomposition_rows(empty, pd.DataFrame(columns=["strength", "strength_random"]), pc1v,
+                                     {"share": float("nan")}, pd.DataFrame(columns=["problem", "share", "null"]),
+                                     pc1_boot=r)
+        row = [x for x in rows if x["measure"].startswith("PC1:")][0]
+        return r, row
+
+    # activation times a fixed vector: PC1 is the mean-effect direction, however large its share
+    act = lambda N: np.abs(rng.normal(1.0, 0.5, size=(N, n, 1)))  # noqa: E731
+    fixed = lambda N: act(N) * w[None] + 0.01 * rng.normal(size=(N, n, d))  # noqa: E731
+    r, row = pc1_row(fixed(400), fixed(300))
+    assert r["pc1"] > 0.9 and r["mean_direction"] > 0.9  # the 1/K floor (0.125) would pass this
+    assert row["verdict"] == "refuted" and row["control"] == 0.0 and "mean-effect direction" in row["measure"]
+    # a second direction that varies independently of the mean: PC1 beyond the mean direction
+    v = rng.normal(size=(n, d))
+    v -= (v * w).sum(1, keepdims=True) * w
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    two = lambda N: fixed(N) + 3.0 * rng.normal(size=(N, n, 1)) * v[None]  # noqa: E731
+    r, row = pc1_row(two(400), two(300))
+    assert r["pc1"] - r["mean_direction"] > 0.5 and row["verdict"] == "established"
+    assert row["resampled"].startswith("problems")
+
+
 def test_pc1_validation_and_decomposition_rows():
     rng = np.random.default_rng(0)
     u = rng.normal(size=(2, 16))
@@ -330,6 +382,80 @@ def test_pc1_validation_and_decomposition_rows():
     assert all(np.array_equal(a[k], b[k]) for k in a) and not np.array_equal(a["vocabulary_0"], c["vocabulary_0"])
 
 
+def _edit_result(chosen, rand, before, factor=2.0):
+    c = A.chosen_minus_random(before, chosen, rand)
+    at = {"factor": factor, "class_change": c["change"], "minus_random_class": c["minus_random"],
+          "ci_mr_class_low": c["ci_low"], "ci_mr_class_high": c["ci_high"], "random_class_change_mean": c["random_mean"],
+          "random_class_change_max": c["random_max"], "rank_p_class": c["rank_p"], "gained": 0, "lost": 0,
+          "p_mcnemar": 1.0, "minus_random_ld": c["minus_random"], "ci_mr_ld_low": c["ci_low"],
+          "ci_mr_ld_high": c["ci_high"], "logit_diff_change": c["change"], "random_ld_change_mean": c["random_mean"],
+          "rank_p_ld": c["rank_p"], "rest_change": 0.0, "ci_rest_low": -0.01, "ci_rest_high": 0.01}
+    curve = pd.DataFrame([{**at, "factor": f, "rest_change": r, "ci_rest_low": r - 0.01, "ci_rest_high": r + 0.01}
+                          for f, r in ((0.0, -0.2), (1.0, 0.0), (factor, 0.0))])
+    ed = {"reason": "", "at_best": at, "error_class": "addition, 2", "n_val_class": len(before),
+          "factor_chosen_on_train": factor, "n_random_sets": len(rand)}
+    return c, A.editing_rows(ed, curve)
+
+
+def test_editing_chosen_set_against_100_random_sets_can_pass_and_fail():
+    rng = np.random.default_rng(0)
+    n = 200
+    before = (rng.random(n) < 0.4).astype(float)
+    rand = np.array([np.where(rng.random(n) < 0.05, 1 - before, before) for _ in range(100)])  # random flips
+    # the chosen set fixes 30% of the wrong problems, random sets only shuffle: established, rank p = 1/101
+    fixed = np.where((before == 0) & (rng.random(n) < 0.3), 1.0, before)
+    c, rows = _edit_result(fixed, rand, before)
+    assert c["rank_p"] == pytest.approx(1 / 101) and rows[0]["verdict"] == "established" and rows[0]["primary"]
+    # a chosen set that is just another random set: not established, rank p far from 0
+    c, rows = _edit_result(rand[0], rand[1:], before)
+    assert rows[0]["verdict"] != "established" and c["rank_p"] > 0.05
+    # the side effect at every factor of the grid except 1: factor 0 breaks the rest, factor 2 does not
+    side = [r for r in rows if "side effect" in r["measure"]]
+    assert [r["verdict"] for r in side] == ["refuted", "established"]
+    assert "factor 0" in side[0]["measure"] and "factor 2" in side[1]["measure"]
+
+
+def _adv_table(rates_t, rates_r, n=40, seed=0, extra=None):
+    rng = np.random.default_rng(seed)
+    recs = []
+    for j, (pt, pr) in enumerate(zip(rates_t, rates_r)):
+        for _ in range(n):
+            recs.append({"layer": 0, "neuron": j, "targeted_wrong": rng.random() < pt, "random_wrong": rng.random() < pr,
+                         "targeted_answers_X": False, "random_answers_X": False,
+                         "randneuron_wrong": float(rng.random() < (extra if extra is not None else pr)),
+                         "hard_wrong": float(rng.random() < pr)})
+    return pd.DataFrame(recs)
+
+
+def test_adversarial_ratio_against_3x_random_with_a_cluster_bootstrap_over_neurons():
+    # every neuron's trigger makes 60% errors against 5% for random edits: more than 3x, established
+    rows = A.adversarial_rows(_adv_table([0.6] * 10, [0.05] * 10), "how")
+    assert rows[0]["verdict"] == "established" and rows[0]["primary"] and rows[0]["measured"] > 3
+    assert "cluster" in rows[0]["resampled"] and rows[0]["control"] == 1.0
+    assert rows[2]["verdict"] == "established" and rows[3]["verdict"] == "established"
+    # triggers no better than random edits: refuted (the ratio's interval lies below 3)
+    rows = A.adversarial_rows(_adv_table([0.1] * 10, [0.1] * 10), "how")
+    assert rows[0]["verdict"] == "refuted"
+    # one neuron of 10 carries every error: 400 pooled pairs would look decisive, but neurons are
+    # the clusters, so the interval is wide: not established
+    rows = A.adversarial_rows(_adv_table([0.9] + [0.05] * 9, [0.05] * 10, n=40), "how")
+    pooled = A.cluster_bootstrap([(_adv_table([0.9] + [0.05] * 9, [0.05] * 10).targeted_wrong.values,
+                                   _adv_table([0.9] + [0.05] * 9, [0.05] * 10).random_wrong.values)], "ratio")
+    assert np.quantile(pooled[1], 0.025) > 1.5  # one cluster (pairs as if independent): narrow, far above 1
+    assert rows[0]["verdict"] != "established" and rows[0]["ci_high"] > 3
+    # the trigger of another neuron works as well as the neuron's own: that baseline row is refuted
+    rows = A.adversarial_rows(_adv_table([0.6] * 10, [0.05] * 10, extra=0.6), "how")
+    assert rows[2]["verdict"] != "established" and rows[3]["verdict"] == "established"
+    assert {r["verdict"] for r in A.adversarial_rows(pd.DataFrame(), "how", "none")} == {"not testable"}
+
+
+def test_hardest_operand_is_read_from_training_errors():
+    probs = [arithmetic_problem("addition", a, b) for a, b in [(12, 30), (12, 4), (12, 9), (40, 5), (40, 6), (40, 7)]]
+    ok = np.array([True, True, True, False, False, True])
+    assert A.hardest_operand(probs, ok) == 40
+    assert A.hardest_operand(probs, ok, min_count=10) is None
+
+
 def _neurons_in(D, rng, N=150, n=6, noise=0.05):
     """Effect vectors [N, d] of n neurons whose PC1 is a combination of 3 atoms of ``D``."""
     out = []
@@ -347,12 +473,12 @@ def test_omp_against_size_matched_vocabulary_subsets_can_pass_and_fail():
     concepts = Co.prepare_dictionary(rng.normal(size=(40, d)))
     # neurons built from the concept atoms: the concepts reconstruct them better than vocabulary subsets
     r = Co.omp_vs_vocabulary_subsets(_neurons_in(concepts, rng), concepts, vocab, m=3, n_subsets=20, n_boot=100)
-    row = Co.interval_row("x", r["point"], r["boots"], 0.0, 0.0, "how", margin=0.02)
+    row = Co.interval_row("x", r["point"], r["boots"], 0.0, 0.0, "how", margin=0.02, resampled="problems")
     assert len(r["null"]) == 20 and row["verdict"] == "established"
     # neurons built from the vocabulary's own rows: the "concepts" are no better than random vocabulary
     V = Co.prepare_dictionary(vocab)
     r = Co.omp_vs_vocabulary_subsets(_neurons_in(V, rng), concepts, vocab, m=3, n_subsets=20, n_boot=100)
-    row = Co.interval_row("x", r["point"], r["boots"], 0.0, 0.0, "how", margin=0.02)
+    row = Co.interval_row("x", r["point"], r["boots"], 0.0, 0.0, "how", margin=0.02, resampled="problems")
     assert row["verdict"] != "established"
 
 

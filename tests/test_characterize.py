@@ -142,10 +142,10 @@ def test_effect_budget_total_and_direct_parts(tiny_models):
 
 
 def test_validation_row_verdicts():
-    assert C.validation_row("m", 0.5, (0.4, 0.6), 0.1, 0.3, "h")["verdict"] == "established"
-    assert C.validation_row("m", 0.5, (0.05, 0.6), 0.1, 0.3, "h")["verdict"] == "inconclusive"
-    assert C.validation_row("m", 0.1, (0.05, 0.2), 0.1, 0.3, "h")["verdict"] == "refuted"
-    r = C.validation_row("m", float("nan"), (float("nan"),) * 2, 0.0, 0.8, "h", reason="no drop")
+    assert C.validation_row("m", 0.5, (0.4, 0.6), 0.1, 0.3, "h", resampled="problems")["verdict"] == "established"
+    assert C.validation_row("m", 0.5, (0.05, 0.6), 0.1, 0.3, "h", resampled="problems")["verdict"] == "inconclusive"
+    assert C.validation_row("m", 0.1, (0.05, 0.2), 0.1, 0.3, "h", resampled="problems")["verdict"] == "refuted"
+    r = C.validation_row("m", float("nan"), (float("nan"),) * 2, 0.0, 0.8, "h", resampled="problems", reason="no drop")
     assert r["verdict"] == "not testable" and "no drop" in r["how"]
 
 

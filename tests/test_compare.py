@@ -15,7 +15,7 @@ def _run(path, model, rows, seed=0, n_val=100, extra=None, table="validation_tab
     run = Run(path, model=model, seed=seed, n_train=200, n_val=n_val, tasks=["addition"], template="fewshot",
               n_shots=3)
     run.record("data", {"n_train": 200, "n_val": n_val, "hash": 123 + seed})
-    df = verdict_table([validation_row(m, x, ci, 0.0, 0.0, "how") for m, x, ci in rows])
+    df = verdict_table([validation_row(m, x, ci, 0.0, 0.0, "how", resampled="problems") for m, x, ci in rows])
     run.save(table, df, phase="03")
     for name, df2 in (extra or {}).items():
         run.save(name, df2, phase="04")
@@ -67,6 +67,9 @@ def test_classify_by_hand():
     assert C.classify([e(0, 1), None]) == "not comparable"
     assert C.classify([e(0, 1), {"verdict": "not testable", "ci_low": np.nan, "ci_high": np.nan}]) == "not comparable"
     assert C.classify([e(0, 1), {"verdict": "inconclusive", "ci_low": -1, "ci_high": 1}]) == "undetermined"
+    # a description tests nothing: never counted as a replication, even with overlapping intervals
+    d = {"verdict": "description", "ci_low": 0, "ci_high": 1}
+    assert C.classify([d, dict(d)]) == "description" and C.classify([e(0, 1), d]) == "description"
 
 
 def test_same_inputs_say_no_mismatch_and_the_cli_prints(tmp_path, capsys):
@@ -102,7 +105,7 @@ def test_unusable_inputs_are_refused(tmp_path):
 
 def test_rows_from_several_tables_and_duplicate_models(tmp_path):
     import pandas as pd
-    dec = verdict_table([validation_row("pc1 share", 0.3, (0.2, 0.4), 0.0, 0.0, "how")])
+    dec = verdict_table([validation_row("pc1 share", 0.3, (0.2, 0.4), 0.0, 0.0, "how", resampled="problems")])
     a = _run(tmp_path / "a", "same", ROWS_A, extra={"decomposition_table": dec})
     b = _run(tmp_path / "b", "same", ROWS_A, extra={"decomposition_table": dec})
     res = C.compare_runs([a, b])
@@ -125,7 +128,7 @@ def test_notebook_06_builds_the_table_headless(tmp_path):
 
 
 def test_a_run_summary_compares_like_its_directory(tmp_path, capsys):
-    dec = verdict_table([validation_row("pc1 share", 0.3, (0.2, float("nan")), 0.0, 0.0, "how")])
+    dec = verdict_table([validation_row("pc1 share", 0.3, (0.2, float("nan")), 0.0, 0.0, "how", resampled="problems")])
     a = _run(tmp_path / "a", "model-a", ROWS_A, extra={"decomposition_table": dec})
     b = _run(tmp_path / "b", "model-b", ROWS_B, seed=1)
     C.main(["--export", str(a), str(tmp_path / "a.json")])

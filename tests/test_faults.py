@@ -255,6 +255,73 @@ def test_content_hash_ignores_file_bytes(tmp_path):
     assert content_hash(torch.zeros(3)) != content_hash(torch.zeros(3, dtype=torch.float64))
 
 
+def _reference_hash(obj):
+    """content_hash as it was first written: one update per piece (the recorded hashes' definition)."""
+    import hashlib
+    import json
+
+    from so2lib.runs.rundir import _hash_array
+
+    def into(h, obj):
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"tensor|{t.dtype}|{tuple(t.shape)}|".encode())
+            if t.dtype in (torch.bfloat16,) or t.dtype.is_complex:
+                t = t.reshape(-1).view(torch.uint8)
+            h.update(t.numpy().tobytes())
+        elif isinstance(obj, np.ndarray):
+            _hash_array(h, obj)
+        elif isinstance(obj, pd.DataFrame):
+            h.update(f"frame|{list(map(str, obj.columns))}|{[str(d) for d in obj.dtypes]}|".encode())
+            h.update(pd.util.hash_pandas_object(obj, index=True).values.tobytes())
+        elif isinstance(obj, dict):
+            h.update(f"dict|{len(obj)}|".encode())
+            for k in sorted(obj, key=str):
+                into(h, str(k))
+                into(h, obj[k])
+        elif isinstance(obj, (list, tuple)):
+            h.update(f"seq|{len(obj)}|".encode())
+            for v in obj:
+                into(h, v)
+        elif isinstance(obj, np.generic):
+            into(h, obj.item())
+        elif obj is None or isinstance(obj, (str, int, float, bool)):
+            h.update(f"{type(obj).__name__}|{json.dumps(obj)}|".encode())
+        elif hasattr(obj, "__dict__"):
+            h.update(f"obj|{type(obj).__qualname__}|".encode())
+            into(h, vars(obj))
+        else:
+            h.update(f"repr|{obj!r}|".encode())
+    h = hashlib.blake2b(digest_size=16)
+    into(h, obj)
+    return h.hexdigest()
+
+
+def test_content_hash_equals_its_reference_definition():
+    import collections
+    import enum
+
+    class Kind(enum.IntEnum):
+        A = 3
+
+    class Obj:
+        def __init__(self):
+            self.a, self.b = [1, 2.5], "x"
+    objs = [
+        {"b": [1, 2.0, -0.0, 1e300, float("nan"), float("inf"), -float("inf"), True, False, None, "é\n\"q\"", "🙂"],
+         "a": {"nested": (1, "t", [np.float64(0.1), np.int64(7), np.bool_(True)]), 3: "int key"},
+         "t": torch.arange(4.0), "arr": np.arange(6).reshape(2, 3), "df": pd.DataFrame({"c": [1.5, 2.5]})},
+        [{"task": "addition", "a": 12, "b": 30, "answer": "42", "meta": {"digits": 2, "carry": False}}] * 50,
+        collections.OrderedDict(z=1, y=[Kind.A, np.str_("s")]), Obj(), (), {}, "", 0, 0.1, None,
+        {"mix": [torch.zeros(2, dtype=torch.bfloat16), "after a tensor", 3, {"d": np.float32(2.5)}]},
+    ]
+    for o in objs:
+        assert content_hash(o) == _reference_hash(o), o
+    # and it still tells contents apart
+    assert content_hash({"a": 1}) != content_hash({"a": 1.0}) != content_hash({"a": "1"})
+    assert content_hash([1, [2]]) != content_hash([[1], 2])
+
+
 def test_failed_notebook_keeps_the_good_copy_and_the_times(tmp_path, monkeypatch):
     import papermill as pm
 

@@ -253,3 +253,19 @@ def test_refit_branch_of_edits_equals_the_direct_one(offset, tiny_models, monkey
         torch.testing.assert_close(fast[k], direct[k], rtol=1e-3, atol=1e-3 * max(1.0, offset) * 1e-2, msg=k)
     with pytest.raises(ValueError, match="every neuron"):
         P._edits(w, dict(f), c, ~every, cp=cp0, q0=q0)
+
+
+def test_recovered_difference_carries_the_spread_of_the_random_control():
+    rng = np.random.default_rng(0)
+    n = 400
+    clean, mean = np.ones(n), (rng.random(n) < 0.5).astype(float)
+    wrong = np.flatnonzero(mean == 0)
+    # 20 random subsets: each recovers a different share of the drop (0 to 95%)
+    subsets = np.stack([np.where(np.isin(np.arange(n), wrong[: int(f * len(wrong))]), 1.0, mean)
+                        for f in np.linspace(0, 0.95, 20)])
+    sparse = subsets.mean(0)  # as good as the average subset
+    one = P.recovered_difference(clean, mean, sparse, subsets.mean(0))
+    each = P.recovered_difference(clean, mean, sparse, subsets)
+    assert one["point"] == pytest.approx(each["point"], abs=1e-12)
+    w = lambda r: np.subtract(*np.quantile(r["boots"], [0.975, 0.025]))  # noqa: E731
+    assert w(each) > 5 * w(one)  # the null's spread is in the interval, not averaged away

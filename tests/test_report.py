@@ -36,9 +36,9 @@ def _fake_run(path) -> Run:
         "verdict": ["pass", "not testable"], "how": ["a long explanation " * 12, "no drop to recover"]}))
     from so2lib.stats import validation_row, verdict_table
     nan = float("nan")
-    rows = [validation_row(f"row {k}", 0.1 * k, (0.1 * k - 0.05, 0.1 * k + 0.05), 0.0, 0.2, "how", primary=k == 4,
+    rows = [validation_row(f"row {k}", 0.1 * k, (0.1 * k - 0.05, 0.1 * k + 0.05), 0.0, 0.2, "how", resampled="problems", primary=k == 4,
                            split="training" if k % 2 else "validation", p=0.001) for k in range(5)]
-    rows.append(validation_row("untestable", nan, (nan, nan), nan, 0.0, "how", reason="not measurable: nothing"))
+    rows.append(validation_row("untestable", nan, (nan, nan), nan, 0.0, "how", resampled="problems", reason="not measurable: nothing"))
     run.save("decomposition_table", verdict_table(rows))
     return run
 
@@ -76,3 +76,15 @@ def test_report_figures_draw_in_chromium(tmp_path):
     drawn = len(re.findall(r'<div[^>]*class="[^"]*js-plotly-plot', dom))
     assert n_figures >= 2 and drawn == n_figures, (drawn, n_figures)
     assert dom.count('class="main-svg"') >= n_figures
+
+
+def test_report_shows_the_polysemanticity_sensitivity_curve(tmp_path):
+    run = _fake_run(tmp_path / "r")
+    curve = pd.DataFrame({"threshold": [0.05, 0.15, 0.3], "share": [0.9, 0.5, 0.1],
+                          "null_mean": [0.95, 0.6, 0.2], "null_q95": [1.0, 0.7, 0.3]})
+    run.save("polysemanticity_null", {"share": 0.5, "point": -0.1, "null": [0.6], "boots": [0.0],
+                                     "curve": curve.to_dict("records")})  # as phase 5 stores it
+    s = [x for x in sections(run) if x.title.startswith("Applications")][0]
+    titles = [t for t, _ in s.tables]
+    assert any("sensitivity to the coefficient threshold" in t for t in titles)
+    assert any("threshold" in (f.layout.title.text or "") for f in s.figures)

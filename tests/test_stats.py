@@ -70,7 +70,7 @@ def test_three_way_verdict_planted():
 
 
 def test_inconclusive_row_prints_its_mde():
-    r = S.validation_row("x", 0.02, (-0.03, 0.07), 0.0, 0.0, "how")
+    r = S.validation_row("x", 0.02, (-0.03, 0.07), 0.0, 0.0, "how", resampled="problems")
     assert r["verdict"] == "inconclusive"
     assert r["mde"] == pytest.approx(2.8 * 0.1 / 3.92, rel=1e-6)
     assert r["resampled"] == "problems" and r["split"] == "validation"
@@ -79,9 +79,9 @@ def test_inconclusive_row_prints_its_mde():
 def test_holm_and_primary_rows():
     adj = S.holm([0.01, 0.04, 0.03, float("nan")])
     assert np.allclose(adj[:3], [0.03, 0.06, 0.06]) and np.isnan(adj[3])
-    rows = [S.validation_row("a", 1, (0.5, 1.5), 0, 0, "", primary=True, p=0.01),
-            S.validation_row("b", 1, (0.5, 1.5), 0, 0, "", primary=True, p=0.06),
-            S.validation_row("c", 1, (0.5, 1.5), 0, 0, "", primary=False, p=0.04)]
+    rows = [S.validation_row("a", 1, (0.5, 1.5), 0, 0, "", resampled="problems", primary=True, p=0.01),
+            S.validation_row("b", 1, (0.5, 1.5), 0, 0, "", resampled="problems", primary=True, p=0.06),
+            S.validation_row("c", 1, (0.5, 1.5), 0, 0, "", resampled="problems", primary=False, p=0.04)]
     t = S.verdict_table(rows)
     assert list(t.verdict) == ["established", "inconclusive", "established"]
     assert t.p_holm[0] == pytest.approx(0.02) and np.isnan(t.p_holm[2])
@@ -91,11 +91,11 @@ def test_problem_bootstrap_row_refits_and_can_fail():
     rng = np.random.default_rng(0)
     x = rng.normal(0.3, 1.0, 400)  # a real effect: established
     point, boots = S.problem_bootstrap(lambda i: x[i].mean(), len(x), n_boot=400)
-    assert S.interval_row("m", point, boots, 0.0, 0.0, "")["verdict"] == "established"
+    assert S.interval_row("m", point, boots, 0.0, 0.0, "", resampled="problems")["verdict"] == "established"
     y = rng.normal(0.0, 1.0, 400)  # no effect: not established
     point, boots = S.problem_bootstrap(lambda i: y[i].mean(), len(y), n_boot=400)
-    assert S.interval_row("m", point, boots, 0.0, 0.0, "")["verdict"] in ("inconclusive", "refuted")
-    assert S.interval_row("m", 1.0, np.array([1.0]), 0.0, 0.0, "")["verdict"] == "not testable"
+    assert S.interval_row("m", point, boots, 0.0, 0.0, "", resampled="problems")["verdict"] in ("inconclusive", "refuted")
+    assert S.interval_row("m", 1.0, np.array([1.0]), 0.0, 0.0, "", resampled="problems")["verdict"] == "not testable"
 
 
 def test_auroc_columns_equal_auroc_per_column():
@@ -109,7 +109,7 @@ def test_auroc_columns_equal_auroc_per_column():
 
 def test_study_holm_adjusts_primary_rows_across_tables_and_only_demotes():
     def table(ps, verdicts, primary):
-        return S.verdict_table([S.validation_row(f"m{i}", 1.0, (0.5, 1.5), 0.0, 0.0, "how", p=p, primary=pr)
+        return S.verdict_table([S.validation_row(f"m{i}", 1.0, (0.5, 1.5), 0.0, 0.0, "how", resampled="problems", p=p, primary=pr)
                                 for i, (p, pr) in enumerate(zip(ps, primary))]).assign(verdict=verdicts)
     a = table([0.01, 0.02, 0.5], ["established", "established", "established"], [True, True, False])
     b = table([0.011, 0.3], ["established", "inconclusive"], [True, True])
@@ -124,3 +124,20 @@ def test_study_holm_adjusts_primary_rows_across_tables_and_only_demotes():
     t4 = [table([0.02], ["established"], [True]) for _ in range(4)]
     assert all(t.verdict[0] == "established" for t in t4)
     assert all(t.verdict[0] == "inconclusive" for t in S.study_holm(t4))
+
+
+def test_a_row_must_name_the_unit_its_interval_resamples():
+    # no default label: a row that bootstrapped neurons cannot be labelled "problems" by omission
+    with pytest.raises(TypeError, match="resampled"):
+        S.validation_row("m", 0.5, (0.4, 0.6), 0.0, 0.0, "how")
+    with pytest.raises(TypeError, match="resampled"):
+        S.interval_row("m", 0.5, np.array([0.4, 0.5, 0.6]), 0.0, 0.0, "how")
+    r = S.not_measurable("m", "how", "nothing")  # no interval: nothing resampled
+    assert r["resampled"] == S.NOT_RESAMPLED and r["verdict"] == "not testable"
+
+
+def test_a_description_row_tests_nothing():
+    r = S.describe(S.validation_row("m", 0.5, (0.4, 0.6), 0.0, 0.0, "how", resampled="problems", primary=True))
+    assert r["verdict"] == "description" and not r["primary"] and r["ci_low"] == 0.4
+    nt = S.describe(S.not_measurable("m", "how", "nothing"))
+    assert nt["verdict"] == "not testable"

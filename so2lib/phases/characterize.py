@@ -56,34 +56,33 @@ def pc1(centred: np.ndarray) -> tuple[np.ndarray, float]:
     return u, float(p.explained_variance_ratio_[0])
 
 
-def pc1_batch(vectors: np.ndarray, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`pc1` of many sets at once: ``vectors [n, m, d]`` (``n`` sets of ``m`` vectors) ->
-    directions ``[n, d]`` (float32) and shares of variance ``[n]``. Each set is centred on its own
-    mean (as PCA does); the first eigenvector of its scatter matrix (float64) is PCA's first
-    component, signed as scikit-learn signs it (largest-magnitude entry positive) and then by
-    :func:`pc1`'s majority rule; the share is the top eigenvalue over the trace."""
-    from so2lib.phases.linalg import single_threaded
-
-    n, m, d = vectors.shape
+def pc1_batch(vectors: np.ndarray | torch.Tensor, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pc1` of many sets at once: ``vectors [n, m, d]`` (``n`` sets of ``m`` vectors; numpy
+    or torch) -> directions ``[n, d]`` (float32) and shares of variance ``[n]``. Each set is centred
+    on its own mean (as PCA does); the first eigenvector of its scatter matrix (float64, a batched
+    torch product) is PCA's first component, signed as scikit-learn signs it (largest-magnitude
+    entry positive) and then by :func:`pc1`'s majority rule; the share is the top eigenvalue over
+    the trace."""
+    V = torch.as_tensor(vectors)
+    n, m, d = V.shape
     dirs, share = np.zeros((n, d), np.float32), np.zeros(n)
-    # one BLAS thread: small matrices, and a threaded BLAS stalls beside torch's own threads
-    with single_threaded():
-        for c in range(0, n, chunk):
-            X32 = np.asarray(vectors[c:c + chunk], dtype=np.float32)
-            Xc = X32.astype(np.float64)
-            Xc -= Xc.mean(1, keepdims=True)
-            C = np.matmul(Xc.transpose(0, 2, 1), Xc)  # [k, d, d]
-            w, V = np.linalg.eigh(C)
-            u = V[:, :, -1]  # [k, d]
-            big = np.abs(u).argmax(1)
-            u = u * np.sign(u[np.arange(len(u)), big])[:, None]
-            u32 = u.astype(np.float32)
-            proj = np.matmul(X32, u32[:, :, None])[..., 0]  # [k, m]
-            flip = (proj > 0).sum(1) < (proj < 0).sum(1)
-            u32[flip] = -u32[flip]
-            tr = np.trace(C, axis1=1, axis2=2)
-            dirs[c:c + chunk] = u32
-            share[c:c + chunk] = np.where(tr > 0, w[:, -1] / np.where(tr > 0, tr, 1.0), np.nan)
+    for c in range(0, n, chunk):
+        X32 = V[c:c + chunk].float().contiguous()
+        Xc = X32.double()
+        Xc -= Xc.mean(1, keepdim=True)
+        C = torch.bmm(Xc.transpose(1, 2), Xc).numpy()  # [k, d, d]
+        del Xc
+        w, E = np.linalg.eigh(C)
+        u = E[:, :, -1]  # [k, d]
+        big = np.abs(u).argmax(1)
+        u = u * np.sign(u[np.arange(len(u)), big])[:, None]
+        u32 = u.astype(np.float32)
+        proj = torch.bmm(X32, torch.from_numpy(u32)[:, :, None])[..., 0].numpy()  # [k, m]
+        flip = (proj > 0).sum(1) < (proj < 0).sum(1)
+        u32[flip] = -u32[flip]
+        tr = np.trace(C, axis1=1, axis2=2)
+        dirs[c:c + chunk] = u32
+        share[c:c + chunk] = np.where(tr > 0, w[:, -1] / np.where(tr > 0, tr, 1.0), np.nan)
     return dirs, share
 
 
@@ -188,20 +187,23 @@ def neuron_structure(vec_train: dict[int, np.ndarray], vec_val: dict[int, np.nda
     """
     stats, edits, pcs, sigs, cvals = [], {}, {}, {}, {}
     for l in vec_train:
-        tr = np.asarray(vec_train[l], dtype=np.float32)
-        va = np.asarray(vec_val[l], dtype=np.float32)
-        mean = tr.mean(0)  # [n, d]
-        ctr, cva = tr - mean, va - mean
-        ntr, nva = np.linalg.norm(ctr, axis=-1), np.linalg.norm(cva, axis=-1)  # [N, n]
+        # torch, in place: one float32 copy of the training effects (they are float16 memory maps)
+        ctr = torch.from_numpy(np.array(vec_train[l], dtype=np.float32))  # a copy: centred in place below
+        mean = ctr.mean(0)  # [n, d]
+        ctr -= mean
+        cva_t = torch.from_numpy(np.asarray(vec_val[l], dtype=np.float32)) - mean
+        ntr = torch.linalg.vector_norm(ctr, dim=-1).numpy()  # [N, n]
+        nva = torch.linalg.vector_norm(cva_t, dim=-1).numpy()
+        cva = cva_t.numpy()
         thr = significance(ntr, share)
         sig = nva > thr  # [N_val, n]
-        k = max(2, int(round(share * tr.shape[0])))
-        per = np.ascontiguousarray(ctr.transpose(1, 0, 2))  # [n, N, d]
+        k = max(2, int(round(share * ctr.shape[0])))
+        per = ctr.transpose(0, 1)  # [n, N, d] (a view; pc1_batch copies one chunk of neurons at a time)
         pc, var_all = pc1_batch(per)
-        top = np.argsort(-ntr, axis=0)[:k].T  # [n, k]: each neuron's k largest training norms
-        _, var_top = pc1_batch(per[np.arange(per.shape[0])[:, None], top])
-        del per
-        for j in range(tr.shape[1]):
+        top = torch.from_numpy(np.argsort(-ntr, axis=0)[:k].T.copy())  # [n, k]: each neuron's k largest training norms
+        _, var_top = pc1_batch(torch.gather(per, 1, top[:, :, None].expand(-1, -1, per.shape[2])))
+        del per, ctr
+        for j in range(cva.shape[1]):
             stats.append({"layer": l, "slot": j, "significant_share_val": float(sig[:, j].mean()),
                           "threshold": float(thr[j]), "pc1_var_all": float(var_all[j]),
                           "pc1_var_topk": float(var_top[j]), "mean_norm_val": float(nva[:, j].mean())})
@@ -230,8 +232,9 @@ def replacement_accuracy(model: Any, resid_val: torch.Tensor, gold_val: torch.Te
 
 
 #: version of :func:`neuron_structure`'s algorithm, part of the keys of the steps built on it
-#: (2: all principal components at once, :func:`pc1_batch`)
-STRUCTURE_VERSION = 2
+#: (2: all principal components at once, :func:`pc1_batch`; 3: torch, in place: the same values
+#: to float rounding)
+STRUCTURE_VERSION = 3
 
 #: version of :func:`effect_budget`'s algorithm, part of its step key (3: batches by length, the
 #: ablated passes stacked and started after the neuron's own layer; 4: the prediction is one

@@ -29,7 +29,8 @@ from so2lib.runs.rundir import Run
 from so2lib.stats import study_holm
 
 DECISIVE = ("established", "refuted")
-OUTCOMES = ("replicates", "same verdict, sizes differ", "contradicts", "undetermined", "not comparable")
+OUTCOMES = ("replicates", "same verdict, sizes differ", "contradicts", "undetermined", "description",
+            "not comparable")
 # settings that differ between runs of different models by design
 BY_DESIGN = {"model", "calibration.levels"}
 
@@ -168,6 +169,8 @@ def classify(rows: Sequence[dict[str, Any] | None]) -> str:
     criterion of docs/compare.md."""
     if any(r is None for r in rows) or any(r.get("verdict") == "not testable" for r in rows):
         return "not comparable"
+    if any(r.get("verdict") == "description" for r in rows):
+        return "description"
     verdicts = [r.get("verdict") for r in rows]
     if "established" in verdicts and "refuted" in verdicts:
         return "contradicts"
@@ -280,7 +283,7 @@ def figure(result: dict[str, Any]):
 
     tab, labels = result["table"], result["labels"]
     colours = {"established": "#1b9e77", "refuted": "#d95f02", "inconclusive": "#7570b3",
-               "not testable": "#999999", "missing": "#cccccc"}
+               "not testable": "#999999", "description": "#66a61e", "missing": "#cccccc"}
     fig = make_subplots(rows=1, cols=len(labels), shared_yaxes=True, subplot_titles=labels)
     ys = list(tab.index)
     for j, lab in enumerate(labels, 1):

@@ -412,6 +412,43 @@ def pc1_validation(vec_train: np.ndarray, vec_val: np.ndarray, pc: np.ndarray,
     return out[0], out[1]
 
 
+def pc1_beyond_mean(vec_train: np.ndarray, vec_val: np.ndarray, pc: np.ndarray, n_boot: int = 500,
+                    seed: int = 0, chunk: int = 8) -> dict[str, Any]:
+    """Validation share of each neuron's centred effect energy (about the training mean) along its
+    training PC1 **minus** the same along its training mean-effect direction (the control: an effect
+    that is activation times a fixed vector has its PC1 on that direction), mean over neurons, with
+    a bootstrap over validation problems (the training fits held fixed).
+
+    ``vec_train [N_tr, n, d]``, ``vec_val [N_val, n, d]`` (any float dtype), ``pc [n, d]``.
+    Neurons whose validation energy is 0 are excluded. Returns ``point``, ``boots [n_boot]``,
+    ``pc1`` and ``mean_direction`` (the two shares), ``n_neurons``."""
+    u = pc / np.maximum(np.linalg.norm(pc, axis=-1, keepdims=True), 1e-12)
+    n = u.shape[0]
+    num_p = np.zeros((len(vec_val), n))
+    num_m, den = np.zeros_like(num_p), np.zeros_like(num_p)
+    for c0 in range(0, n, chunk):
+        sl = slice(c0, c0 + chunk)
+        mean = np.asarray(vec_train[:, sl], np.float64).mean(0)  # [c, d]
+        m = mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-30)
+        X = np.asarray(vec_val[:, sl], np.float64) - mean
+        num_p[:, sl] = np.einsum("Nnd,nd->Nn", X, u[sl]) ** 2
+        num_m[:, sl] = np.einsum("Nnd,nd->Nn", X, m) ** 2
+        den[:, sl] = np.einsum("Nnd,Nnd->Nn", X, X)
+    keep = den.sum(0) > 0
+    num_p, num_m, den = num_p[:, keep], num_m[:, keep], den[:, keep]
+
+    def shares(idx: np.ndarray) -> tuple[float, float]:
+        d_ = den[idx].sum(0)
+        return float((num_p[idx].sum(0) / d_).mean()), float((num_m[idx].sum(0) / d_).mean())
+
+    if not keep.any():
+        return {"reason": "every selected neuron has zero validation variance"}
+    point, boots = problem_bootstrap(lambda idx: np.subtract(*shares(idx)), len(den), n_boot, seed)
+    pc1_share, mean_share = shares(np.arange(len(den)))
+    return {"point": point, "boots": boots.tolist(), "pc1": pc1_share, "mean_direction": mean_share,
+            "n_neurons": int(keep.sum())}
+
+
 def _vocabulary_control_row(m: str, how: str, per: dict[str, Any], shown: Sequence[str],
                             detail: Any) -> dict[str, Any]:
     """A sparse-replacement row from per-problem outcomes ``per`` (``{name}_correct [N_val]`` for
@@ -421,10 +458,11 @@ def _vocabulary_control_row(m: str, how: str, per: dict[str, Any], shown: Sequen
     Not testable when the mean-ablation drop's interval includes 0."""
     from so2lib.phases.protocol import recovered_difference, recovered_share
     c, mn = np.asarray(per["clean_correct"], float), np.asarray(per["mean_correct"], float)
-    r = recovered_difference(c, mn, per["sparse_correct"], per["vocabulary_correct"])
+    voc = per.get("vocabulary_correct_subsets", per["vocabulary_correct"])  # [S, N]: the null's spread in the interval
+    r = recovered_difference(c, mn, per["sparse_correct"], voc)
     text = how + detail({k: recovered_share(c, mn, per[f"{k}_correct"])["share"] for k in shown})
     if len(r["boots"]) > 1:
-        return interval_row(m, r["point"], r["boots"], 0.0, 0.0, text, margin=0.05)
+        return interval_row(m, r["point"], r["boots"], 0.0, 0.0, text, margin=0.05, resampled="problems (validation)")
     return not_measurable(m, text, r["note"] + ": nothing to recover", 0.0)
 
 
@@ -462,9 +500,10 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
          "subset")
     how = ("validation accuracy when every selected neuron's effect is replaced by its training mean plus its "
            "projection on the m-sparse OMP reconstruction of its PC1 over the read-out + data concepts, minus the "
-           "same with random subsets of the model's vocabulary of the dictionary's size (per problem, the mean over "
-           "the subsets; the same subsets as the --evaluate row), over the mean-ablation drop: "
-           "(acc(concepts) - acc(vocabulary)) / (acc(clean) - acc(mean)); paired bootstrap over validation problems; "
+           "same with random subsets of the model's vocabulary of the dictionary's size (20 seeded subsets, "
+           "the same as the --evaluate row's; point: their mean), over the mean-ablation drop: "
+           "(acc(concepts) - acc(vocabulary)) / (acc(clean) - acc(mean)); paired bootstrap over validation problems, "
+           "each replicate drawing one subset (the null's spread is in the interval); "
            "all neurons of the layers: the --evaluate row below")
     if "clean_correct" in recovered:
         rows.append(_vocabulary_control_row(m, how, recovered, ("sparse", "vocabulary"), lambda sh: (
@@ -478,9 +517,9 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
     how = ("validation accuracy when every neuron of the critical layers has its effect replaced by its training "
            "mean plus its projection on the m-sparse OMP reconstruction of its PC1 (the CLIP protocol's top-k PC1, "
            "fitted on training) over the read-out + data concepts, minus the same with random subsets of the "
-           "model's vocabulary of the dictionary's size (per problem, the mean over 5 seeded subsets), over the "
+           "model's vocabulary of the dictionary's size (20 seeded subsets; point: their mean), over the "
            "mean-ablation drop: (acc(concepts) - acc(vocabulary)) / (acc(clean) - acc(mean)); paired bootstrap over "
-           "validation problems")
+           "validation problems, each replicate drawing one subset (the null's spread is in the interval)")
     ev = evaluated or {}
     if "clean_correct" in ev:
         rows.append(_vocabulary_control_row(m, how, ev, ("pc1", "sparse", "vocabulary"), lambda sh: (
@@ -495,21 +534,25 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
            "which it is significant, minus the mean for random data concepts; mean over neurons; bootstrap over "
            "validation problems (concepts fixed by the training PC1's code)")
     if pred_boot and "boots" in pred_boot:
-        rows.append(interval_row(m, pred_boot["point"], np.asarray(pred_boot["boots"]), 0.0, 0.05, how))
+        rows.append(interval_row(m, pred_boot["point"], np.asarray(pred_boot["boots"]), 0.0, 0.05, how,
+                                 resampled="problems (validation)"))
     else:
         rows.append(not_measurable(m, how, "fewer than 2 neurons with a data concept and both significance classes",
                                    0.05))
-    m = "PC1: validation variance explained by the training PC1 (selected neurons)"
+    m = "PC1: validation variance explained by the training PC1 minus the mean-effect direction (selected neurons)"
     how = ("share of the variance of each selected neuron's validation centred effects (training mean) along its "
-           "training PC1 (pooled over validation problems); mean over neurons; bootstrap over validation problems; "
-           "control: mean 1/K (a random direction in the K-dim span of later heads); phase 3 tests PC1 against "
-           "the stronger controls (mean-effect direction, another neuron's PC1)")
-    null = float((1 / pc1v.K.astype(float)).mean()) if len(pc1v) else float("nan")
-    train = f"; training share {pc1v.train_share.mean():.3f}" if len(pc1v) else ""
+           "training PC1 (pooled over validation problems), minus the same share along its training mean-effect "
+           "direction (the control: an effect that is activation times a fixed vector has its PC1 there); mean over "
+           "neurons; paired bootstrap over validation problems, training fits held fixed; established beyond 0.02")
+    K = f"; 1/K for a random direction of the span {float((1 / pc1v.K.astype(float)).mean()):.3f}" if len(pc1v) else ""
+    train = f"; training PC1 share {pc1v.train_share.mean():.3f}" if len(pc1v) else ""
     if pc1_boot and "boots" in pc1_boot:
-        rows.append(interval_row(m, pc1_boot["point"], np.asarray(pc1_boot["boots"]), null, 0.35, how + train))
+        rows.append(interval_row(m, pc1_boot["point"], np.asarray(pc1_boot["boots"]), 0.0, 0.02,
+                                 how + f" (PC1 {pc1_boot['pc1']:.3f}, mean-effect direction "
+                                 f"{pc1_boot['mean_direction']:.3f}; {pc1_boot['n_neurons']} neurons)" + train + K,
+                                 resampled="problems (validation)", margin=0.02))
     else:
-        rows.append(not_measurable(m, how, "no selected neuron", 0.35))
+        rows.append(not_measurable(m, how, (pc1_boot or {}).get("reason", "no selected neuron"), 0.02))
     rows.append(attribution_row(attribution))
     rows.append(carry_attribution_row(attribution))
     return rows
@@ -529,7 +572,8 @@ def attribution_row(attribution: pd.DataFrame, n_boot: int = 1000, seed: int = 0
         per = attribution.groupby("problem")[["share", "null"]].mean()
         d = (per.share - per.null).values
         return row(m, float(d.mean()), bootstrap_ci(d), 0.0, 0.0,
-                   how + f" (neuron {per.share.mean():.3f}, attention-only {per.null.mean():.3f}; n={len(per)} problems)")
+                   how + f" (neuron {per.share.mean():.3f}, attention-only {per.null.mean():.3f}; n={len(per)} problems)",
+                   resampled="problems (validation)")
     return not_measurable(m, how, "no validation arithmetic problem whose operand tokens could be located", 0.0)
 
 
@@ -564,14 +608,15 @@ def carry_attribution_row(attribution: pd.DataFrame, n_boot: int = 1000, seed: i
     boots = [sum(wi * (a[rng.integers(0, len(a), len(a))].mean() - b[rng.integers(0, len(b), len(b))].mean())
                  for wi, (a, b) in zip(w, strata)) for _ in range(n_boot)]
     lo, hi = np.quantile(boots, [0.025, 0.975])
-    return row(m, point, (lo, hi), 0.0, 0.0, how + f" (n={na} carry, {nb} no-carry, {len(strata)} strata)")
+    return row(m, point, (lo, hi), 0.0, 0.0, how + f" (n={na} carry, {nb} no-carry, {len(strata)} strata)",
+               resampled="problems (validation, within task x digit-count strata)")
 
 
 # ----------------------------------------------------------------------------- the phase, for notebooks
 
 
 #: random vocabulary subsets of the --evaluate row's control (each costs one OMP and one readout per batch)
-EVALUATE_SUBSETS = 5
+EVALUATE_SUBSETS = 20
 
 
 def vocabulary_subsets(vocabulary: torch.Tensor | np.ndarray, n_atoms: int, seed: int,
@@ -692,9 +737,10 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
             voc_ok.append(correct({l: C.projection_edit(centred_val[l], recon[offs[i]:offs[i + 1]])
                                    for i, l in enumerate(crit)}))
         out["vocabulary_correct"] = np.mean(voc_ok, axis=0)
+        out["vocabulary_correct_subsets"] = np.asarray(voc_ok)  # [S, N_val]: one subset per bootstrap replicate
         return {k: v.tolist() for k, v in out.items()} | {"n_neurons": int(offs[-1]), "n_subsets": len(voc_ok)}
     rec = run.step("sparse_recovered_share", recovered, "04",
-                   params={"m": m, "n_subsets": EVALUATE_SUBSETS, "version": 2}, deps=deps + ["layer_sums_val"])
+                   params={"m": m, "n_subsets": EVALUATE_SUBSETS, "version": 3}, deps=deps + ["layer_sums_val"])
 
     def evaluate() -> dict[str, Any]:  # CLIP's --evaluate: every neuron of the critical layers
         from so2lib.phases import protocol as P
@@ -717,15 +763,16 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
                 cos[name].append(cosine(u, r)[np.linalg.norm(u, axis=1) > 0])
                 dirs[name][l] = torch.from_numpy(r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12))
         ev = P.evaluate_replacements(model, setup.enc["val"], gold_val, fits, dirs, setup.batch_size)
-        voc_ok = np.mean([ev.pop(f"{k}_correct") for k in subs], axis=0)  # per problem: mean over the subsets
+        voc_each = np.asarray([ev.pop(f"{k}_correct") for k in subs], float)  # [S, N_val]
         voc_ld = np.mean([ev.pop(f"{k}_logit_diff") for k in subs], axis=0)
         return {k: v.tolist() for k, v in ev.items()} | {
-            "vocabulary_correct": voc_ok.tolist(), "vocabulary_logit_diff": voc_ld.tolist(),
+            "vocabulary_correct": voc_each.mean(0).tolist(), "vocabulary_correct_subsets": voc_each.tolist(),
+            "vocabulary_logit_diff": voc_ld.tolist(),
             "layers": sorted(fits), "n_neurons": int(sum(len(f["v"].T) for f in fits.values())),
             "n_subsets": EVALUATE_SUBSETS, "cosine_sparse": float(np.concatenate(cos["sparse"]).mean()),
             "cosine_vocabulary": float(np.mean([np.concatenate(cos[k]).mean() for k in subs]))}
     ev_deps = deps + (["clip_fits"] if run.has("clip_fits") else [])
-    evaluated = run.step("sparse_evaluate", evaluate, "04", params={"m": m, "n_subsets": EVALUATE_SUBSETS, "version": 1},
+    evaluated = run.step("sparse_evaluate", evaluate, "04", params={"m": m, "n_subsets": EVALUATE_SUBSETS, "version": 2},
                          deps=ev_deps)
     sig = np.concatenate([nd["significant"][str(l)].numpy() for l in crit], axis=1) if crit else np.zeros((0, 0))
     pred = run.step("predictive_check", lambda: _predictive(sig, flags["val"], main, owners), "04",
@@ -757,17 +804,10 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
     def pc1_boot() -> dict[str, Any]:
         if not owners:
             return {"reason": "no selected neuron"}
-        X = np.concatenate([(vv[l] - vt[l].mean(0)).astype(np.float64) for l in crit], axis=1)  # [N_val, n, d]
-        u = dirs / np.maximum(np.linalg.norm(dirs, axis=-1, keepdims=True), 1e-12)
-        num = np.einsum("Nnd,nd->Nn", X, u) ** 2
-        den = (X ** 2).sum(-1)
-
-        def stat(idx: np.ndarray) -> float:
-            d_ = den[idx].sum(0)
-            return float(np.nanmean(np.where(d_ > 0, num[idx].sum(0) / np.where(d_ > 0, d_, 1), np.nan)))
-        point, boots = problem_bootstrap(stat, len(X), 500)
-        return {"point": point, "boots": boots.tolist()}
-    pc1b = run.step("pc1_validation_bootstrap", pc1_boot, "04", deps=deps)
+        return pc1_beyond_mean(np.concatenate([vt[l] for l in crit], axis=1), np.concatenate([vv[l] for l in crit], axis=1),
+                               dirs, n_boot=500)
+    pc1b = run.step("pc1_validation_bootstrap", pc1_boot, "04", params={"control": "mean_direction", "version": 2},
+                    deps=deps)
     pred_boot = run.step("predictive_check_bootstrap", lambda: _predictive_boot(sig, flags["val"], main, owners),
                          "04", params={"m": m, "n_boot": 100, "version": 2}, deps=deps)
     attr = run.step("token_attribution", lambda: At.operand_share_check(

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from so2lib.phases.linalg import map_replicates
-from so2lib.stats import interval_row, not_measurable, top_share
+from so2lib.stats import describe, interval_row, not_measurable, top_share
 
 PROBLEMS = "problems (validation)"
 #: the resampling unit of rows whose intervals also refit the training fits
@@ -439,6 +439,15 @@ def structure_rows(arrays: Sequence[dict[str, Any]], label: str, n_boot: int = 1
 # ----------------------------------------------------------------------------- energy share (description)
 
 
+def chunked_mean(v: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """``v [N, ...]`` (e.g. a float16 memory map) averaged over its first axis in float64, ``chunk``
+    rows at a time (no float32 copy of the whole array); float32 result."""
+    acc = np.zeros(v.shape[1:], np.float64)
+    for c0 in range(0, len(v), chunk):
+        acc += np.asarray(v[c0:c0 + chunk], np.float64).sum(0)
+    return (acc / max(len(v), 1)).astype(np.float32)
+
+
 def energy_share_row(vec_train: dict[int, np.ndarray], vec_val: dict[int, np.ndarray], frac: float = 0.02,
                      n_boot: int = 1000, seed: int = 0, label: str = "sparsity (description)") -> dict[str, Any]:
     """The top-``frac`` energy share of the selected neurons' validation effects (median over
@@ -448,8 +457,8 @@ def energy_share_row(vec_train: dict[int, np.ndarray], vec_val: dict[int, np.nda
     resamples the problems of both (the duplication bias of a top-k share then hits both alike)."""
     es = []
     for l in vec_train:
-        mean = np.asarray(vec_train[l], np.float32).mean(0)
-        es.append(np.square(np.asarray(vec_val[l], np.float32) - mean).sum(-1))  # [N, n]
+        mean = torch.from_numpy(chunked_mean(vec_train[l]))  # [n, d]
+        es.append(torch.from_numpy(np.asarray(vec_val[l], np.float32)).sub_(mean).square_().sum(-1).numpy())  # [N, n]
     how = (f"median over selected neurons of the share of validation centred-effect energy in the top "
            f"{100 * frac:g}% of problems, minus the same for a dense Laplace effect on every problem (one direction; "
            f"the heavy-tailed alternative); a description: CLIP's own sparsity test is the ablation rows")
@@ -465,8 +474,9 @@ def energy_share_row(vec_train: dict[int, np.ndarray], vec_val: dict[int, np.nda
     point = stat(np.arange(len(E)))
     boots = np.array([stat(i) for i in _boot_idx(len(E), n_boot, seed)])
     null = float(np.nanmedian(top_share(Lp, frac)))
-    return interval_row(f"{label}: top-{100 * frac:g}% energy share minus Laplace null", point, boots, 0.0, 0.0,
-                        how + f"; share {point + null:.3f}, Laplace null {null:.3f}", resampled=PROBLEMS)
+    return describe(interval_row(f"{label}: top-{100 * frac:g}% energy share minus Laplace null", point, boots,
+                                 0.0, 0.0, how + f"; share {point + null:.3f}, Laplace null {null:.3f}",
+                                 resampled=PROBLEMS))
 
 
 # ----------------------------------------------------------------------------- layer concentration

@@ -590,8 +590,13 @@ def recovered_difference(clean: np.ndarray, mean: np.ndarray, a: np.ndarray, b: 
                          seed: int = 0) -> dict[str, Any]:
     """``(acc(a) - acc(b)) / (acc(clean) - acc(mean))``: how much more of the mean-ablation drop
     replacement ``a`` recovers than ``b``, with paired bootstrap replicates over problems (the same
-    resample in numerator and denominator). Not testable when the drop's CI includes zero."""
+    resample in numerator and denominator). ``b`` may be ``[S, n]``, one row per draw of a random
+    control (vocabulary subsets): the point uses their mean, and each replicate draws one of them,
+    so the control's own spread is in the interval. Not testable when the drop's CI includes zero."""
     c, m, x, y = (np.asarray(v, float) for v in (clean, mean, a, b))
+    draws = None
+    if y.ndim == 2:
+        draws, y = y, y.mean(0)
     drop = paired_bootstrap(m, c, n_boot, seed)
     if not drop["ci_low"] > 0:
         return {"point": float("nan"), "boots": np.zeros(0),
@@ -599,7 +604,12 @@ def recovered_difference(clean: np.ndarray, mean: np.ndarray, a: np.ndarray, b: 
                         f"{100 * drop['ci_high']:.2f}] includes 0"}
     idx = np.random.default_rng(seed).integers(0, len(c), size=(n_boot, len(c)))
     den = (c - m)[idx].mean(1)
-    boots = (x - y)[idx].mean(1) / np.where(den > 0, den, np.nan)
+    if draws is None:
+        num = (x - y)[idx].mean(1)
+    else:  # replicate j: problems idx[j] and control draw pick[j]
+        pick = np.random.default_rng(seed + 1).integers(0, len(draws), n_boot)
+        num = np.take_along_axis(x[None] - draws[pick], idx, 1).mean(1)
+    boots = num / np.where(den > 0, den, np.nan)
     return {"point": float((x - y).mean() / (c - m).mean()), "boots": boots[np.isfinite(boots)], "note": ""}
 
 

@@ -238,8 +238,9 @@ def section_applications(run: Run) -> Section | None:
     if not names:
         return None
     s = Section("Applications against their baselines", "Error analysis, adversarial problems, "
-                "polysemanticity and neuron editing, each on validation problems next to the baseline it has "
-                "to beat (random edits, random neuron sets, permutation nulls).")
+                "polysemanticity and neuron editing, each next to the baseline it has to beat (random edits, "
+                "random neuron sets, permutation nulls, random directions), on validation problems except where "
+                "the split column says training (the error analysis' discoveries, polysemanticity).")
     summary = _get(run, "applications_summary")
     for name in names:
         obj = run.load(name)
@@ -262,8 +263,18 @@ def section_applications(run: Run) -> Section | None:
                     fig.update_layout(height=380, yaxis_tickformat=".0%")
                     s.figures.append(fig)
         elif isinstance(obj, dict):  # bootstrap replicates and per-neuron flags are artifacts, not table cells
+            curve = obj.get("curve")
             obj = {k: v for k, v in obj.items() if k not in ("boots", "diff_boot", "within_boot", "flags", "curve")}
             s.tables.append((name.replace("_", " ").capitalize(), dict_table(obj)))
+            if name == "polysemanticity_null" and isinstance(curve, list) and curve:
+                curve = pd.DataFrame(curve)
+                s.tables.append(("Polysemanticity: sensitivity to the coefficient threshold (training)", curve))
+                ys = [c for c in ("share", "null_mean", "null_q95") if c in curve.columns]
+                fig = px.line(curve, x="threshold", y=ys, markers=True,
+                              title="Polysemantic share of the selected neurons and of random directions in their "
+                                    "span, against the coefficient threshold (training)")
+                fig.update_layout(height=380, yaxis_tickformat=".0%")
+                s.figures.append(fig)
     if summary is None and not s.tables:
         return None
     return s

@@ -234,7 +234,7 @@ def paired_rows(measure: str, before: np.ndarray, after: np.ndarray, how: str, t
         b["ci_low"], b["ci_high"] = -u, u
     return row(measure, b["change"], (b["ci_low"], b["ci_high"]), null, target,
                how + f"; n={b['n']} pairs, McNemar exact: {mc['gained']} gained vs {mc['lost']} lost, "
-               f"p={mc['p']:.3g}")
+               f"p={mc['p']:.3g}", resampled="problem pairs (a problem and its variant)")
 
 
 def hardest_operand(problems: Sequence[Problem], correct: np.ndarray, min_count: int = 3) -> int | None:

@@ -98,6 +98,9 @@ def chosen_minus_random(before: np.ndarray, chosen: np.ndarray, random_sets: np.
             "rank_p": float((1 + (sets >= ch).sum()) / (1 + len(sets)))}
 
 
+#: how many primary rows the study Holm-adjusts together (docs/measurements.md, "Primary rows")
+STUDY_PRIMARY_ROWS = 6
+
 EDIT_MEASURES = ("editing: accuracy change on the error class, chosen minus random sets (validation)",
                  "editing: logit-difference change on the error class, chosen minus random sets (validation)")
 
@@ -118,16 +121,23 @@ def editing_rows(ed: dict[str, Any], curve: pd.DataFrame | None = None) -> list[
     b = ed["at_best"]
     n_sets = ed.get("n_random_sets", "")
     tail = f" [class {ed['error_class']}, n={ed['n_val_class']}, factor {ed['factor_chosen_on_train']:g}]"
+    floor = ""
+    if isinstance(n_sets, int) and (n_sets + 1) * 0.05 <= STUDY_PRIMARY_ROWS:
+        floor = (f"; with {n_sets} random sets the rank p cannot fall below 1/{n_sets + 1}, so under Holm over the "
+                 f"study's {STUDY_PRIMARY_ROWS} primary rows this row cannot be established when its p is the smallest"
+                 f" (use n_random_sets >= {int(STUDY_PRIMARY_ROWS / 0.05)})")
     rows = [row(m1, b["minus_random_class"], (b["ci_mr_class_low"], b["ci_mr_class_high"]), 0.0, 0.0,
                 how + f"; per problem, chosen change minus the mean change of {n_sets} random neuron sets of the "
                 f"same size in the same layers; paired bootstrap over problems; p: rank of the chosen set among "
                 f"the random sets (chosen {b['class_change']:.3f}, random mean {b['random_class_change_mean']:.3f}, "
                 f"max {b['random_class_change_max']:.3f}); McNemar {b['gained']} gained vs {b['lost']} lost, "
-                f"p={b['p_mcnemar']:.3g}" + tail, p=b["rank_p_class"], primary=True),
+                f"p={b['p_mcnemar']:.3g}" + floor + tail, p=b["rank_p_class"], primary=True,
+                resampled="problems (validation, error class)"),
             row(m2, b["minus_random_ld"], (b["ci_mr_ld_low"], b["ci_mr_ld_high"]), 0.0, 0.0,
                 how + f"; at the clean run's deciding token; chosen minus the mean of {n_sets} random sets, per "
                 f"problem; paired bootstrap; p: rank among the random sets (chosen {b['logit_diff_change']:.3f}, "
-                f"random mean {b['random_ld_change_mean']:.3f})" + tail, p=b["rank_p_ld"])]
+                f"random mean {b['random_ld_change_mean']:.3f})" + tail, p=b["rank_p_ld"],
+                resampled="problems (validation, error class)")]
     grid = curve if curve is not None and len(curve) else pd.DataFrame([b])
     for _, r in grid.iterrows():
         if float(r["factor"]) == 1.0:
@@ -136,5 +146,6 @@ def editing_rows(ed: dict[str, Any], curve: pd.DataFrame | None = None) -> list[
                         -0.02, -0.02, how.replace("the factor chosen on training", f"factor {float(r['factor']):g}")
                         + "; paired bootstrap over the problems outside the class; established = no drop beyond 2 "
                         "points" + (" (the factor chosen on training)" if float(r["factor"]) ==
-                                    float(ed["factor_chosen_on_train"]) else "") + tail))
+                                    float(ed["factor_chosen_on_train"]) else "") + tail,
+                        resampled="problems (validation, outside the error class)"))
     return rows

@@ -353,7 +353,7 @@ def error_analysis_rows(summary: dict[str, Any], q: float, scope: str = "task x 
     else:
         rows.append(row(m, causal["minus_random"], (causal["ci_low"], causal["ci_high"]), 0.0, 0.0,
                         how_c + f" ({causal['n_neurons']} neurons, {causal['n_sets']} random sets; ablated "
-                        f"{causal['change']:.3f}, random mean {causal['random_mean']:.3f})", higher_is_better=False,
+                        f"{causal['change']:.3f}, random mean {causal['random_mean']:.3f})", higher_is_better=False, resampled="problems (validation)",
                         p=causal["rank_p"]))
     return rows
 
@@ -377,7 +377,8 @@ def project_on_direction(model: Any, enc: Any, d: torch.Tensor, layers: Sequence
 
 def direction_vs_baselines(score: np.ndarray, baselines: dict[str, np.ndarray], correct: np.ndarray,
                            tasks: Sequence[str], task_accuracy: dict[str, float] | None = None,
-                           n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+                           n_boot: int = 1000, seed: int = 0, score_refits: np.ndarray | None = None
+                           ) -> dict[str, Any]:
     """The correctness direction's validation AUROC **minus the best label-free baseline**, overall
     and within task, paired over problems.
 
@@ -387,7 +388,10 @@ def direction_vs_baselines(score: np.ndarray, baselines: dict[str, np.ndarray], 
     problem scored by its task's training accuracy, ``task_accuracy``) joins them. Within task,
     the AUROC is computed per task and weighted by task size. In each bootstrap replicate
     (problems resampled) every AUROC is recomputed and the **best** baseline of that replicate is
-    subtracted, so the choice of the best baseline is inside the interval.
+    subtracted, so the choice of the best baseline is inside the interval. ``score_refits [R, n]``:
+    the same problems scored by the direction refitted on ``R`` bootstrap resamples of the training
+    problems; replicate ``b`` scores with refit ``b mod R`` (the fit's own variability is then in
+    the interval; the point keeps ``score``).
 
     Returns points ``diff`` / ``within_diff``, replicates ``diff_boot`` / ``within_boot``, every
     AUROC (``auroc``, ``baselines``, ``within``, ``within_baselines``) and ``n``."""
@@ -398,6 +402,7 @@ def direction_vs_baselines(score: np.ndarray, baselines: dict[str, np.ndarray], 
         over["task only"] = np.array([task_accuracy.get(x, np.nan) for x in t])
     ok = np.isfinite(s) & np.all([np.isfinite(v) for v in over.values()], axis=0) if over else np.isfinite(s)
     s, y, t = s[ok], y[ok], t[ok]
+    refits = None if score_refits is None else np.asarray(score_refits, float)[:, ok]
     base = {k: v[ok] for k, v in base.items()}
     over = {k: v[ok] for k, v in over.items()}
     if y.all() or not y.any():
@@ -410,8 +415,11 @@ def direction_vs_baselines(score: np.ndarray, baselines: dict[str, np.ndarray], 
     n_w = 1 + len(names_w)
     codes = np.unique(t, return_inverse=True)[1]
 
-    def stat(idx: np.ndarray) -> tuple[float, float, dict[str, float], dict[str, float], float, float]:
+    def stat(idx: np.ndarray, refit: int | None = None
+             ) -> tuple[float, float, dict[str, float], dict[str, float], float, float]:
         Fi, yi, ci = F[idx], y[idx], codes[idx]
+        if refit is not None:
+            Fi[:, 0] = refits[refit][idx]
         A = auroc_columns(Fi, yi)  # [C]: overall AUROC of every score
         num, den = np.zeros(n_w), 0
         for c in np.unique(ci):  # within task: weighted by task size, tasks with both classes
@@ -432,12 +440,13 @@ def direction_vs_baselines(score: np.ndarray, baselines: dict[str, np.ndarray], 
     a, w, b, wb, d, wd = stat(np.arange(len(y)))
     rng = np.random.default_rng(seed)
     db, wdb = [], []
-    for _ in range(n_boot):
-        r = stat(rng.integers(0, len(y), len(y)))
+    for j in range(n_boot):
+        r = stat(rng.integers(0, len(y), len(y)), None if refits is None else j % len(refits))
         db.append(r[4])
         wdb.append(r[5])
     return {"auroc": a, "baselines": b, "within": w, "within_baselines": wb, "diff": d, "within_diff": wd,
-            "diff_boot": np.asarray(db, float), "within_boot": np.asarray(wdb, float), "n": int(len(y))}
+            "diff_boot": np.asarray(db, float), "within_boot": np.asarray(wdb, float), "n": int(len(y)),
+            "n_refit": 0 if refits is None else int(len(refits))}
 
 
 #: equivalence margin of the direction-minus-baseline rows: within 0.02 AUROC of the best baseline
@@ -464,8 +473,10 @@ def direction_rows(res: dict[str, Any] | None, reason: str = "", position: str =
 
     def names(d: dict[str, float]) -> str:
         return ", ".join(f"{k} {v:.3f}" for k, v in d.items())
+    unit = (f"problems (validation; direction refitted on {res['n_refit']} training resamples)"
+            if res.get("n_refit") else "problems (validation)")
     return [interval_row(m1, res["diff"], res["diff_boot"], 0.0, 0.0, how1 + f" (direction {res['auroc']:.3f}; "
-                         f"{names(res['baselines'])}; n={res['n']})", margin=DIRECTION_MARGIN),
+                         f"{names(res['baselines'])}; n={res['n']})", margin=DIRECTION_MARGIN, resampled=unit),
             interval_row(m2, res["within_diff"], res["within_boot"], 0.0, 0.0, how2 + f" (direction "
                          f"{res['within']:.3f}; {names(res['within_baselines'])}; n={res['n']})",
-                         margin=DIRECTION_MARGIN, primary=primary)]
+                         margin=DIRECTION_MARGIN, primary=primary, resampled=unit)]

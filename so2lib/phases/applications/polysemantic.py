@@ -149,6 +149,6 @@ def polysemanticity_rows(res: dict[str, Any] | None, reason: str = "") -> list[d
     return [interval_row(m1, res["point"], np.asarray(res["boots"]), 0.0, 0.0,
                          how + f" (neurons {res['share']:.3f} of {len(res['flags'])}; random directions mean "
                          f"{null.mean():.3f}, 95% range {np.quantile(null, 0.025):.3f}-{np.quantile(null, 0.975):.3f})",
-                         split="training", margin=0.05)]
+                         split="training", margin=0.05, resampled="problems (training; every PC1 and span refitted)")]
 
 
