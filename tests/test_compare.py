@@ -155,3 +155,15 @@ def test_a_run_summary_compares_like_its_directory(tmp_path, capsys):
     Run(tmp_path / "empty", model="m")
     with pytest.raises(SystemExit, match="none of the verdict tables"):
         C.main(["--export", str(tmp_path / "empty"), str(tmp_path / "e.json")])
+
+
+def test_markdown_rows_print_every_row_of_one_run(tmp_path, capsys):
+    a = _run(tmp_path / "a", "gpt2", ROWS_A)
+    md = C.markdown_rows(a).splitlines()
+    assert md[0].startswith("| table | row | estimate") and len(md) == 2 + len(ROWS_A)
+    assert "| 03 | ablation drop | 0.1 [0.05, 0.15] | 0 | established | validation |" in md
+    assert any("| weak |" in r and "inconclusive (mde" in r for r in md)
+    C.main(["--markdown", str(a)])
+    assert capsys.readouterr().out.strip().splitlines() == md
+    with pytest.raises(SystemExit):
+        C.main(["--markdown", str(tmp_path / "missing")])

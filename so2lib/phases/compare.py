@@ -345,6 +345,33 @@ def write_html(result: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+#: the notebook each verdict table comes from (the README's tables name it)
+_TABLE_NOTEBOOK = {"validation_table": "03", "decomposition_table": "04", "applications_table": "05"}
+
+
+def markdown_rows(run: str | Path) -> str:
+    """Every verdict row of one run (directory or summary) as a markdown table, as the README shows
+    them: notebook, row, estimate with its 95% interval, control, verdict (with the minimum
+    detectable effect of an inconclusive row, and ``primary`` with the study-wide ``p_holm``), split."""
+    from so2lib.views.summary import _fmt
+
+    df = verdict_rows(open_read_only(run))
+    out = ["| table | row | estimate [95% interval] | control | verdict | split |", "|---|---|---|---|---|---|"]
+    for m, r in df.iterrows():
+        est = "" if math.isnan(_num(r.get("measured"))) else _fmt(r.get("measured"))
+        if est and not math.isnan(_num(r.get("ci_low"))):
+            est += f" [{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]"
+        ctrl = "" if math.isnan(_num(r.get("control"))) or not est else _fmt(r.get("control"))
+        v = str(r.get("verdict"))
+        if v == "inconclusive" and not math.isnan(_num(r.get("mde"))):
+            v += f" (mde {_fmt(r.get('mde'))})"
+        if r.get("primary") is True or r.get("primary") == 1:
+            v += ", primary" + ("" if math.isnan(_num(r.get("p_holm"))) else f", p_holm {_fmt(r.get('p_holm'))}")
+        out.append(f"| {_TABLE_NOTEBOOK.get(r.get('table'), r.get('table'))} | {m} | {est} | {ctrl} | {v} | "
+                   f"{r.get('split') or ''} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="*", help="two or more run directories or run summaries (.json)")
@@ -352,7 +379,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="write RUN_DIR's manifest and verdict tables to OUT_JSON and stop")
     ap.add_argument("--html", help="also write the table and figures to this HTML file")
     ap.add_argument("--csv", help="also write the full table to this CSV file")
+    ap.add_argument("--markdown", metavar="RUN", help="print every verdict row of one run (directory or summary) "
+                                                       "as a markdown table, as the README shows them, and stop")
     a = ap.parse_args(argv)
+    if a.markdown:
+        try:
+            print(markdown_rows(a.markdown))
+        except (CompareError, FileNotFoundError, RuntimeError) as e:
+            sys.exit(f"error: {e}")
+        return
     if a.export:
         try:
             print(f"wrote {export_summary(*a.export)}")
