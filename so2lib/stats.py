@@ -128,6 +128,12 @@ def permutation_pvalue(observed: float, null: np.ndarray, greater: bool = True) 
 #: beside a null) and tests nothing: it counts for no claim (:func:`describe`)
 VERDICTS = ("established", "refuted", "inconclusive", "not testable", "description")
 
+#: version of the verdict rows' definitions, part of the keys of the three verdict tables' steps, so
+#: that a resumed run rebuilds its tables rather than keep rows of an older definition (2: every row
+#: names its resampled unit, the energy share is a ``description``, phase 4's PC1 row against the
+#: mean-effect direction)
+ROWS_VERSION = 2
+
 #: columns of every verdict table (phases 3-5): the estimate (usually *estimate minus control*,
 #: paired over problems), its 95% interval, the control's own value, the target, the three-way
 #: verdict, the minimum detectable effect, the unit resampled for the interval, the split the

@@ -292,3 +292,18 @@ def test_effect_budget_prediction_equals_effect_of_p_minus_effect_of_mean(arch, 
             r = new[(new.layer == l) & (new.neuron == n)].iloc[0]
             assert r.predicted == pytest.approx(float(old.abs().mean()), rel=1e-4, abs=1e-7)
             assert r.predicted > 1e-4  # planted: a real effect, not zero against zero
+
+
+def test_float32_mean_is_numpys_mean_of_the_float32_copy_bit_for_bit():
+    from so2lib.phases.linalg import float32_mean
+
+    g = np.random.default_rng(5)
+    for shape, chunk in (((1000, 7, 9), 256), ((513, 3), 64), ((1, 4), 256)):
+        x = (g.normal(size=shape) * 300).astype(np.float16)  # as the effect vectors are stored
+        ref = np.asarray(x, np.float32).mean(0)
+        got = float32_mean(x, chunk=chunk)
+        assert got.dtype == np.float32 and np.array_equal(got, ref)
+    # a blockwise sum (sum of chunk sums) is not the same arithmetic: the test can tell them apart
+    x = (g.normal(size=(4000, 64)) * 1e3).astype(np.float32)
+    blocks = sum(x[i:i + 256].sum(0) for i in range(0, len(x), 256)) / np.float32(len(x))
+    assert not np.array_equal(blocks, x.mean(0)) and np.array_equal(float32_mean(x), x.mean(0))

@@ -30,7 +30,7 @@ from so2lib.phases.effects import load_effects
 from so2lib.phases.selection import load_selection
 from so2lib.phases.study import Setup
 from so2lib.runs.progress import tqdm
-from so2lib.stats import (not_measurable, validation_row,  # noqa: F401 (validation_row: re-exported)
+from so2lib.stats import (ROWS_VERSION, not_measurable, validation_row,  # noqa: F401 (validation_row: re-exported)
                           verdict_table)
 
 # ----------------------------------------------------------------------------- pure functions
@@ -452,7 +452,7 @@ def characterization_phase(setup: Setup, share: float = 0.02, budget_neurons: in
                                                                                    "selection"])
     table = run.step("validation_table", lambda: validation_table(
         per_problem, structure, outcomes, vt, vv, crit, L, H, share, n_boot, seed, refits), "03",
-        params={"share": share, "n_boot": n_boot, "n_refit": PROTOCOL_REFITS, **rp},
+        params={"share": share, "n_boot": n_boot, "n_refit": PROTOCOL_REFITS, "rows": ROWS_VERSION, **rp},
         deps=["clip_per_problem", "clip_refits", "pc1_structure", "layer_sums_train", "layer_sums_val",
               "selection"] + vec_deps)
     return {"ablation": abl, "concentration": conc, "stats": stats, "replacement": repl, "budget": budget,

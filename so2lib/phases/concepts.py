@@ -26,10 +26,10 @@ import torch
 from so2lib.data.tasks import Problem
 from so2lib.engine.models import ModelInfo
 from so2lib.phases.effects import load_effects
-from so2lib.phases.linalg import SpanPCA, map_replicates, omp, single_threaded
+from so2lib.phases.linalg import SpanPCA, float32_mean, map_replicates, omp, single_threaded
 from so2lib.phases.selection import load_selection
 from so2lib.phases.study import Setup
-from so2lib.stats import (auroc, bootstrap_ci, interval_row, mean_row, not_measurable, problem_bootstrap,
+from so2lib.stats import (ROWS_VERSION, auroc, bootstrap_ci, interval_row, mean_row, not_measurable, problem_bootstrap,
                           validation_row as row, verdict_table as table)
 
 _NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -648,10 +648,12 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
     nd = run.load("neuron_directions")  # PC1 and significance from Phase 3
     pc1 = {l: nd["pc1"][str(l)].numpy() for l in crit}
     vec_deps = [f"{s}_vectors_L{l}" for s in ("train", "val") for l in crit]
-    vt = {l: np.asarray(load_effects(run, "train", f"vectors_L{l}"), dtype=np.float32) for l in crit}
-    stored_dtype = load_effects(run, "train", f"vectors_L{crit[0]}").dtype if crit else np.float32
+    # the training vectors stay memory maps in their stored dtype (every reader upcasts exactly what
+    # it reads); the validation ones are small
+    vt = {l: load_effects(run, "train", f"vectors_L{l}") for l in crit}
+    stored_dtype = vt[crit[0]].dtype if crit else np.float32
     vv = {l: np.asarray(load_effects(run, "val", f"vectors_L{l}"), dtype=np.float32) for l in crit}
-    centred_val = {l: vv[l] - vt[l].mean(0) for l in crit}
+    centred_val = {l: vv[l] - float32_mean(vt[l]) for l in crit}  # = vv - vt.astype(float32).mean(0), bit for bit
     dirs = (np.concatenate([pc1[l] for l in crit]).astype(np.float64) if crit
             else np.zeros((0, model.cfg.d_model)))  # [n_sel_total, d]
     owners = [(l, n) for l in crit for n in selected[l]]
@@ -816,7 +818,7 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
     tab = run.step("decomposition_table", lambda: table(decomposition_rows(
         quality, pred, pc1v, rec, attr, omp=omp, pc1_boot=pc1b, pred_boot=pred_boot, dictionary=dict_summary,
         evaluated=evaluated)), "04",
-        params={"m": m}, deps=["decomposition_quality", "predictive_check", "pc1_validation", "sparse_recovered_share",
+        params={"m": m, "rows": ROWS_VERSION}, deps=["decomposition_quality", "predictive_check", "pc1_validation", "sparse_recovered_share",
                                "sparse_evaluate",
                                "token_attribution", "omp_vs_vocabulary_subsets", "pc1_validation_bootstrap",
                                "predictive_check_bootstrap", "dictionary_summary"])

@@ -65,6 +65,18 @@ def workers() -> int:
     return max(1, min(4, n))
 
 
+def float32_mean(v: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """``np.asarray(v, np.float32).mean(0)``, bit for bit, without the float32 copy of all of ``v``
+    (``[N, ...]``, e.g. a float16 memory map of effect vectors): numpy sums a float32 array over its
+    first axis row after row, so the rows are added in that order from ``chunk``-row float32 blocks,
+    then divided by ``N`` (tested equal to numpy's)."""
+    acc = np.zeros(v.shape[1:], np.float32)
+    for c0 in range(0, len(v), chunk):
+        for row in np.asarray(v[c0:c0 + chunk], dtype=np.float32):
+            acc += row
+    return acc / np.float32(len(v))
+
+
 def map_replicates(fn: Callable[[int], Any], n: int, n_workers: int | None = None,
                    desc: str | None = None) -> list[Any]:
     """``[fn(0), ..., fn(n - 1)]``, single-threaded kernels, on ``n_workers`` Python threads

@@ -27,9 +27,10 @@ from so2lib.phases.applications.errors import (NO_CONCORDANCE, NotMeasurable, di
 from so2lib.phases.applications.polysemantic import (polysemanticity, polysemanticity_rows,
                                                      polysemanticity_test)
 from so2lib.phases.effects import load_effects
+from so2lib.phases.linalg import float32_mean
 from so2lib.phases.selection import load_selection
 from so2lib.phases.study import Setup, difficulty
-from so2lib.stats import not_measurable, verdict_table as table
+from so2lib.stats import ROWS_VERSION, not_measurable, verdict_table as table
 
 
 #: version of the edited labelling passes of ``editing_curve``, ``editing`` and
@@ -272,8 +273,10 @@ def _adversarial_clip(setup: Setup, cards: dict, max_sources: int, max_neurons: 
     reasons = {"no number output concept": 0, "no trigger operand": 0, "no source admits the edit": 0}
     cand = []  # (layer, neuron, X, F)
     for l in crit:
-        vt = np.asarray(load_effects(run, "train", f"vectors_L{l}"), np.float32)
-        norms = np.linalg.norm(vt - vt.mean(0), axis=-1)  # [N, n_sel]
+        vt = load_effects(run, "train", f"vectors_L{l}")  # stored dtype, memory-mapped
+        mean = float32_mean(vt)  # = its float32 copy's mean, bit for bit
+        norms = np.concatenate([np.linalg.norm(np.asarray(vt[i:i + 512], np.float32) - mean, axis=-1)
+                                for i in range(0, len(vt), 512)])  # [N, n_sel], row by row as before
         triggers = input_triggers(norms, setup.problems.train)
         for j, n in enumerate(selected[l]):
             X = output_concept(cards.get((l, n)))
@@ -553,7 +556,7 @@ def applications_phase(setup: Setup, q: float = 0.05, poly_threshold: float = 0.
         rows += editing_rows({**editing, "at_best": editing.get("at_best", {})}, curve)
         return table(rows)
     tab = run.step("applications_table", build_table, "05",
-                   params={"q": q, "threshold": poly_threshold, **ed_params},
+                   params={"q": q, "threshold": poly_threshold, "rows": ROWS_VERSION, **ed_params},
                    deps=["error_analysis", "error_analysis_causal", "correctness_direction_auroc", "polysemanticity_null", "adversarial",
                          "adversarial_guided", "editing"])
     summary = run.step("applications_summary", lambda: {
