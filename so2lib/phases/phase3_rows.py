@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from so2lib.phases.linalg import map_replicates
+from so2lib.phases.linalg import float32_mean, map_replicates
 from so2lib.stats import describe, interval_row, not_measurable, top_share
 
 PROBLEMS = "problems (validation)"
@@ -439,15 +439,6 @@ def structure_rows(arrays: Sequence[dict[str, Any]], label: str, n_boot: int = 1
 # ----------------------------------------------------------------------------- energy share (description)
 
 
-def chunked_mean(v: np.ndarray, chunk: int = 512) -> np.ndarray:
-    """``v [N, ...]`` (e.g. a float16 memory map) averaged over its first axis in float64, ``chunk``
-    rows at a time (no float32 copy of the whole array); float32 result."""
-    acc = np.zeros(v.shape[1:], np.float64)
-    for c0 in range(0, len(v), chunk):
-        acc += np.asarray(v[c0:c0 + chunk], np.float64).sum(0)
-    return (acc / max(len(v), 1)).astype(np.float32)
-
-
 def energy_share_row(vec_train: dict[int, np.ndarray], vec_val: dict[int, np.ndarray], frac: float = 0.02,
                      n_boot: int = 1000, seed: int = 0, label: str = "sparsity (description)") -> dict[str, Any]:
     """The top-``frac`` energy share of the selected neurons' validation effects (median over
@@ -457,8 +448,8 @@ def energy_share_row(vec_train: dict[int, np.ndarray], vec_val: dict[int, np.nda
     resamples the problems of both (the duplication bias of a top-k share then hits both alike)."""
     es = []
     for l in vec_train:
-        mean = torch.from_numpy(chunked_mean(vec_train[l]))  # [n, d]
-        es.append(torch.from_numpy(np.asarray(vec_val[l], np.float32)).sub_(mean).square_().sum(-1).numpy())  # [N, n]
+        mean = float32_mean(vec_train[l])  # [n, d]: the float32 copy's mean, bit for bit, without the copy
+        es.append(np.square(np.asarray(vec_val[l], np.float32) - mean).sum(-1))  # [N, n]
     how = (f"median over selected neurons of the share of validation centred-effect energy in the top "
            f"{100 * frac:g}% of problems, minus the same for a dense Laplace effect on every problem (one direction; "
            f"the heavy-tailed alternative); a description: CLIP's own sparsity test is the ablation rows")

@@ -65,6 +65,10 @@ class NotMeasurable(Exception):
 
 
 def _codes(strata: Sequence[Any]) -> np.ndarray:
+    """Stratum codes in order of first appearance. Integer codes (an earlier call's, indexed by a
+    resample) are re-factorized as they are: the same groups in the same order as their strata."""
+    if isinstance(strata, np.ndarray) and strata.dtype.kind in "iu":
+        return pd.factorize(strata)[0]
     return pd.factorize(pd.Series([str(s) for s in strata]))[0]
 
 
@@ -111,7 +115,7 @@ def _within_strata_permutations(codes: np.ndarray, groups: list[np.ndarray], n_p
 
 
 def stratified_scan(blocks: Sequence[np.ndarray], correct: np.ndarray, strata: Sequence[Any],
-                    n_perm: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
+                    n_perm: int = 200, seed: int = 0, with_diff: bool = True) -> dict[str, np.ndarray]:
     """Per column (neuron) of ``blocks`` (``[N, p_k]`` each, concatenated): a stratified rank test
     (Van Elteren) of the readout between correct and incorrect problems within each stratum
     (e.g. task x difficulty), so that a neuron whose effect merely tracks the stratum is not
@@ -121,7 +125,8 @@ def stratified_scan(blocks: Sequence[np.ndarray], correct: np.ndarray, strata: S
     permutation mean and variance of the statistic (normal approximation), ``z_perm
     [n_perm, P]`` the same statistic under ``n_perm`` label permutations within strata (the
     permutation null), ``p_perm [P]`` Monte-Carlo permutation p-values (``(1 + #) / (1 + n_perm)``)
-    and ``diff [P]`` the mean within-stratum difference correct - incorrect (weighted by stratum size).
+    and ``diff [P]`` the mean within-stratum difference correct - incorrect (weighted by stratum size;
+    NaN with ``with_diff=False``). ``strata`` may be integer codes (:func:`_codes`).
     """
     y = np.asarray(correct, bool)
     codes = _codes(strata)
@@ -141,8 +146,8 @@ def stratified_scan(blocks: Sequence[np.ndarray], correct: np.ndarray, strata: S
         sd = np.sqrt(np.where(V > 0, V, np.nan))
         z.append((yc @ R) / sd)
         zp.append((Yp @ R) / sd)
-        d = np.zeros(B.shape[1])
-        for idx, n in zip(groups, sizes):
+        d = np.zeros(B.shape[1]) if with_diff else np.full(B.shape[1], np.nan)
+        for idx, n in zip(groups, sizes) if with_diff else ():
             d += n * (B[idx][y[idx]].mean(0) - B[idx][~y[idx]].mean(0))
         diff.append(d / sizes.sum())
     z, zp, diff = np.concatenate(z), np.concatenate(zp, 1), np.concatenate(diff)
@@ -235,12 +240,13 @@ def sign_concordance(cols: np.ndarray, correct: np.ndarray, strata: Sequence[Any
     def share(z: np.ndarray) -> float:
         ok = np.isfinite(z) & (z != 0)
         return float((np.sign(z[ok]) == sign[ok]).mean()) if ok.any() else float("nan")
-    point = share(stratified_scan([cols], y, st, 0, seed)["z"])
+    codes = _codes(st)  # once: each resample's strata are these codes, indexed
+    point = share(stratified_scan([cols], y, codes, 0, seed, with_diff=False)["z"])
     rng = np.random.default_rng(seed + 1)
     boots = []
     for _ in range(n_boot):
         i = rng.integers(0, len(y), len(y))
-        boots.append(share(stratified_scan([cols[i]], y[i], [st[j] for j in i], 0, seed)["z"]))
+        boots.append(share(stratified_scan([cols[i]], y[i], codes[i], 0, seed, with_diff=False)["z"]))
     b = np.asarray(boots)
     b = b[np.isfinite(b)]
     lo = hi = np.nan
