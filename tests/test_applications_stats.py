@@ -536,3 +536,44 @@ def test_sign_concordance_interval_holds_its_point_and_covers_the_expected_share
         assert c["concordance_lo"] <= c["concordance"] <= c["concordance_hi"]
         hits += c["concordance_lo"] <= truth <= c["concordance_hi"]
     assert hits >= 26, hits
+
+
+def test_phase4_pc1_interval_refits_the_training_fits():
+    rng = np.random.default_rng(2)
+    d, n = 12, 3
+    w = rng.normal(size=(n, d))
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    v = rng.normal(size=(n, d))
+    v -= (v * w).sum(1, keepdims=True) * w
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    make = lambda N: (np.abs(rng.normal(1, 0.5, (N, n, 1))) * w[None]  # noqa: E731
+                      + 2.0 * rng.normal(size=(N, n, 1)) * v[None] + 0.05 * rng.normal(size=(N, n, d)))
+    tr, va = make(60), make(300)  # few training problems: the fits themselves vary
+    X = tr - tr.mean(0)
+    pc = np.stack([np.linalg.svd(X[:, j], full_matrices=False)[2][0] for j in range(n)])
+    fixed = Co.pc1_beyond_mean(tr, va, pc, n_boot=300)
+    refit = Co.pc1_beyond_mean(tr, va, pc, n_boot=300, n_refit=20)
+    assert refit["point"] == fixed["point"] and refit["n_refit"] == 20 and fixed["n_refit"] == 0
+    width = lambda r: np.subtract(*np.quantile(r["boots"], [0.975, 0.025]))  # noqa: E731
+    assert width(refit) > width(fixed)  # the fits' own variability is in the interval
+    # the refits' PC1 and mean are those of the resamples: with every problem drawn once they equal the fit
+    one = Co.pc1_beyond_mean(tr, va, pc, n_boot=300, n_refit=1)
+    empty = pd.DataFrame(columns=["dictionary", "layer", "neuron", "cosine", "cosine_random"])
+    rows = Co.decomposition_rows(empty, pd.DataFrame(columns=["strength", "strength_random"]),
+                                 pd.DataFrame(columns=["val_share", "train_share", "K"]), {"share": float("nan")},
+                                 pd.DataFrame(columns=["problem", "share", "null"]), pc1_boot=refit)
+    row = [r for r in rows if r["measure"].startswith("PC1:")][0]
+    assert "refitted on 20 resamples" in row["resampled"] and row["verdict"] == "established"
+    assert np.isfinite(one["boots"]).all()
+
+
+def test_span_pca_refit_on_the_unresampled_sample_is_the_fit():
+    from so2lib.phases.linalg import SpanPCA
+    rng = np.random.default_rng(3)
+    tr = rng.normal(size=(80, 4, 1)) * rng.normal(size=(1, 4, 10)) + 0.3 * rng.normal(size=(80, 4, 10))
+    spans = SpanPCA([tr[:, j] for j in range(4)])
+    w = spans.counts(np.arange(80))
+    mean = np.einsum("jr,jrd->jd", np.einsum("N,jNr->jr", w, spans.C) / w.sum(), spans.Q)
+    np.testing.assert_allclose(mean, tr.mean(0), atol=1e-10)
+    pc = np.stack([np.linalg.svd(tr[:, j] - tr[:, j].mean(0), full_matrices=False)[2][0] for j in range(4)])
+    np.testing.assert_allclose(np.abs((spans.pc1(np.arange(80)) * pc).sum(1)), 1.0, atol=1e-8)

@@ -412,41 +412,66 @@ def pc1_validation(vec_train: np.ndarray, vec_val: np.ndarray, pc: np.ndarray,
     return out[0], out[1]
 
 
-def pc1_beyond_mean(vec_train: np.ndarray, vec_val: np.ndarray, pc: np.ndarray, n_boot: int = 500,
-                    seed: int = 0, chunk: int = 8) -> dict[str, Any]:
-    """Validation share of each neuron's centred effect energy (about the training mean) along its
-    training PC1 **minus** the same along its training mean-effect direction (the control: an effect
-    that is activation times a fixed vector has its PC1 on that direction), mean over neurons, with
-    a bootstrap over validation problems (the training fits held fixed).
-
-    ``vec_train [N_tr, n, d]``, ``vec_val [N_val, n, d]`` (any float dtype), ``pc [n, d]``.
-    Neurons whose validation energy is 0 are excluded. Returns ``point``, ``boots [n_boot]``,
-    ``pc1`` and ``mean_direction`` (the two shares), ``n_neurons``."""
-    u = pc / np.maximum(np.linalg.norm(pc, axis=-1, keepdims=True), 1e-12)
+def _val_shares(vec_val: np.ndarray, mean: np.ndarray, u: np.ndarray, chunk: int = 8
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per validation problem and neuron ``[N_val, n]``: squared projections of the centred effects
+    (``vec_val - mean``) on the unit directions ``u [n, d]`` and on the unit mean directions, and
+    their squared norms."""
     n = u.shape[0]
     num_p = np.zeros((len(vec_val), n))
     num_m, den = np.zeros_like(num_p), np.zeros_like(num_p)
     for c0 in range(0, n, chunk):
         sl = slice(c0, c0 + chunk)
-        mean = np.asarray(vec_train[:, sl], np.float64).mean(0)  # [c, d]
-        m = mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-30)
-        X = np.asarray(vec_val[:, sl], np.float64) - mean
+        m = mean[sl] / np.maximum(np.linalg.norm(mean[sl], axis=-1, keepdims=True), 1e-30)
+        X = np.asarray(vec_val[:, sl], np.float64) - mean[sl]
         num_p[:, sl] = np.einsum("Nnd,nd->Nn", X, u[sl]) ** 2
         num_m[:, sl] = np.einsum("Nnd,nd->Nn", X, m) ** 2
         den[:, sl] = np.einsum("Nnd,Nnd->Nn", X, X)
+    return num_p, num_m, den
+
+
+def pc1_beyond_mean(vec_train: np.ndarray, vec_val: np.ndarray, pc: np.ndarray, n_boot: int = 500,
+                    seed: int = 0, chunk: int = 8, n_refit: int = 0, tol: float | None = None) -> dict[str, Any]:
+    """Validation share of each neuron's centred effect energy (about the training mean) along its
+    training PC1 **minus** the same along its training mean-effect direction (the control: an effect
+    that is activation times a fixed vector has its PC1 on that direction), mean over neurons, with
+    a bootstrap over validation problems.
+
+    ``vec_train [N_tr, n, d]``, ``vec_val [N_val, n, d]`` (any float dtype), ``pc [n, d]``.
+    Neurons whose validation energy is 0 are excluded. ``n_refit > 0``: replicate ``b`` also refits
+    the training mean, PC1 and mean-effect direction on bootstrap resample ``b mod n_refit`` of the
+    training problems (:class:`so2lib.phases.linalg.SpanPCA`, ``tol`` its rounding; the point keeps
+    the full-sample fits). Returns ``point``, ``boots [n_boot]``, ``pc1`` and ``mean_direction``
+    (the two shares), ``n_neurons``, ``n_refit``."""
+    u = pc / np.maximum(np.linalg.norm(pc, axis=-1, keepdims=True), 1e-12)
+    n = u.shape[0]
+    mean = np.stack([np.asarray(vec_train[:, j:j + 1], np.float64).mean(0)[0] for j in range(n)])  # [n, d]
+    num_p, num_m, den = _val_shares(vec_val, mean, u, chunk)
     keep = den.sum(0) > 0
-    num_p, num_m, den = num_p[:, keep], num_m[:, keep], den[:, keep]
-
-    def shares(idx: np.ndarray) -> tuple[float, float]:
-        d_ = den[idx].sum(0)
-        return float((num_p[idx].sum(0) / d_).mean()), float((num_m[idx].sum(0) / d_).mean())
-
     if not keep.any():
         return {"reason": "every selected neuron has zero validation variance"}
-    point, boots = problem_bootstrap(lambda idx: np.subtract(*shares(idx)), len(den), n_boot, seed)
-    pc1_share, mean_share = shares(np.arange(len(den)))
-    return {"point": point, "boots": boots.tolist(), "pc1": pc1_share, "mean_direction": mean_share,
-            "n_neurons": int(keep.sum())}
+    fits = [(num_p[:, keep], num_m[:, keep], den[:, keep])]
+    if n_refit > 0:
+        from so2lib.phases.linalg import SpanPCA
+        spans = SpanPCA([vec_train[:, j] for j in range(n)], tol)
+        C, Q, Ntr = spans.C, spans.Q, spans.N
+        for ix in np.random.default_rng(seed + 7).integers(0, Ntr, size=(n_refit, Ntr)):
+            w = spans.counts(ix)
+            mean_r = np.einsum("jr,jrd->jd", np.einsum("N,jNr->jr", w, C) / w.sum(), Q)  # the resample's mean
+            a, b, c = _val_shares(vec_val, mean_r, spans.pc1(ix), chunk)
+            fits.append((a[:, keep], b[:, keep], c[:, keep]))
+
+    def shares(idx: np.ndarray, f: int = 0) -> tuple[float, float]:
+        p_, m_, d_ = (x[idx].sum(0) for x in fits[f])
+        return float((p_ / d_).mean()), float((m_ / d_).mean())
+
+    Nv = len(den)
+    pc1_share, mean_share = shares(np.arange(Nv))
+    rng = np.random.default_rng(seed)
+    boots = np.array([np.subtract(*shares(rng.integers(0, Nv, Nv), 0 if n_refit == 0 else 1 + b % n_refit))
+                      for b in range(n_boot)]) if Nv > 1 else np.array([])
+    return {"point": pc1_share - mean_share, "boots": boots.tolist(), "pc1": pc1_share, "mean_direction": mean_share,
+            "n_neurons": int(keep.sum()), "n_refit": int(n_refit)}
 
 
 def _vocabulary_control_row(m: str, how: str, per: dict[str, Any], shown: Sequence[str],
@@ -543,14 +568,18 @@ def decomposition_rows(quality: pd.DataFrame, pred: pd.DataFrame, pc1v: pd.DataF
     how = ("share of the variance of each selected neuron's validation centred effects (training mean) along its "
            "training PC1 (pooled over validation problems), minus the same share along its training mean-effect "
            "direction (the control: an effect that is activation times a fixed vector has its PC1 there); mean over "
-           "neurons; paired bootstrap over validation problems, training fits held fixed; established beyond 0.02")
+           "neurons; paired bootstrap over validation problems; established beyond 0.02")
+    nr = int((pc1_boot or {}).get("n_refit", 0))
+    how += (f"; each replicate also refits the training mean, PC1 and mean-effect direction on one of {nr} bootstrap "
+            "resamples of the training problems" if nr else "; training fits held fixed")
     K = f"; 1/K for a random direction of the span {float((1 / pc1v.K.astype(float)).mean()):.3f}" if len(pc1v) else ""
     train = f"; training PC1 share {pc1v.train_share.mean():.3f}" if len(pc1v) else ""
     if pc1_boot and "boots" in pc1_boot:
         rows.append(interval_row(m, pc1_boot["point"], np.asarray(pc1_boot["boots"]), 0.0, 0.02,
                                  how + f" (PC1 {pc1_boot['pc1']:.3f}, mean-effect direction "
                                  f"{pc1_boot['mean_direction']:.3f}; {pc1_boot['n_neurons']} neurons)" + train + K,
-                                 resampled="problems (validation)", margin=0.02))
+                                 resampled=f"problems (validation; training fits refitted on {nr} resamples)" if nr
+                                 else "problems (validation)", margin=0.02))
     else:
         rows.append(not_measurable(m, how, (pc1_boot or {}).get("reason", "no selected neuron"), 0.02))
     rows.append(attribution_row(attribution))
@@ -614,6 +643,9 @@ def carry_attribution_row(attribution: pd.DataFrame, n_boot: int = 1000, seed: i
 
 # ----------------------------------------------------------------------------- the phase, for notebooks
 
+
+#: training refits behind the phase-4 PC1 row's interval (mean, PC1 and mean-effect direction)
+PC1_REFITS = 20
 
 #: random vocabulary subsets of the --evaluate row's control (each costs one OMP and one readout per batch)
 EVALUATE_SUBSETS = 20
@@ -807,8 +839,9 @@ def decomposition_phase(setup: Setup, m: int = 16, progress: bool = True, max_at
         if not owners:
             return {"reason": "no selected neuron"}
         return pc1_beyond_mean(np.concatenate([vt[l] for l in crit], axis=1), np.concatenate([vv[l] for l in crit], axis=1),
-                               dirs, n_boot=500)
-    pc1b = run.step("pc1_validation_bootstrap", pc1_boot, "04", params={"control": "mean_direction", "version": 2},
+                               dirs, n_boot=500, n_refit=PC1_REFITS, tol=float(np.finfo(stored_dtype).eps))
+    pc1b = run.step("pc1_validation_bootstrap", pc1_boot, "04",
+                    params={"control": "mean_direction", "version": 3, "n_refit": PC1_REFITS},
                     deps=deps)
     pred_boot = run.step("predictive_check_bootstrap", lambda: _predictive_boot(sig, flags["val"], main, owners),
                          "04", params={"m": m, "n_boot": 100, "version": 2}, deps=deps)
