@@ -353,14 +353,14 @@ def markdown_rows(run: str | Path) -> str:
     """Every verdict row of one run (directory or summary) as a markdown table, as the README shows
     them: notebook, row, estimate with its 95% interval, control, verdict (with the minimum
     detectable effect of an inconclusive row, and ``primary`` with the study-wide ``p_holm``), split."""
-    from so2lib.views.summary import _fmt
+    from so2lib.views.summary import _fmt, _interval
 
     df = verdict_rows(open_read_only(run))
     out = ["| table | row | estimate [95% interval] | control | verdict | split |", "|---|---|---|---|---|---|"]
     for m, r in df.iterrows():
         est = "" if math.isnan(_num(r.get("measured"))) else _fmt(r.get("measured"))
         if est and not math.isnan(_num(r.get("ci_low"))):
-            est += f" [{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]"
+            est += " " + _interval(r.get("ci_low"), r.get("ci_high"))
         ctrl = "" if math.isnan(_num(r.get("control"))) or not est else _fmt(r.get("control"))
         v = str(r.get("verdict"))
         if v == "inconclusive" and not math.isnan(_num(r.get("mde"))):

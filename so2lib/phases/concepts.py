@@ -452,7 +452,6 @@ def pc1_beyond_mean(vec_train: np.ndarray, vec_val: np.ndarray, pc: np.ndarray, 
         return {"reason": "every selected neuron has zero validation variance"}
     fits = [(num_p[:, keep], num_m[:, keep], den[:, keep])]
     if n_refit > 0:
-        from so2lib.phases.linalg import SpanPCA
         spans = SpanPCA([vec_train[:, j] for j in range(n)], tol)
         C, Q, Ntr = spans.C, spans.Q, spans.N
         for ix in np.random.default_rng(seed + 7).integers(0, Ntr, size=(n_refit, Ntr)):

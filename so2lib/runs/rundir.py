@@ -196,13 +196,13 @@ def _encode_into(h: Any, obj: Any, buf: list[bytes]) -> None:
         buf += (_SCALAR_TAG[t], json.dumps(obj).encode(), b"|")
     elif t is float:
         buf += (b"float|", (repr(obj) if obj == obj and obj not in (_INF, -_INF) else json.dumps(obj)).encode(), b"|")
-    elif t is dict:
+    elif isinstance(obj, dict):
         buf.append(f"dict|{len(obj)}|".encode())
         for k in sorted(obj, key=str):
             ks = str(k)
             buf += (b"str|", _json_str(ks).encode(), b"|")
             _encode_into(h, obj[k], buf)
-    elif t is list or t is tuple:
+    elif isinstance(obj, (list, tuple)):
         buf.append(f"seq|{len(obj)}|".encode())
         for v in obj:
             _encode_into(h, v, buf)
@@ -234,15 +234,6 @@ def _hash_other(h: Any, obj: Any) -> None:
             h.update(obj.to_json(orient="split", default_handler=str, double_precision=15).encode())
     elif isinstance(obj, pd.Series):
         _hash_into(h, obj.to_frame())
-    elif isinstance(obj, dict):
-        h.update(f"dict|{len(obj)}|".encode())
-        for k in sorted(obj, key=str):
-            _hash_into(h, str(k))
-            _hash_into(h, obj[k])
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"seq|{len(obj)}|".encode())
-        for v in obj:
-            _hash_into(h, v)
     elif isinstance(obj, np.generic):
         _hash_into(h, obj.item())
     elif obj is None or isinstance(obj, (str, int, float, bool)):
