@@ -128,7 +128,7 @@ def test_changed_selection_parameter_recomputes_the_vectors(clean, copy, tmp_pat
     if torch.equal(d_copy, d_fresh):
         same_as_clean(run, arrays(Run(fresh)))
     else:
-        # Rare and not yet explained (1 CI run; 1 of 14 local module runs in session 31, 0 of 35 in
+        # Rare and not yet explained (1 CI run; 1 of 14 local module runs in session 31, 0 of 31 in
         # session 32, idle or loaded): the fresh run's refit of d differed in float rounding from
         # the clean run's, which the copy reuses. Only the *_cd arrays read d; everything else
         # (selection, vectors, the logit difference) must still be equal bit for bit.
