@@ -133,7 +133,8 @@ def test_changed_selection_parameter_recomputes_the_vectors(clean, copy, tmp_pat
         # the clean run's, which the copy reuses. Only the *_cd arrays read d; everything else
         # (selection, vectors, the logit difference) must still be equal bit for bit.
         torch.testing.assert_close(d_copy, d_fresh, rtol=1e-5, atol=1e-7)
-        warnings.warn(f"correctness directions of two runs differ (max abs {float((d_copy - d_fresh).abs().max()):.3g})")
+        warnings.warn(f"correctness directions of two runs differ (max abs {float((d_copy - d_fresh).abs().max()):.3g})",
+                      RuntimeWarning)  # not a UserWarning: pyproject ignores those
         got, want = arrays(run), arrays(Run(fresh))
         assert got.keys() == want.keys()
         for k in want:
